@@ -1,0 +1,310 @@
+"""The engine: a batch of preprocessed images in, class activation maps out.
+
+It knows nothing of files or the command line: the pipeline feeds it tensors, and a distributed
+runner could do the same. One forward pass per batch is shared by every method, layer and target;
+gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camcli.errors import UsageError
+from camcli.hooks import LayerTap, frozen
+from camcli.methods import CamInputs, MethodInfo, MethodOptions
+from camcli import targets as tgt
+
+EMPTY_REASON = (
+    "the map is empty: every weighted activation is <= 0 after ReLU "
+    "(wrong class, a saturated layer, or a layer too close to the output); try --signed or another layer"
+)
+CONSTANT_REASON = "the map is constant: the layer carries no spatial information for this target"
+
+
+@dataclass
+class CamMap:
+    """One explanation of one image: method x layer x target, at feature (or input) resolution."""
+
+    method: str
+    layer: str
+    target: int | None
+    score: float | None
+    probability: float | None
+    cam: np.ndarray  # (h, w) float32: [0, 1], or [-1, 1] with signed maps
+    empty: bool = False
+    note: str | None = None
+
+
+@dataclass
+class ImageOutput:
+    top: list[tuple[int, float]]  # (class index, probability), best first
+    maps: list[CamMap] = field(default_factory=list)
+
+
+def pick_logits(output: Any, key: str | int | None = None) -> Tensor:
+    """Find the (B, classes) logits in a model output: a tensor, tuple/list, dict or ModelOutput."""
+    if key is not None:
+        try:
+            if isinstance(output, (tuple, list)):
+                output = output[int(key)]
+            elif isinstance(output, dict) or hasattr(output, "__getitem__"):
+                output = output[key]
+            else:
+                output = getattr(output, str(key))
+        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
+            raise UsageError(f"--output-key {key!r} not found in the model output ({e})") from None
+    if isinstance(output, Tensor):
+        if output.dim() != 2:
+            raise UsageError(
+                f"the model returns a tensor of shape {tuple(output.shape)}; camcli needs (batch, classes) logits"
+            )
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        keys = list(output.keys())
+        if "logits" in keys:
+            return pick_logits(output["logits"])
+        raise UsageError(f"the model returns a mapping with keys {keys}; choose the logits with --output-key KEY")
+    if isinstance(output, (tuple, list)):
+        cands = [i for i, o in enumerate(output) if isinstance(o, Tensor) and o.dim() == 2]
+        if len(cands) == 1:
+            return output[cands[0]]
+        raise UsageError(
+            f"the model returns a {type(output).__name__} of {len(output)} items; "
+            "choose the logits with --output-key INDEX"
+        )
+    raise UsageError(f"the model returns {type(output).__name__}; camcli needs (batch, classes) logits")
+
+
+def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[str | None]]:
+    """ReLU (unless signed) and per-image normalisation, the same for every method.
+
+    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), a reason per image or None).
+    Never divides by zero: an empty or constant map comes back as zeros and is flagged.
+    """
+    cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    flat = cam.flatten(1)
+    if signed:
+        scale = flat.abs().amax(dim=1)
+        ok = scale > 0
+        out = cam / torch.where(ok, scale, 1.0)[:, None, None]
+        reasons = [None if o else CONSTANT_REASON for o in ok.tolist()]
+        return out, ~ok, reasons
+    cam = torch.relu(cam)
+    flat = cam.flatten(1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    span = hi - lo
+    ok = span > 1e-12 * torch.clamp(hi, min=1.0)
+    out = (cam - lo[:, None, None]) / torch.where(ok, span, 1.0)[:, None, None]
+    out = torch.where(ok[:, None, None], out, torch.zeros_like(out))
+    reasons = [None if o else (EMPTY_REASON if h <= 0 else CONSTANT_REASON) for o, h in zip(ok.tolist(), hi.tolist())]
+    return out, ~ok, reasons
+
+
+def fuse_layers(maps: Sequence[Tensor]) -> Tensor:
+    """Fuse normalised per-layer maps: resize each to the finest map's size, then average.
+
+    The same rule pytorch-grad-cam applies to several target layers; the result is normalised again.
+    """
+    h = max(m.shape[-2] for m in maps)
+    w = max(m.shape[-1] for m in maps)
+    ups = [F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0] for m in maps]
+    return torch.stack(ups).mean(dim=0)
+
+
+def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer: str) -> Tensor:
+    """The (classes, K) weights of a linear head fed by global average pooling of ``activations``.
+
+    Proven numerically, not guessed from names: mean_ij A @ W.T + b must reproduce the logits.
+    """
+    k = activations.shape[1]
+    pooled = activations.detach().float().mean(dim=(2, 3))
+    for _, mod in reversed(list(model.named_modules())):
+        if isinstance(mod, nn.Linear) and mod.in_features == k and mod.out_features == logits.shape[1]:
+            pred = F.linear(pooled, mod.weight.float(), None if mod.bias is None else mod.bias.float())
+            if torch.allclose(pred, logits.detach().float(), rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
+                return mod.weight.detach()
+    raise UsageError(
+        f"method 'cam' needs layer {layer!r} to feed global-average-pool -> linear directly; "
+        "it does not in this model. Use gradcam (equal to CAM on such heads) or pick the last conv layer"
+    )
+
+
+class CamEngine:
+    """Computes maps for a batch. Holds the model and choices, no per-batch state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        methods: Sequence[MethodInfo],
+        *,
+        options: MethodOptions | None = None,
+        signed: bool = False,
+        output_key: str | int | None = None,
+        per_layer: bool = False,
+        top_k: int = 5,
+    ) -> None:
+        if not layers:
+            raise UsageError("no target layer given")
+        if not methods:
+            raise UsageError("no method given")
+        self.model = model
+        self.layers = list(layers)
+        self.methods = list(methods)
+        self.options = options or MethodOptions()
+        self.signed = signed
+        self.output_key = output_key
+        self.per_layer = per_layer
+        self.top_k = top_k
+        self._classifier: dict[str, Tensor] = {}
+
+    @property
+    def needs_gradients(self) -> bool:
+        return any(m.needs_gradients for m in self.methods)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return pick_logits(self.model(x), self.output_key)
+
+    def prepare(self, example: Tensor) -> None:
+        """Checks that need a forward pass (the CAM head) before any real work starts."""
+        if any(m.needs_classifier for m in self.methods):
+            with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
+                logits = self._forward(example)
+                for layer in self.layers:
+                    self._classifier[layer] = find_classifier(self.model, tap.activations[layer], logits, layer)
+
+    # -- scorers handed to perturbation methods -------------------------------------------------
+    def _scorer(self, tap: LayerTap) -> Callable[[Tensor, int], Tensor]:
+        def score(inputs: Tensor, target: int) -> Tensor:
+            tap.enabled = False
+            try:
+                with torch.inference_mode():
+                    return self._forward(inputs)[:, target].float()
+            finally:
+                tap.enabled = True
+
+        return score
+
+    def _layer_scorer(self, tap: LayerTap, x: Tensor, layer: str) -> Callable[[int, Tensor, int], Tensor]:
+        def score(image_index: int, activations: Tensor, target: int) -> Tensor:
+            n = activations.shape[0]
+            tap.enabled = False
+            tap.replace[layer] = activations
+            try:
+                with torch.inference_mode():
+                    batch = x[image_index : image_index + 1].expand(n, *x.shape[1:])
+                    return self._forward(batch)[:, target].float()
+            finally:
+                tap.replace.pop(layer, None)
+                tap.enabled = True
+
+        return score
+
+    # -- the main entry point -------------------------------------------------------------------
+    def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
+        """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all."""
+        b = x.shape[0]
+        with frozen(self.model), LayerTap(self.model, self.layers) as tap:
+            if self.needs_gradients:
+                with torch.enable_grad():
+                    logits = self._forward(x)
+            else:
+                with torch.inference_mode():
+                    logits = self._forward(x)
+            missing = [n for n in self.layers if n not in tap.activations]
+            if missing:
+                raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
+            acts = [tap.activations[n] for n in self.layers]
+            for name, a in zip(self.layers, acts):
+                if a.dim() != 4:
+                    raise UsageError(
+                        f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map"
+                    )
+            probs = logits.detach().float().softmax(dim=1)
+            top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+            outputs = [
+                ImageOutput(top=list(zip(top_i[i].tolist(), [float(p) for p in top_p[i].tolist()]))) for i in range(b)
+            ]
+            targets = tgt.resolve(specs, logits.detach())
+            n_slots = targets.shape[1]
+            agnostic_done = False
+            for t in range(n_slots):
+                col = targets[:, t]
+                if bool((col < 0).all()):
+                    continue
+                grads: Sequence[Tensor | None] = [None] * len(acts)
+                if self.needs_gradients:
+                    score = logits.gather(1, col.clamp(min=0)[:, None]).sum()
+                    grads = torch.autograd.grad(score, acts, retain_graph=t < n_slots - 1)
+                for method in self.methods:
+                    if not method.needs_target and agnostic_done:
+                        continue
+                    per_layer_maps: list[Tensor] = []
+                    for name, a, g in zip(self.layers, acts, grads):
+                        inputs = CamInputs(
+                            activations=a.detach(),
+                            targets=col.clamp(min=0),
+                            gradients=None if g is None else g.detach(),
+                            inputs=x,
+                            scorer=self._scorer(tap) if method.needs_scorer else None,
+                            layer_scorer=self._layer_scorer(tap, x, name) if method.needs_layer_scorer else None,
+                            classifier_weights=self._classifier_weights(method, name, a, logits),
+                            options=self.options,
+                        )
+                        with torch.no_grad():
+                            raw = method.fn(inputs)
+                        per_layer_maps.append(raw)
+                    self._collect(outputs, method, col, logits, probs, per_layer_maps)
+                agnostic_done = True
+        return outputs
+
+    def _classifier_weights(self, method: MethodInfo, layer: str, a: Tensor, logits: Tensor) -> Tensor | None:
+        if not method.needs_classifier:
+            return None
+        if layer not in self._classifier:
+            self._classifier[layer] = find_classifier(self.model, a, logits, layer)
+        return self._classifier[layer]
+
+    def _collect(
+        self,
+        outputs: list[ImageOutput],
+        method: MethodInfo,
+        col: Tensor,
+        logits: Tensor,
+        probs: Tensor,
+        per_layer_maps: list[Tensor],
+    ) -> None:
+        finals = [finalize(m, self.signed) for m in per_layer_maps]
+        scores = logits.detach().float()
+        entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]]]] = []
+        if len(self.layers) == 1:
+            entries.append((self.layers[0], finals[0]))
+        else:
+            entries.append(("+".join(self.layers), finalize(fuse_layers([f[0] for f in finals]), self.signed)))
+            if self.per_layer:
+                entries.extend(zip(self.layers, finals))
+        for layer_name, (maps, empty, reasons) in entries:
+            maps_np = maps.cpu().numpy().astype(np.float32, copy=False)
+            for i, out in enumerate(outputs):
+                c = int(col[i])
+                if c < 0:
+                    continue
+                has_target = method.needs_target
+                out.maps.append(
+                    CamMap(
+                        method=method.name,
+                        layer=layer_name,
+                        target=c if has_target else None,
+                        score=float(scores[i, c]) if has_target else None,
+                        probability=float(probs[i, c]) if has_target else None,
+                        cam=maps_np[i],
+                        empty=bool(empty[i]),
+                        note=reasons[i],
+                    )
+                )

@@ -1,0 +1,160 @@
+"""The method registry: every CAM method is a function registered by name with its metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from camcli.errors import UsageError, suggest
+
+
+class Scorer(Protocol):
+    """Runs the model on a batch of (masked) inputs of one image and returns the target's scores."""
+
+    def __call__(self, inputs: Tensor, target: int) -> Tensor: ...
+
+
+class LayerScorer(Protocol):
+    """Runs the model on one image with the target layer's output replaced by ``activations``
+    (N, K, h, w) and returns the target's scores (N,)."""
+
+    def __call__(self, image_index: int, activations: Tensor, target: int) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Knobs some methods read; the engine passes the same object to every method."""
+
+    score_channels: int | None = None  # Score-CAM family: only the N channels with most mass
+    perturbation_batch: int = 64  # masked forward passes per model call
+    channels: str = "mean"  # `activations`: "mean", a channel index, or "topN"
+    smooth_samples: int = 8  # SS-CAM / SmoothGrad-CAM++ noise samples
+    smooth_sigma: float = 0.1  # noise std as a share of the input (or activation) range
+    integration_steps: int = 8  # IS-CAM
+    seed: int = 0
+
+
+@dataclass
+class CamInputs:
+    """What the engine hands a method for one batch, one layer and one target per image."""
+
+    activations: Tensor  # A: (B, K, h, w)
+    targets: Tensor  # c: (B,) class index per image
+    gradients: Tensor | None = None  # G = d y^c / d A: (B, K, h, w)
+    inputs: Tensor | None = None  # the preprocessed batch (B, 3, H, W)
+    scorer: Scorer | None = None
+    layer_scorer: LayerScorer | None = None
+    classifier_weights: Tensor | None = None  # (num_classes, K) when the head is GAP -> linear
+    gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # inputs -> (A, G)
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+
+MethodFn = Callable[[CamInputs], Tensor]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: MethodFn
+    description: str
+    paper: str
+    aliases: tuple[str, ...] = ()
+    needs_gradients: bool = False
+    extra_forwards: str = "0"  # per image, in words: "0", "K", "K x N"
+    needs_target: bool = True
+    needs_scorer: bool = False
+    needs_layer_scorer: bool = False
+    needs_classifier: bool = False
+    needs_gradient_fn: bool = False
+    pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    aliases: tuple[str, ...] = (),
+    needs_gradients: bool = False,
+    extra_forwards: str = "0",
+    needs_target: bool = True,
+    needs_scorer: bool = False,
+    needs_layer_scorer: bool = False,
+    needs_classifier: bool = False,
+    needs_gradient_fn: bool = False,
+    pixel_space: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: ``@register("gradcam++", aliases=("gradcampp",), ...)`` adds a method."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        for key in (name, *aliases):
+            if key in _REGISTRY or key in _ALIASES:
+                raise ValueError(f"method name {key!r} is registered twice")
+        _REGISTRY[name] = MethodInfo(
+            name=name,
+            fn=fn,
+            description=description,
+            paper=paper,
+            aliases=aliases,
+            needs_gradients=needs_gradients,
+            extra_forwards=extra_forwards,
+            needs_target=needs_target,
+            needs_scorer=needs_scorer,
+            needs_layer_scorer=needs_layer_scorer,
+            needs_classifier=needs_classifier,
+            needs_gradient_fn=needs_gradient_fn,
+            pixel_space=pixel_space,
+        )
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return fn
+
+    return deco
+
+
+def available_methods() -> list[MethodInfo]:
+    """All registered methods, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str) -> MethodInfo:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    names = sorted([*_REGISTRY, *_ALIASES])
+    raise UsageError(
+        f"unknown method {name!r}{suggest(key, names)} "
+        f"(accepted: {', '.join(sorted(_REGISTRY))}; see `camcli methods`)"
+    )
+
+
+def parse_methods(spec: str | list[str]) -> list[MethodInfo]:
+    """``"gradcam,layercam"`` or a list of such strings -> resolved, de-duplicated methods."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+    if not names:
+        raise UsageError("no method given (accepted: " + ", ".join(sorted(_REGISTRY)) + ")")
+    seen: dict[str, MethodInfo] = {}
+    for n in names:
+        info = get_method(n)
+        seen.setdefault(info.name, info)
+    return list(seen.values())
+
+
+def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """sum_k w_k A_k for weights (B, K) and activations (B, K, h, w) -> (B, h, w)."""
+    return torch.einsum("bk,bkhw->bhw", weights, activations)
+
+
+def require(value: Tensor | None, what: str, method: str) -> Tensor:
+    if value is None:
+        raise RuntimeError(f"engine bug: method {method!r} needs {what} but none was given")
+    return value

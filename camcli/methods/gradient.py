@@ -1,0 +1,114 @@
+"""Methods that weight the target layer's activations with the gradient of the target score."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from camcli.methods.base import CamInputs, register, require, weighted_sum
+
+_EPS = 1e-12
+
+
+def _ag(inputs: CamInputs, method: str) -> tuple[Tensor, Tensor]:
+    return inputs.activations, require(inputs.gradients, "gradients", method)
+
+
+@register(
+    "gradcam",
+    aliases=("grad-cam", "grad_cam"),
+    needs_gradients=True,
+    description="channel weights = spatial mean of the gradient",
+    paper="Selvaraju et al. 2017, Grad-CAM (arXiv:1610.02391)",
+)
+def gradcam(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "gradcam")
+    return weighted_sum(g.mean(dim=(2, 3)), a)
+
+
+def gradcampp_weights(a: Tensor, g: Tensor, g2: Tensor | None = None, g3: Tensor | None = None) -> Tensor:
+    """Grad-CAM++ channel weights (B, K).
+
+    alpha_kij = G^2 / (2 G^2 + sum_ab A_kab * G^3) (0 where G = 0), w_k = sum_ij alpha_kij ReLU(G_kij).
+    ``g2``/``g3`` default to G^2 and G^3; SmoothGrad-CAM++ passes noise-averaged powers instead.
+    """
+    g2 = g * g if g2 is None else g2
+    g3 = g2 * g if g3 is None else g3
+    sum_a = a.sum(dim=(2, 3), keepdim=True)
+    denom = 2 * g2 + sum_a * g3
+    alpha = torch.where((g != 0) & (denom.abs() > _EPS), g2 / torch.where(denom == 0, 1, denom), 0)
+    return (alpha * torch.relu(g)).sum(dim=(2, 3))
+
+
+@register(
+    "gradcam++",
+    aliases=("gradcampp", "gradcam_pp", "gradcam-pp"),
+    needs_gradients=True,
+    description="gradient weights with the second/third-order alpha terms of the paper",
+    paper="Chattopadhay et al. 2018, Grad-CAM++ (arXiv:1710.11063)",
+)
+def gradcampp(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "gradcam++")
+    return weighted_sum(gradcampp_weights(a, g), a)
+
+
+@register(
+    "xgradcam",
+    aliases=("xgrad-cam",),
+    needs_gradients=True,
+    description="weights = sum(G*A) / sum(A), axiom-based",
+    paper="Fu et al. 2020, Axiom-based Grad-CAM (arXiv:2008.02312)",
+)
+def xgradcam(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "xgradcam")
+    sum_a = a.sum(dim=(2, 3))
+    sum_ga = (g * a).sum(dim=(2, 3))
+    w = torch.where(sum_a.abs() > _EPS, sum_ga / torch.where(sum_a == 0, 1, sum_a), 0)
+    return weighted_sum(w, a)
+
+
+@register(
+    "hirescam",
+    needs_gradients=True,
+    description="element-wise gradient x activation, summed over channels",
+    paper="Draelos & Carin 2020, HiResCAM (arXiv:2011.08891)",
+)
+def hirescam(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "hirescam")
+    return (g * a).sum(dim=1)
+
+
+@register(
+    "gradcam-elementwise",
+    aliases=("gradcamelementwise", "gradcam_elementwise"),
+    needs_gradients=True,
+    description="ReLU of gradient x activation per element, summed over channels",
+    paper="pytorch-grad-cam's GradCAMElementWise (a HiResCAM variant)",
+)
+def gradcam_elementwise(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "gradcam-elementwise")
+    return torch.relu(g * a).sum(dim=1)
+
+
+@register(
+    "layercam",
+    aliases=("layer-cam",),
+    needs_gradients=True,
+    description="ReLU(gradient) x activation per element; good on early layers",
+    paper="Jiang et al. 2021, LayerCAM (IEEE TIP 30)",
+)
+def layercam(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "layercam")
+    return (torch.relu(g) * a).sum(dim=1)
+
+
+@register(
+    "counterfactual",
+    aliases=("counterfactual-gradcam", "negative-gradcam"),
+    needs_gradients=True,
+    description="Grad-CAM with negated gradients: regions that argue against the class",
+    paper="Selvaraju et al. 2017, Grad-CAM, section 5 (arXiv:1610.02391)",
+)
+def counterfactual(inputs: CamInputs) -> Tensor:
+    a, g = _ag(inputs, "counterfactual")
+    return weighted_sum(-g.mean(dim=(2, 3)), a)

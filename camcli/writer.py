@@ -1,0 +1,69 @@
+"""Atomic file writes and the pool that encodes and writes while the next batch computes."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class WriterPool:
+    """A bounded thread pool: OpenCV's encoder releases the GIL, so writes overlap compute.
+
+    At most ``max_pending`` tasks are in flight; ``submit`` waits for the oldest beyond that, which
+    keeps memory flat however many images a run has.
+    """
+
+    def __init__(self, workers: int = 2, max_pending: int = 64) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="camcli-writer")
+        self._pending: list[Future[Any]] = []
+        self._max = max(1, max_pending)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        while len(self._pending) >= self._max:
+            self._pending.pop(0).result()
+        fut = self._pool.submit(fn, *args)
+        self._pending.append(fut)
+        return fut
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        self._pending.clear()
+
+    def __enter__(self) -> "WriterPool":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close(cancel=exc_type is not None)
