@@ -119,7 +119,7 @@ def output_stems(sources: Sequence[ImageSource]) -> list[Path]:
 
 
 def map_filename(stem: Path, m: CamMap, *, class_suffix: bool, layer_suffix: bool, ext: str) -> Path:
-    parts = [stem.name, m.method.replace("+", "pp")]
+    parts = [stem.name, m.method.replace("+", "p")]  # gradcam++ -> gradcampp
     if layer_suffix:
         parts.append(m.layer)
     if class_suffix and m.target is not None:

@@ -71,7 +71,11 @@ def parse_class_specs(
         elif tok.lower() in lowered:
             spec = ClassIndex(lowered[tok.lower()])
         else:
-            hint = suggest(tok.lower(), lowered) if labels else ""
+            hint = ""
+            if labels:
+                hint = suggest(tok.lower(), lowered)
+                for low, i in lowered.items():
+                    hint = hint.replace(f"'{low}'", f"'{labels[i]}'")
             accepted = "top1, topK, a class index" + (", or a label name" if labels else "")
             raise UsageError(
                 f"unknown class {tok!r}{hint} (accepted: {accepted}"

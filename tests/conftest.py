@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_images"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled EfficientNet-Lite0, loaded once for the whole session."""
+    from camcli.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture
+def small_images(tmp_path: Path) -> Path:
+    """A folder with two small RGB images of different sizes and a nested one."""
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(d / "a.png")
+    Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).save(d / "b.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)).save(d / "sub" / "a.png")
+    return d
+
+
+@pytest.fixture
+def chelsea_copy(tmp_path: Path) -> Path:
+    d = tmp_path / "cat"
+    d.mkdir()
+    shutil.copy(SAMPLES / "chelsea.jpg", d / "chelsea.jpg")
+    return d / "chelsea.jpg"

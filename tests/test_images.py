@@ -1,0 +1,117 @@
+"""Discovery and decoding: every input type and pixel mode the issue names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camcli.errors import ImageError, UsageError
+from camcli.images import Preprocess, decode, discover
+from camcli.pipeline import output_stems
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:  # noqa: ANN003
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "bmp", "tiff", "webp"])
+def test_decodes_each_format(tmp_path: Path, ext: str) -> None:
+    arr = np.zeros((20, 30, 3), np.uint8)
+    arr[:, :15] = (200, 30, 10)
+    p = _save(Image.fromarray(arr), tmp_path / f"x.{ext}")
+    out = decode(p)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    assert abs(int(out[10, 5, 0]) - 200) < 12 and abs(int(out[10, 25, 0])) < 12
+
+
+def test_pixel_modes(tmp_path: Path) -> None:
+    grey = _save(Image.fromarray(np.full((8, 9), 77, np.uint8), "L"), tmp_path / "g.png")
+    assert (decode(grey) == 77).all()
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, 4:, 3] = 255  # left half transparent -> composited onto white
+    out = decode(_save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png"))
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 7]) == (255, 0, 0)
+    pal = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")
+    assert decode(_save(pal, tmp_path / "p.png")).shape == (8, 8, 3)
+    sixteen = Image.fromarray(np.full((6, 6), 65535, np.uint16))
+    out16 = decode(_save(sixteen, tmp_path / "s16.png"))
+    assert (out16 == 255).all(), "16-bit white must map to 8-bit white, not clip or wrap"
+    cmyk = Image.new("CMYK", (5, 4), (0, 255, 255, 0))  # pure red in CMYK
+    out_cmyk = decode(_save(cmyk, tmp_path / "c.jpg"))
+    assert out_cmyk.shape == (4, 5, 3) and out_cmyk[2, 2, 0] > 200 and out_cmyk[2, 2, 1] < 60
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    p = tmp_path / "rot.jpg"
+    img.save(p, exif=exif.tobytes())
+    assert decode(p).shape == (40, 20, 3)
+
+
+@pytest.mark.parametrize(
+    "content,msg",
+    [(b"", "empty file"), (b"this is text, not a picture", "not an image")],
+)
+def test_bad_files_raise_image_error(tmp_path: Path, content: bytes, msg: str) -> None:
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(content)
+    with pytest.raises(ImageError, match=msg):
+        decode(p)
+
+
+def test_truncated_file_raises_image_error(tmp_path: Path, samples: Path) -> None:
+    data = (samples / "coffee.jpg").read_bytes()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode(p)
+
+
+def test_discover_folder_recursive_glob_and_errors(small_images: Path, tmp_path: Path) -> None:
+    (small_images / "notes.txt").write_text("not an image, ignored in folders")
+    flat = discover([small_images])
+    assert [s.rel.as_posix() for s in flat] == ["a.png", "b.jpg"]
+    deep = discover([small_images], recursive=True)
+    assert [s.rel.as_posix() for s in deep] == ["a.png", "b.jpg", "sub/a.png"]
+    globbed = discover([str(small_images / "*.png")])
+    assert [s.rel.as_posix() for s in globbed] == ["a.png"]
+    with pytest.raises(UsageError, match="no such file or folder"):
+        discover([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no images in folder"):
+        discover([tmp_path / "empty"])
+    with pytest.raises(UsageError, match="no images match"):
+        discover([str(tmp_path / "*.gif")])
+
+
+def test_discover_skips_output_folder(small_images: Path) -> None:
+    out = small_images / "camcli-out"
+    out.mkdir()
+    Image.new("RGB", (4, 4)).save(out / "a.gradcam.png")
+    rels = [s.rel.as_posix() for s in discover([small_images], recursive=True, exclude=out)]
+    assert "camcli-out/a.gradcam.png" not in rels and len(rels) == 3
+
+
+def test_output_stems_never_collide(tmp_path: Path) -> None:
+    for name in ("x/a.jpg", "y/a.jpg", "x/a.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    stems = output_stems(discover([tmp_path / "x", tmp_path / "y"]))
+    assert sorted(s.as_posix() for s in stems) == ["x/a.jpg", "x/a.png", "y/a"]
+
+
+def test_preprocess_keeps_aspect_ratio_or_uses_fixed_size() -> None:
+    rgb = np.zeros((300, 451, 3), np.uint8)
+    flex = Preprocess(224, (0.5,) * 3, (0.5,) * 3, flexible=True)
+    assert tuple(flex(rgb).shape) == (3, 224, 337)
+    assert tuple(flex(np.zeros((500, 100, 3), np.uint8)).shape) == (3, 1120, 224)
+    fixed = Preprocess(224, (0.5,) * 3, (0.5,) * 3, flexible=False)
+    assert tuple(fixed(rgb).shape) == (3, 224, 224)
+    assert float(flex(rgb).min()) == pytest.approx(-1.0)

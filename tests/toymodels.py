@@ -1,0 +1,47 @@
+"""Tiny models for tests, importable as ``module:callable`` (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """conv -> ReLU -> conv (target) -> ReLU -> global average pool -> linear: a CAM-compatible head."""
+
+    def __init__(self, num_classes: int = 4, width: int = 6) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x)
+        return logits, logits.softmax(1)
+
+
+def tuple_out() -> nn.Module:
+    return TupleOut()
+
+
+def not_a_model() -> str:
+    return "nope"
