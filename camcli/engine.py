@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camcli.errors import UsageError
-from camcli.hooks import LayerTap, frozen
-from camcli.methods import CamInputs, MethodInfo, MethodOptions
+from camcli.hooks import LayerTap, SaturationMeter, frozen
+from camcli.methods import CamInputs, MethodInfo, MethodOptions, MethodOutput
+from camcli.methods.eigen import first_component
+from camcli.methods.guided import GuidedReLUMode
 from camcli import targets as tgt
 
 EMPTY_REASON = (
@@ -39,12 +41,19 @@ class CamMap:
     cam: np.ndarray  # (h, w) float32: [0, 1], or [-1, 1] with signed maps
     empty: bool = False
     note: str | None = None
+    channels: np.ndarray | None = None  # (N, h, w) normalised strongest channels (`activations` topN)
+    channel_ids: list[int] | None = None
 
 
 @dataclass
 class ImageOutput:
     top: list[tuple[int, float]]  # (class index, probability), best first
     maps: list[CamMap] = field(default_factory=list)
+    saturation: dict[str, Any] | None = None  # bounded units saturated at/after the layer
+
+
+# Test-time augmentations for --aug-smooth: (horizontal flip, scale). Maps are mapped back and averaged.
+AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
 
 
 def pick_logits(output: Any, key: str | int | None = None) -> Tensor:
@@ -148,6 +157,8 @@ class CamEngine:
         signed: bool = False,
         output_key: str | int | None = None,
         per_layer: bool = False,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
         top_k: int = 5,
     ) -> None:
         if not layers:
@@ -161,6 +172,8 @@ class CamEngine:
         self.signed = signed
         self.output_key = output_key
         self.per_layer = per_layer
+        self.aug_smooth = aug_smooth
+        self.eigen_smooth = eigen_smooth
         self.top_k = top_k
         self._classifier: dict[str, Tensor] = {}
 
@@ -172,14 +185,24 @@ class CamEngine:
         return pick_logits(self.model(x), self.output_key)
 
     def prepare(self, example: Tensor) -> None:
-        """Checks that need a forward pass (the CAM head) before any real work starts."""
-        if any(m.needs_classifier for m in self.methods):
-            with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
-                logits = self._forward(example)
-                for layer in self.layers:
-                    self._classifier[layer] = find_classifier(self.model, tap.activations[layer], logits, layer)
+        """Checks that need a forward pass (the CAM head, --channels) before any real work starts."""
+        with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
+            logits = self._forward(example)
+            for layer in self.layers:
+                a = tap.activations.get(layer)
+                if a is None or a.dim() != 4:
+                    shape = None if a is None else tuple(a.shape)
+                    raise UsageError(
+                        f"layer {layer!r} outputs {shape}; methods need a (B, C, h, w) feature map (see `camcli layers`)"
+                    )
+                if any(m.needs_classifier for m in self.methods):
+                    self._classifier[layer] = find_classifier(self.model, a, logits, layer)
+                if any(m.name == "activations" for m in self.methods):
+                    from camcli.methods.classic import parse_channels
 
-    # -- scorers handed to perturbation methods -------------------------------------------------
+                    parse_channels(self.options.channels, a.shape[1])
+
+    # -- closures handed to methods ---------------------------------------------------------------
     def _scorer(self, tap: LayerTap) -> Callable[[Tensor, int], Tensor]:
         def score(inputs: Tensor, target: int) -> Tensor:
             tap.enabled = False
@@ -206,17 +229,55 @@ class CamEngine:
 
         return score
 
+    def _gradient_fn(self, tap: LayerTap, layer: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        def grad_at(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                logits = self._forward(x)
+                a = tap.activations[layer]
+                (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), a)
+            return a.detach(), g
+
+        return grad_at
+
+    def _guided(self, tap: LayerTap, x: Tensor, targets: Tensor) -> Callable[[], Tensor]:
+        cache: list[Tensor] = []
+
+        def guided() -> Tensor:
+            if not cache:
+                tap.enabled = False
+                try:
+                    xg = x.detach().clone().requires_grad_(True)
+                    with torch.enable_grad(), GuidedReLUMode():
+                        logits = self._forward(xg)
+                        (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), xg)
+                    cache.append(g)
+                finally:
+                    tap.enabled = True
+            return cache[0]
+
+        return guided
+
     # -- the main entry point -------------------------------------------------------------------
     def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
         """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all."""
+        outputs, targets = self._explain(x, specs, None)
+        if not self.aug_smooth:
+            return outputs
+        return self._aug_average(x, specs, outputs, targets)
+
+    def _explain(
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], fixed: Tensor | None
+    ) -> tuple[list[ImageOutput], Tensor]:
         b = x.shape[0]
+        grad_mode = self.needs_gradients
         with frozen(self.model), LayerTap(self.model, self.layers) as tap:
-            if self.needs_gradients:
-                with torch.enable_grad():
-                    logits = self._forward(x)
-            else:
-                with torch.inference_mode():
-                    logits = self._forward(x)
+            with SaturationMeter(self.model, self.layers) as meter:
+                if grad_mode:
+                    with torch.enable_grad():
+                        logits = self._forward(x)
+                else:
+                    with torch.inference_mode():
+                        logits = self._forward(x)
             missing = [n for n in self.layers if n not in tap.activations]
             if missing:
                 raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
@@ -226,43 +287,60 @@ class CamEngine:
                     raise UsageError(
                         f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map"
                     )
-            probs = logits.detach().float().softmax(dim=1)
+            scores = logits.detach().float()
+            probs = scores.softmax(dim=1)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
             outputs = [
-                ImageOutput(top=list(zip(top_i[i].tolist(), [float(p) for p in top_p[i].tolist()]))) for i in range(b)
+                ImageOutput(
+                    top=list(zip(top_i[i].tolist(), [float(p) for p in top_p[i].tolist()])),
+                    saturation=meter.report(i),
+                )
+                for i in range(b)
             ]
-            targets = tgt.resolve(specs, logits.detach())
+            targets = tgt.resolve(specs, scores) if fixed is None else fixed
             n_slots = targets.shape[1]
             agnostic_done = False
             for t in range(n_slots):
                 col = targets[:, t]
                 if bool((col < 0).all()):
                     continue
+                safe = col.clamp(min=0)
                 grads: Sequence[Tensor | None] = [None] * len(acts)
-                if self.needs_gradients:
-                    score = logits.gather(1, col.clamp(min=0)[:, None]).sum()
-                    grads = torch.autograd.grad(score, acts, retain_graph=t < n_slots - 1)
+                if grad_mode:
+                    score = logits.gather(1, safe[:, None]).sum()
+                    grads = torch.autograd.grad(score, acts, retain_graph=True)
+                guided = self._guided(tap, x, safe)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
-                    per_layer_maps: list[Tensor] = []
+                    results = []
                     for name, a, g in zip(self.layers, acts, grads):
                         inputs = CamInputs(
                             activations=a.detach(),
-                            targets=col.clamp(min=0),
+                            targets=safe,
                             gradients=None if g is None else g.detach(),
                             inputs=x,
                             scorer=self._scorer(tap) if method.needs_scorer else None,
                             layer_scorer=self._layer_scorer(tap, x, name) if method.needs_layer_scorer else None,
                             classifier_weights=self._classifier_weights(method, name, a, logits),
+                            gradient_fn=self._gradient_fn(tap, name) if method.needs_gradient_fn else None,
+                            guided_gradients=guided if method.pixel_space else None,
                             options=self.options,
                         )
                         with torch.no_grad():
-                            raw = method.fn(inputs)
-                        per_layer_maps.append(raw)
-                    self._collect(outputs, method, col, logits, probs, per_layer_maps)
+                            results.append(self._reduce(method.fn(inputs)))
+                        if method.pixel_space and not method.needs_gradients:
+                            break  # the layer plays no part: one map is enough
+                    self._collect(outputs, method, col, scores, probs, results)
                 agnostic_done = True
-        return outputs
+        return outputs, targets
+
+    def _reduce(self, raw: Tensor | MethodOutput) -> MethodOutput:
+        """(B, K, h, w) weighted activations -> (B, h, w): channel sum, or first component (--eigen-smooth)."""
+        out = raw if isinstance(raw, MethodOutput) else MethodOutput(cam=raw)
+        if out.cam.dim() == 4:
+            out.cam = first_component(out.cam) if self.eigen_smooth else out.cam.sum(dim=1)
+        return out
 
     def _classifier_weights(self, method: MethodInfo, layer: str, a: Tensor, logits: Tensor) -> Tensor | None:
         if not method.needs_classifier:
@@ -276,21 +354,25 @@ class CamEngine:
         outputs: list[ImageOutput],
         method: MethodInfo,
         col: Tensor,
-        logits: Tensor,
+        scores: Tensor,
         probs: Tensor,
-        per_layer_maps: list[Tensor],
+        results: list[MethodOutput],
     ) -> None:
-        finals = [finalize(m, self.signed) for m in per_layer_maps]
-        scores = logits.detach().float()
-        entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]]]] = []
-        if len(self.layers) == 1:
-            entries.append((self.layers[0], finals[0]))
+        finals = [finalize(r.cam, self.signed) for r in results]
+        entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]], MethodOutput]] = []
+        if len(results) == 1:
+            only = "input" if method.pixel_space and not method.needs_gradients else self.layers[0]
+            entries.append((only, finals[0], results[0]))
         else:
-            entries.append(("+".join(self.layers), finalize(fuse_layers([f[0] for f in finals]), self.signed)))
+            fused = finalize(fuse_layers([f[0] for f in finals]), self.signed)
+            entries.append(("+".join(self.layers), fused, results[-1]))
             if self.per_layer:
-                entries.extend(zip(self.layers, finals))
-        for layer_name, (maps, empty, reasons) in entries:
+                entries.extend((n, f, r) for n, f, r in zip(self.layers, finals, results))
+        for layer_name, (maps, empty, reasons), res in entries:
             maps_np = maps.cpu().numpy().astype(np.float32, copy=False)
+            chans = None
+            if res.channels is not None:
+                chans = finalize(res.channels.flatten(0, 1), False)[0].reshape(res.channels.shape).cpu().numpy()
             for i, out in enumerate(outputs):
                 c = int(col[i])
                 if c < 0:
@@ -306,5 +388,30 @@ class CamEngine:
                         cam=maps_np[i],
                         empty=bool(empty[i]),
                         note=reasons[i],
+                        channels=None if chans is None else chans[i],
+                        channel_ids=None if res.channel_ids is None else [int(v) for v in res.channel_ids[i]],
                     )
                 )
+
+    def _aug_average(
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], base: list[ImageOutput], targets: Tensor
+    ) -> list[ImageOutput]:
+        """--aug-smooth: the same targets under flips and rescales, maps mapped back and averaged."""
+        sums = [[torch.from_numpy(m.cam.copy()) for m in o.maps] for o in base]
+        h, w = x.shape[-2:]
+        for flip, scale in AUGMENTATIONS[1:]:
+            xa = x.flip(-1) if flip else x
+            if scale != 1.0:
+                xa = F.interpolate(xa, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
+            outs, _ = self._explain(xa, specs, targets)
+            for i, o in enumerate(outs):
+                for j, m in enumerate(o.maps):
+                    cam = torch.from_numpy(m.cam)
+                    ref = sums[i][j]
+                    cam = F.interpolate(cam[None, None], size=ref.shape, mode="bilinear", align_corners=False)[0, 0]
+                    sums[i][j] = ref + (cam.flip(-1) if flip else cam)
+        for i, o in enumerate(base):
+            for j, m in enumerate(o.maps):
+                maps, empty, reasons = finalize(sums[i][j][None] / len(AUGMENTATIONS), self.signed)
+                m.cam, m.empty, m.note = maps[0].numpy(), bool(empty[0]), reasons[0]
+        return base

@@ -90,3 +90,89 @@ class LayerTap:
             return None
 
         return hook
+
+
+BOUNDED = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid)  # nn.ReLU6 is a Hardtanh
+
+
+def saturated(module: nn.Module, out: Tensor) -> Tensor:
+    """Units within 1% of a bound where the gradient vanishes: |a| > 0.99 of the bound."""
+    if isinstance(module, nn.Tanh):
+        return out.abs() > 0.99
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
+        return (out > 0.99) | (out < 0.01)
+    assert isinstance(module, nn.Hardtanh)
+    sat = torch.zeros_like(out, dtype=torch.bool)
+    if module.max_val > 0:
+        sat |= out > 0.99 * module.max_val
+    if module.min_val < 0:
+        sat |= out < 0.99 * module.min_val
+    return sat
+
+
+class SaturationMeter:
+    """Counts saturated units of bounded activation modules at or after the target layers.
+
+    "At or after" means: run once the first target layer has started its forward (its own
+    sub-modules included). Bounded functions called through torch.nn.functional are not seen.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.started = False
+        self.saturated: Tensor | None = None  # (B,) counts
+        self.units: Tensor | None = None
+        self.modules: list[str] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def active(self) -> bool:
+        return any(isinstance(m, BOUNDED) for m in self.model.modules())
+
+    def __enter__(self) -> "SaturationMeter":
+        try:
+            if self.active:
+                for name in self.layers:
+                    self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._start))
+                for name, mod in self.model.named_modules():
+                    if isinstance(mod, BOUNDED):
+                        self._handles.append(mod.register_forward_hook(self._count(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _start(self, module: nn.Module, args: object) -> None:
+        self.started = True
+
+    def _count(self, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: object, out: object) -> None:
+            if not self.started or not isinstance(out, Tensor) or out.dim() < 2:
+                return
+            with torch.no_grad():
+                sat = saturated(module, out.detach()).flatten(1).sum(dim=1)
+            n = torch.full_like(sat, out[0].numel())
+            self.saturated = sat if self.saturated is None else self.saturated + sat
+            self.units = n if self.units is None else self.units + n
+            if name not in self.modules:
+                self.modules.append(name)
+
+        return hook
+
+    def report(self, i: int) -> dict[str, object] | None:
+        if self.saturated is None or self.units is None:
+            return None
+        return {
+            "share": round(float(self.saturated[i]) / float(self.units[i]), 6),
+            "units": int(self.units[i]),
+            "modules": list(self.modules),
+        }

@@ -26,12 +26,13 @@ from camcli.images import ImageDataset, ImageSource, Preprocess, collate, discov
 from camcli.layers import default_layer, resolve_layers, trace_layers
 from camcli.methods import MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
-from camcli.render import encode_png, overlay, resolve_colormap, upsample
+from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
 from camcli.report import build_summary, prediction_entries, write_summary
 from camcli.stats import map_stats
 from camcli.writer import WriterPool, npy_bytes, write_atomic
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
 
 
 @dataclass
@@ -53,10 +54,12 @@ class ExplainOptions:
     workers: int = 2
     device: str = "auto"
     alpha: float = 0.5
-    colormap: str = "jet"
+    colormap: str | None = None  # jet, or diverging for --signed
     image_size: int | None = None
     save_raw: bool = False
     signed: bool = False
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
     fail_fast: bool = False
     score_channels: int | None = None
     perturbation_batch: int = 64
@@ -156,6 +159,11 @@ def render_outputs(
         stats = map_stats(full, m.empty)
         if m.note:
             stats["note"] = m.note
+        channels = None
+        if m.channels is not None and m.channel_ids is not None:
+            rel_grid = rel_png.with_name(rel_png.name[: -len(".png")] + ".grid.png")
+            write_atomic(out_dir / rel_grid, encode_png(channel_grid(rgb, m.channels, m.channel_ids, colormap, alpha)))
+            channels = {"ids": m.channel_ids, "grid": rel_grid.as_posix()}
         target = None
         if m.target is not None:
             target = {
@@ -172,6 +180,7 @@ def render_outputs(
                 "overlay": rel_png.as_posix(),
                 "raw": None if rel_raw is None else rel_raw.as_posix(),
                 "stats": stats,
+                **({"channels": channels} if channels else {}),
             }
         )
     return entries
@@ -197,7 +206,7 @@ def explain(
     opts = options or ExplainOptions()
     opts.validate()
     methods = parse_methods(opts.method)
-    cmap = resolve_colormap("diverging" if opts.signed and opts.colormap == "jet" else opts.colormap)
+    cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
     device = resolve_device(opts.device)
     out_dir = Path(opts.out)
     sources = discover(inputs, opts.recursive, exclude=out_dir)
@@ -218,7 +227,7 @@ def explain(
     )
     engine = CamEngine(
         lm.module, layers, methods, options=method_opts, signed=opts.signed, output_key=opts.output_key,
-        per_layer=opts.per_layer,
+        per_layer=opts.per_layer, aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
     )
     engine.prepare(example)
     class_suffix = not tgt.is_default(specs)
@@ -236,7 +245,7 @@ def explain(
     )
     if on_start is not None:
         on_start(len(sources))
-    empty_warned = False
+    empty_warned = saturation_warned = False
     stop = False
     with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
         for items in loader:
@@ -274,6 +283,13 @@ def explain(
                         note = next(m.note for m in o.maps if m.empty)
                         _warn(f"{sources[i].path}: {note}")
                         empty_warned = True
+                    if not saturation_warned and o.saturation and o.saturation["share"] > SATURATION_WARN:
+                        _warn(
+                            f"{sources[i].path}: {o.saturation['share']:.0%} of the bounded activations at or after "
+                            f"layer {','.join(layers)} are saturated; their gradients vanish, so gradient maps may "
+                            "be diffuse or empty (try an earlier layer or a gradient-free method)"
+                        )
+                        saturation_warned = True
                     records[i] = {
                         "path": str(sources[i].path),
                         "width": int(rgb.shape[1]),
@@ -282,6 +298,7 @@ def explain(
                         "error": None,
                         "input_size": list(g["tensor"].shape[-2:]),
                         "predictions": prediction_entries(o.top, lm),
+                        "saturation": o.saturation,
                         "explanations": [],
                     }
                     futures[i] = pool.submit(

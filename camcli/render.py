@@ -60,3 +60,22 @@ def encode_png(bgr: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def channel_grid(
+    rgb: np.ndarray, channels: np.ndarray, ids: list[int], colormap: int | np.ndarray, alpha: float, tile: int = 224
+) -> np.ndarray:
+    """A grid of overlays, one tile per channel map (N, h, w), each labelled with its channel index."""
+    h, w = rgb.shape[:2]
+    scale = tile / max(h, w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
+    cols = int(np.ceil(np.sqrt(len(channels))))
+    rows = int(np.ceil(len(channels) / cols))
+    grid = np.full((rows * th, cols * tw, 3), 255, np.uint8)
+    for n, (cam, cid) in enumerate(zip(channels, ids)):
+        r, c = divmod(n, cols)
+        tile_img = overlay(small, upsample(cam, th, tw), colormap, alpha)
+        cv2.putText(tile_img, f"ch {cid}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        grid[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = tile_img
+    return grid

@@ -35,11 +35,12 @@ def test_gradcam_on_paper_two_channel_2x2() -> None:
     out = engine.explain(a, [ClassIndex(0)])[0]
     assert out.maps[0].target == 0
     assert torch.allclose(torch.from_numpy(out.maps[0].cam), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    # the raw, un-normalised map from the method itself
+    # the raw, un-normalised weighted activations w_k A_k from the method itself
     g = torch.full_like(a, 0.0)
     g[0, 0], g[0, 1] = 0.25, -0.0625
     raw = get_method("gradcam").fn(CamInputs(activations=a, targets=torch.tensor([0]), gradients=g))
-    assert torch.allclose(raw, torch.tensor([[[0.25, 0.0], [0.0, -0.125]]]))
+    assert torch.allclose(raw[0, 0], 0.25 * a[0, 0]) and torch.allclose(raw[0, 1], -0.0625 * a[0, 1])
+    assert torch.allclose(raw.sum(dim=1), torch.tensor([[[0.25, 0.0], [0.0, -0.125]]]))
     # class 1 looks only at channel 2: map is [[0,0],[0,1]]
     out1 = engine.explain(a, [ClassIndex(1)])[0]
     assert torch.allclose(torch.from_numpy(out1.maps[0].cam), torch.tensor([[0.0, 0.0], [0.0, 1.0]]))

@@ -4,17 +4,19 @@ from camcli.methods.base import (
     CamInputs,
     MethodInfo,
     MethodOptions,
+    MethodOutput,
     available_methods,
     get_method,
     parse_methods,
     register,
 )
-from camcli.methods import gradient  # noqa: F401  (registers)
+from camcli.methods import gradient, classic, perturbation, eigen, guided  # noqa: F401, I001  (registers, in this order)
 
 __all__ = [
     "CamInputs",
     "MethodInfo",
     "MethodOptions",
+    "MethodOutput",
     "available_methods",
     "get_method",
     "parse_methods",

@@ -39,7 +39,10 @@ class MethodOptions:
 
 @dataclass
 class CamInputs:
-    """What the engine hands a method for one batch, one layer and one target per image."""
+    """What the engine hands a method for one batch, one layer and one target per image.
+
+    A method returns (B, h, w) maps, or (B, K, h, w) weighted activations that the engine reduces.
+    """
 
     activations: Tensor  # A: (B, K, h, w)
     targets: Tensor  # c: (B,) class index per image
@@ -48,11 +51,12 @@ class CamInputs:
     scorer: Scorer | None = None
     layer_scorer: LayerScorer | None = None
     classifier_weights: Tensor | None = None  # (num_classes, K) when the head is GAP -> linear
-    gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # inputs -> (A, G)
+    gradient_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (x, targets) -> (A, G)
+    guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
 
 
-MethodFn = Callable[[CamInputs], Tensor]
+MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,22 @@ def parse_methods(spec: str | list[str]) -> list[MethodInfo]:
     return list(seen.values())
 
 
-def weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
-    """sum_k w_k A_k for weights (B, K) and activations (B, K, h, w) -> (B, h, w)."""
-    return torch.einsum("bk,bkhw->bhw", weights, activations)
+def weigh(weights: Tensor, activations: Tensor) -> Tensor:
+    """w_k A_k for weights (B, K) and activations (B, K, h, w) -> (B, K, h, w).
+
+    Methods return these weighted activations; the engine sums them over channels (or, with
+    --eigen-smooth, takes their first principal component), the same way for every method.
+    """
+    return weights[:, :, None, None] * activations
+
+
+@dataclass
+class MethodOutput:
+    """A map plus per-channel extras (the `activations` method's strongest channels)."""
+
+    cam: Tensor  # (B, h, w) or (B, K, h, w) weighted activations
+    channels: Tensor | None = None  # (B, N, h, w)
+    channel_ids: Tensor | None = None  # (B, N)
 
 
 def require(value: Tensor | None, what: str, method: str) -> Tensor:

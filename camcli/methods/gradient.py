@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, register, require, weighted_sum
+from camcli.methods.base import CamInputs, register, require, weigh
 
 _EPS = 1e-12
 
@@ -23,7 +23,7 @@ def _ag(inputs: CamInputs, method: str) -> tuple[Tensor, Tensor]:
 )
 def gradcam(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "gradcam")
-    return weighted_sum(g.mean(dim=(2, 3)), a)
+    return weigh(g.mean(dim=(2, 3)), a)
 
 
 def gradcampp_weights(a: Tensor, g: Tensor, g2: Tensor | None = None, g3: Tensor | None = None) -> Tensor:
@@ -49,7 +49,7 @@ def gradcampp_weights(a: Tensor, g: Tensor, g2: Tensor | None = None, g3: Tensor
 )
 def gradcampp(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "gradcam++")
-    return weighted_sum(gradcampp_weights(a, g), a)
+    return weigh(gradcampp_weights(a, g), a)
 
 
 @register(
@@ -64,7 +64,7 @@ def xgradcam(inputs: CamInputs) -> Tensor:
     sum_a = a.sum(dim=(2, 3))
     sum_ga = (g * a).sum(dim=(2, 3))
     w = torch.where(sum_a.abs() > _EPS, sum_ga / torch.where(sum_a == 0, 1, sum_a), 0)
-    return weighted_sum(w, a)
+    return weigh(w, a)
 
 
 @register(
@@ -75,7 +75,7 @@ def xgradcam(inputs: CamInputs) -> Tensor:
 )
 def hirescam(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "hirescam")
-    return (g * a).sum(dim=1)
+    return g * a
 
 
 @register(
@@ -87,7 +87,7 @@ def hirescam(inputs: CamInputs) -> Tensor:
 )
 def gradcam_elementwise(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "gradcam-elementwise")
-    return torch.relu(g * a).sum(dim=1)
+    return torch.relu(g * a)
 
 
 @register(
@@ -99,7 +99,7 @@ def gradcam_elementwise(inputs: CamInputs) -> Tensor:
 )
 def layercam(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "layercam")
-    return (torch.relu(g) * a).sum(dim=1)
+    return torch.relu(g) * a
 
 
 @register(
@@ -111,4 +111,33 @@ def layercam(inputs: CamInputs) -> Tensor:
 )
 def counterfactual(inputs: CamInputs) -> Tensor:
     a, g = _ag(inputs, "counterfactual")
-    return weighted_sum(-g.mean(dim=(2, 3)), a)
+    return weigh(-g.mean(dim=(2, 3)), a)
+
+
+@register(
+    "smoothgradcam++",
+    aliases=("smoothgradcampp", "smooth-gradcam++", "smoothgradcam_pp"),
+    needs_gradients=True,
+    needs_gradient_fn=True,
+    extra_forwards="N (+ N backward to the layer)",
+    description="Grad-CAM++ with gradient powers averaged over N noisy copies of the input",
+    paper="Omeiza et al. 2019, Smooth Grad-CAM++ (arXiv:1908.01224)",
+)
+def smoothgradcampp(inputs: CamInputs) -> Tensor:
+    a = inputs.activations
+    x = require(inputs.inputs, "inputs", "smoothgradcam++")
+    grad_at = require(inputs.gradient_fn, "a gradient function", "smoothgradcam++")  # type: ignore[arg-type]
+    opts = inputs.options
+    sigma = opts.smooth_sigma * float(x.max() - x.min())
+    gen = torch.Generator(device=x.device).manual_seed(opts.seed)
+    g1 = torch.zeros_like(a)
+    g2 = torch.zeros_like(a)
+    g3 = torch.zeros_like(a)
+    for _ in range(opts.smooth_samples):
+        noisy = x + torch.randn(x.shape, generator=gen, device=x.device) * sigma
+        _, g = grad_at(noisy, inputs.targets)
+        g1 += g
+        g2 += g * g
+        g3 += g * g * g
+    n = opts.smooth_samples
+    return weigh(gradcampp_weights(a, g1 / n, g2 / n, g3 / n), a)

@@ -1,0 +1,54 @@
+"""CAM (from the classifier's weights) and raw activation maps."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from camcli.errors import UsageError
+from camcli.methods.base import CamInputs, MethodOutput, register, require, weigh
+
+
+@register(
+    "cam",
+    needs_classifier=True,
+    description="the original CAM: classifier weights of the class (GAP -> linear heads only)",
+    paper="Zhou et al. 2016, Learning Deep Features for Discriminative Localization (arXiv:1512.04150)",
+)
+def cam(inputs: CamInputs) -> Tensor:
+    w = require(inputs.classifier_weights, "classifier weights", "cam")
+    return weigh(w[inputs.targets].to(inputs.activations.dtype), inputs.activations)
+
+
+def parse_channels(spec: str, k: int) -> tuple[str, int]:
+    """'mean' | 'N' (a channel index) | 'topN' -> (kind, number); UsageError otherwise."""
+    s = spec.strip().lower()
+    if s == "mean":
+        return "mean", 0
+    m = re.fullmatch(r"top(\d+)", s)
+    if m and 1 <= int(m.group(1)) <= k:
+        return "top", int(m.group(1))
+    if re.fullmatch(r"\d+", s) and int(s) < k:
+        return "index", int(s)
+    raise UsageError(f"--channels {spec!r} is not valid for a layer of {k} channels (accepted: mean, 0..{k - 1}, top1..top{k})")
+
+
+@register(
+    "activations",
+    aliases=("activation", "act"),
+    needs_target=False,
+    description="the layer's raw activation: mean over channels, one channel, or the top N (with a grid)",
+    paper="(no paper: the feature map itself)",
+)
+def activations(inputs: CamInputs) -> Tensor | MethodOutput:
+    a = inputs.activations.float()
+    kind, n = parse_channels(inputs.options.channels, a.shape[1])
+    if kind == "mean":
+        return a.mean(dim=1)
+    if kind == "index":
+        return a[:, n]
+    ids = a.mean(dim=(2, 3)).topk(n, dim=1).indices  # strongest channels by mean activation
+    chans = torch.gather(a, 1, ids[:, :, None, None].expand(-1, -1, *a.shape[2:]))
+    return MethodOutput(cam=chans.mean(dim=1), channels=chans, channel_ids=ids)

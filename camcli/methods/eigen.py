@@ -1,0 +1,49 @@
+"""Principal-component maps: EigenCAM, EigenGradCAM, and the projection --eigen-smooth uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from camcli.methods.base import CamInputs, register, require
+
+
+def first_component(x: Tensor) -> Tensor:
+    """Project (B, K, h, w) onto its first principal component over channels -> (B, h, w).
+
+    Positions are the samples and channels the features; the data are centred per channel. SVD's
+    sign is arbitrary, so it is fixed: the map correlates positively with the channel sum of ``x``.
+    """
+    b, k, h, w = x.shape
+    m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
+    centred = m - m.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    proj = torch.einsum("bpk,bk->bp", centred, vh[:, 0, :])  # (B, hw)
+    ref = m.sum(dim=2)
+    ref = ref - ref.mean(dim=1, keepdim=True)
+    sign = torch.sign((proj * ref).sum(dim=1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (proj * sign[:, None]).reshape(b, h, w)
+
+
+@register(
+    "eigencam",
+    aliases=("eigen-cam",),
+    needs_target=False,
+    description="first principal component of the activations (class-agnostic)",
+    paper="Muhammad & Yeasin 2020, Eigen-CAM (arXiv:2008.00299)",
+)
+def eigencam(inputs: CamInputs) -> Tensor:
+    return first_component(inputs.activations)
+
+
+@register(
+    "eigengradcam",
+    aliases=("eigen-gradcam",),
+    needs_gradients=True,
+    description="first principal component of gradient x activation (class-specific)",
+    paper="pytorch-grad-cam's EigenGradCAM (Eigen-CAM on G*A)",
+)
+def eigengradcam(inputs: CamInputs) -> Tensor:
+    g = require(inputs.gradients, "gradients", "eigengradcam")
+    return first_component(g * inputs.activations)

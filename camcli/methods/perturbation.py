@@ -1,0 +1,145 @@
+"""Gradient-free methods that score masked or ablated inputs: Score-CAM, SS-CAM, IS-CAM, Ablation-CAM.
+
+All model calls go through the engine's scorers, which run under ``torch.inference_mode`` with the
+layer hooks passive, ``--perturbation-batch`` masked inputs per call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from camcli.methods.base import CamInputs, register, require, weigh
+
+
+def channel_subset(a: Tensor, n: int | None) -> Tensor:
+    """Indices of the ``n`` channels with the most activation mass (all channels when n is None)."""
+    k = a.shape[0]
+    if n is None or n >= k:
+        return torch.arange(k, device=a.device)
+    return a.flatten(1).clamp(min=0).sum(dim=1).topk(n).indices.sort().values
+
+
+def upsampled_masks(a: Tensor, size: tuple[int, int]) -> Tensor:
+    """(n, h, w) activations -> (n, H, W) masks: bilinear upsampling, then min-max per channel."""
+    up = F.interpolate(a[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    flat = up.flatten(1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    masks = (up - lo[:, None, None]) / span[:, None, None]
+    return torch.where((hi > lo)[:, None, None], masks, torch.zeros_like(masks))
+
+
+def _score_family(
+    inputs: CamInputs,
+    method: str,
+    channel_score: Callable[[Tensor, Tensor, int], Tensor],
+) -> Tensor:
+    """Shared Score-CAM loop: per image, per chunk of channels, score masked inputs; softmax weights.
+
+    ``channel_score(x_one (1,3,H,W), masks (n,H,W), target)`` -> (n,) scores.
+    """
+    a = inputs.activations
+    x = require(inputs.inputs, "inputs", method)
+    opts = inputs.options
+    size = (x.shape[-2], x.shape[-1])
+    weights = torch.zeros(a.shape[0], a.shape[1], device=a.device, dtype=torch.float32)
+    for b in range(a.shape[0]):
+        chans = channel_subset(a[b], opts.score_channels)
+        scores = torch.empty(len(chans), device=a.device)
+        for start in range(0, len(chans), opts.perturbation_batch):
+            idx = chans[start : start + opts.perturbation_batch]
+            masks = upsampled_masks(a[b, idx], size)
+            scores[start : start + len(idx)] = channel_score(x[b : b + 1], masks, int(inputs.targets[b]))
+        weights[b, chans] = torch.softmax(scores, dim=0)
+    return weigh(weights, a.float())
+
+
+@register(
+    "scorecam",
+    aliases=("score-cam",),
+    needs_scorer=True,
+    extra_forwards="K",
+    description="softmax over the target scores of the input masked by each upsampled channel",
+    paper="Wang et al. 2020, Score-CAM (arXiv:1910.01279)",
+)
+def scorecam(inputs: CamInputs) -> Tensor:
+    scorer = require(inputs.scorer, "a scorer", "scorecam")  # type: ignore[arg-type]
+    return _score_family(inputs, "scorecam", lambda x1, m, c: scorer(x1 * m[:, None], c))
+
+
+@register(
+    "ss-cam",
+    aliases=("sscam", "smoothed-scorecam"),
+    needs_scorer=True,
+    extra_forwards="K x N",
+    description="Score-CAM with each masked input's score averaged over N Gaussian-noise copies",
+    paper="Wang et al. 2020, SS-CAM (arXiv:2006.14255)",
+)
+def sscam(inputs: CamInputs) -> Tensor:
+    scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
+    opts = inputs.options
+    x = require(inputs.inputs, "inputs", "ss-cam")
+    sigma = opts.smooth_sigma * float(x.max() - x.min())
+    gen = torch.Generator(device=x.device).manual_seed(opts.seed)
+
+    def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
+        masked = x1 * masks[:, None]
+        total = torch.zeros(masks.shape[0], device=x1.device)
+        for _ in range(opts.smooth_samples):
+            noise = torch.randn(masked.shape, generator=gen, device=x1.device) * sigma
+            total += scorer(masked + noise, c)
+        return total / opts.smooth_samples
+
+    return _score_family(inputs, "ss-cam", score)
+
+
+@register(
+    "is-cam",
+    aliases=("iscam", "integrated-scorecam"),
+    needs_scorer=True,
+    extra_forwards="K x N",
+    description="Score-CAM with scores integrated over masks scaled i/N, i = 1..N",
+    paper="Naidu et al. 2020, IS-CAM (arXiv:2010.03023)",
+)
+def iscam(inputs: CamInputs) -> Tensor:
+    scorer = require(inputs.scorer, "a scorer", "is-cam")  # type: ignore[arg-type]
+    n = inputs.options.integration_steps
+
+    def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
+        total = torch.zeros(masks.shape[0], device=x1.device)
+        for i in range(1, n + 1):
+            total += scorer(x1 * (masks * (i / n))[:, None], c)
+        return total / n
+
+    return _score_family(inputs, "is-cam", score)
+
+
+@register(
+    "ablationcam",
+    aliases=("ablation-cam",),
+    needs_layer_scorer=True,
+    extra_forwards="K",
+    description="weight = relative drop of the target score when the channel is zeroed",
+    paper="Desai & Ramaswamy 2020, Ablation-CAM (WACV 2020)",
+)
+def ablationcam(inputs: CamInputs) -> Tensor:
+    score_with = require(inputs.layer_scorer, "a layer scorer", "ablationcam")  # type: ignore[arg-type]
+    a = inputs.activations
+    opts = inputs.options
+    b_, k = a.shape[:2]
+    weights = torch.zeros(b_, k, device=a.device, dtype=torch.float32)
+    for b in range(b_):
+        c = int(inputs.targets[b])
+        base = float(score_with(b, a[b : b + 1], c)[0])
+        chans = channel_subset(a[b], opts.score_channels)
+        for start in range(0, len(chans), opts.perturbation_batch):
+            idx = chans[start : start + opts.perturbation_batch]
+            ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
+            ablated[torch.arange(len(idx)), idx] = 0
+            drop = base - score_with(b, ablated, c)
+            weights[b, idx] = drop / base if base != 0 else drop
+    return weigh(weights, a.float())
