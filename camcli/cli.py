@@ -22,7 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+
+
+def _stdout() -> Console:
+    """Tables for stdout: the terminal's width, or wide enough not to wrap when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
 T = TypeVar("T")
 
 
@@ -190,7 +195,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
             r["name"], ", ".join(r["aliases"]), "yes" if r["needs_gradients"] else "no",
             r["extra_forwards_per_image"], r["description"], r["paper"],
         )
-    out.print(table)
+    _stdout().print(table)
 
 
 @app.command()
@@ -221,7 +226,7 @@ def layers(
                 continue
             shape = "x".join(map(str, i.shape)) if i.shape else "-"
             table.add_row(i.name, i.type, shape, "default" if i.name == default else "")
-        out.print(table)
+        _stdout().print(table)
 
     _run(go)
 
@@ -239,7 +244,7 @@ def models() -> None:
     table.add_row("<torchvision name>", "e.g. resnet50, vgg16, convnext_tiny: with --weights FILE (or torchvision's local cache)")
     table.add_row("<timm name>", "e.g. resnet18d, efficientnet_b0: with --weights FILE (or timm's local cache)")
     table.add_row("module:callable", "any Python callable returning an nn.Module; --weights optional")
-    out.print(table)
+    _stdout().print(table)
 
 
 def main() -> None:

@@ -45,3 +45,31 @@ def tuple_out() -> nn.Module:
 
 def not_a_model() -> str:
     return "nope"
+
+
+def negative_head() -> nn.Module:
+    """Non-negative features and an all-negative classifier: every Grad-CAM map is empty."""
+    m = tiny_cnn()
+    with torch.no_grad():
+        m.fc.weight.copy_(-m.fc.weight.abs() - 0.1)
+    return m
+
+
+class TanhNet(nn.Module):
+    """A saturated tanh after the target layer (huge conv weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(1000)
+        self.squash = nn.Tanh()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.squash(self.conv(x)).mean(dim=(2, 3)))
+
+
+def tanh_net() -> nn.Module:
+    return TanhNet()
