@@ -168,6 +168,56 @@ def explain(
 
 
 @app.command()
+def check(
+    file: Annotated[Path, typer.Argument(help="The check file (YAML).", show_default=False)],
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    json_report: Annotated[Optional[Path], typer.Option("--json", help="Write a JSON report here.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write an overlay per case with its region drawn.")] = None,
+    update_baselines: Annotated[bool, typer.Option("--update-baselines", help="Compute and store baseline maps; report changes.")] = False,
+) -> None:
+    """Check that a model still looks where it should. Exit 0: all pass, 1: a case failed, 2: bad file.
+
+    Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
+    """
+    from camcli.check import junit_xml, run_check
+    from camcli.writer import write_atomic
+
+    def go() -> ExitCode:
+        report = run_check(file, update_baselines=update_baselines, out=out_dir)
+        console = _stdout()
+        if update_baselines:
+            table = Table(title=f"camcli check --update-baselines: {file}")
+            for col in ("case", "method", "status", "similarity to previous", "file"):
+                table.add_column(col)
+            for b in report.baselines:
+                sim = "-" if b["similarity_to_previous"] is None else f"{b['similarity_to_previous']:.4f}"
+                table.add_row(b["case"], b["method"], b["status"], sim, b["path"])
+            console.print(table)
+            changed = sum(1 for b in report.baselines if b["status"] != "unchanged")
+            err.print(f"camcli: {len(report.baselines)} baselines written, {changed} new or changed", highlight=False)
+            return ExitCode.OK
+        table = Table(title=f"camcli check: {file} (layer {report.layer})")
+        for col in ("case", "method", "rule", "value", "bound", "result", "note"):
+            table.add_column(col, overflow="fold")
+        for r in report.rules:
+            table.add_row(
+                r.case, r.method, r.rule, str(r.value), str(r.bound),
+                "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", r.message,
+            )
+        console.print(table)
+        if junit is not None:
+            write_atomic(junit, junit_xml(report))
+        if json_report is not None:
+            write_atomic(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        failed = sum(1 for r in report.rules if not r.passed)
+        verdict = "all rules passed" if report.passed else f"{failed} of {len(report.rules)} rules FAILED"
+        err.print(f"camcli check: {verdict}", highlight=False)
+        return report.exit_code
+
+    raise typer.Exit(int(_run(go)))
+
+
+@app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the registered CAM methods: aliases, gradients, extra forward passes, paper."""
     from camcli.methods import available_methods

@@ -1,0 +1,283 @@
+"""`camcli check`: attention expectations for CI, with baselines and JUnit/JSON reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import cv2
+import numpy as np
+import torch
+
+from camcli import targets as tgt
+from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, case_id, load_check_file
+from camcli.engine import CamEngine
+from camcli.errors import ExitCode, UsageError
+from camcli.images import Preprocess, decode
+from camcli.layers import default_layer, resolve_layers, trace_layers
+from camcli.models import LoadedModel, load_model
+from camcli.models.labels import imagenet_labels, load_labels
+from camcli.models.load import DEFAULT_MODEL
+from camcli.pipeline import resolve_device
+from camcli.render import encode_png, overlay, resolve_colormap, upsample
+from camcli.sanity import pearson
+from camcli.writer import npy_bytes, write_atomic
+
+UNCHANGED = 0.9999  # --update-baselines: a map at least this similar to the stored one is "unchanged"
+
+
+@dataclass
+class RuleResult:
+    case: str
+    case_index: int
+    method: str
+    rule: str
+    value: float | int | bool | str | None
+    bound: float | int | bool | None
+    passed: bool
+    message: str = ""
+
+
+@dataclass
+class CheckReport:
+    file: str
+    model: str
+    layer: str
+    rules: list[RuleResult] = field(default_factory=list)
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # --update-baselines
+    overlays: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rules)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.passed else ExitCode.CHECK_FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "model": self.model,
+            "layer": self.layer,
+            "passed": self.passed,
+            "rules": [asdict(r) for r in self.rules],
+            "baselines": self.baselines,
+            "overlays": self.overlays,
+        }
+
+
+def _prevalidate_classes(cf: CheckFile) -> None:
+    """Label names can be checked before the model loads when the labels are known."""
+    name = cf.model.get("name") or DEFAULT_MODEL
+    labels: list[str] | None = None
+    if cf.model.get("labels"):
+        labels = load_labels(cf.model["labels"])
+    elif name in (DEFAULT_MODEL, "default"):
+        labels = list(imagenet_labels())
+    if labels is None:
+        return
+    for case in cf.cases:
+        if case.target is not None:
+            try:
+                tgt.parse_class_specs([case.target], labels, len(labels))
+            except UsageError as e:
+                raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
+
+
+def _region_mask(case: Case) -> np.ndarray:
+    """Boolean (H, W) mask of the expected region."""
+    if case.expect.region_mask is not None:
+        return decode(case.expect.region_mask).max(axis=2) > 0
+    mask = np.zeros((case.height, case.width), bool)
+    if case.expect.region is not None:
+        x0, y0, x1, y1 = case.expect.region
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _draw_region(bgr: np.ndarray, case: Case, ok: bool) -> np.ndarray:
+    color = (0, 200, 0) if ok else (0, 0, 255)
+    thick = max(2, round(max(bgr.shape[:2]) / 200))
+    if case.expect.region is not None:
+        x0, y0, x1, y1 = case.expect.region
+        cv2.rectangle(bgr, (x0, y0), (x1 - 1, y1 - 1), color, thick)
+    elif case.expect.region_mask is not None:
+        contours, _ = cv2.findContours(_region_mask(case).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(bgr, contours, -1, color, thick)
+    return bgr
+
+
+def _load(cf: CheckFile) -> tuple[LoadedModel, list[str], torch.device]:
+    device = resolve_device(cf.device)
+    m = cf.model
+    lm = load_model(
+        m.get("name"), m.get("weights"), m.get("labels"), unsafe_load=bool(m.get("unsafe_load", False)),
+        image_size=cf.image_size, device=device,
+    )
+    example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+    try:
+        layers = resolve_layers(lm.module, cf.layer, lm.name) if cf.layer else [default_layer(trace_layers(lm.module, example))]
+    except UsageError as e:
+        raise CheckFileError(f"{cf.path}: layer: {e}") from None
+    return lm, layers, device
+
+
+def run_check(
+    path: str | Path,
+    *,
+    update_baselines: bool = False,
+    out: str | Path | None = None,
+    model: LoadedModel | None = None,
+) -> CheckReport:
+    """Run every case x method of a check file; see CheckReport.exit_code for the outcome."""
+    cf = load_check_file(path, require_baselines=not update_baselines)
+    if update_baselines and cf.baselines is None:
+        raise CheckFileError(f"{cf.path}: --update-baselines needs a top-level 'baselines' folder")
+    _prevalidate_classes(cf)
+    if model is None:
+        lm, layers, device = _load(cf)
+    else:
+        lm, device = model, next(model.module.parameters()).device
+        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+        layers = resolve_layers(lm.module, cf.layer, lm.name) if cf.layer else [default_layer(trace_layers(lm.module, example))]
+    specs_by_case: dict[int, list[tgt.TargetSpec]] = {}
+    for case in cf.cases:
+        try:
+            specs_by_case[case.index] = (
+                [tgt.TopK(1)] if case.target is None else tgt.parse_class_specs([case.target], lm.labels, lm.num_classes)
+            )
+        except UsageError as e:
+            raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
+    engine = CamEngine(lm.module, layers, cf.methods)
+    engine.prepare(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+    pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
+    cmap = resolve_colormap("jet")
+    layer_name = "+".join(layers)
+    report = CheckReport(file=str(cf.path), model=lm.name, layer=layer_name)
+    out_dir = Path(out) if out is not None else None
+
+    for case in cf.cases:
+        rgb = decode(case.image)
+        x = pre(rgb)[None].to(device)
+        result = engine.explain(x, specs_by_case[case.index])[0]
+        ranked = [i for i, _ in result.top]
+        mask = _region_mask(case) if (case.expect.region or case.expect.region_mask) else None
+        for cam_map in result.maps:
+            if cam_map.layer != layer_name:
+                continue
+            full = upsample(cam_map.cam, case.height, case.width)
+            rows = _evaluate(case, cam_map.method, cam_map.target, full, ranked, lm, mask, cf, layer_name)
+            if update_baselines:
+                assert cf.baselines is not None
+                report.baselines.append(_store_baseline(cf, case, cam_map.method, full, rgb, cmap, lm.name, layer_name))
+            else:
+                report.rules.extend(rows)
+            if out_dir is not None:
+                ok = all(r.passed for r in rows)
+                bgr = _draw_region(overlay(rgb, full, cmap, 0.5), case, ok)
+                rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
+                write_atomic(out_dir / rel, encode_png(bgr))
+                report.overlays.append(rel)
+    return report
+
+
+def _rank_of(target: int | None, ranked: list[int], lm: LoadedModel) -> int:
+    if target is None:
+        return 1
+    return ranked.index(target) + 1 if target in ranked else len(ranked) + 1
+
+
+def _evaluate(
+    case: Case,
+    method: str,
+    target: int | None,
+    full: np.ndarray,
+    ranked: list[int],
+    lm: LoadedModel,
+    mask: np.ndarray | None,
+    cf: CheckFile,
+    layer: str,
+) -> list[RuleResult]:
+    ex = case.expect
+    rows: list[RuleResult] = []
+
+    def add(rule: str, value: Any, bound: Any, passed: bool, message: str = "") -> None:  # noqa: ANN401
+        rows.append(RuleResult(case.name, case.index, method, rule, value, bound, bool(passed), message))
+
+    if ex.top_k is not None:
+        rank = _rank_of(target, ranked, lm)
+        shown = f"rank {rank}" if rank <= len(ranked) else f"not in top {len(ranked)}"
+        label = lm.label(target) if target is not None else None
+        add("top_k", rank, ex.top_k, rank <= ex.top_k, f"class {target} ({label}): {shown}")
+    if mask is not None:
+        pos = np.clip(full, 0, None)
+        total = float(pos.sum())
+        if ex.min_energy_in_region is not None:
+            share = float(pos[mask].sum() / total) if total > 0 else 0.0
+            add("min_energy_in_region", round(share, 6), ex.min_energy_in_region, share >= ex.min_energy_in_region,
+                "" if total > 0 else "the map is empty")
+        if ex.peak_in_region is not None:
+            py, px = np.unravel_index(int(full.argmax()), full.shape)
+            inside = bool(mask[py, px]) and total > 0
+            add("peak_in_region", inside, ex.peak_in_region, inside == ex.peak_in_region, f"peak at ({px}, {py})")
+    if ex.min_baseline_similarity is not None and cf.baselines is not None:
+        b = baseline_path(cf.baselines, case, method)
+        meta_path = b.with_suffix(".json")
+        base = np.load(b) if b.is_file() else None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if base is None:
+            add("min_baseline_similarity", None, ex.min_baseline_similarity, False,
+                f"baseline {b} is missing; run `camcli check {cf.path} --update-baselines`")
+        elif base.shape != full.shape:
+            add("min_baseline_similarity", None, ex.min_baseline_similarity, False,
+                f"baseline is {base.shape[1]}x{base.shape[0]}, the map {full.shape[1]}x{full.shape[0]}")
+        else:
+            r = pearson(full, base)
+            note = ""
+            if meta.get("layer") not in (None, layer):
+                note = f"baseline was made at layer {meta['layer']}, this run uses {layer}"
+            add("min_baseline_similarity", round(r, 6), ex.min_baseline_similarity, r >= ex.min_baseline_similarity, note)
+    return rows
+
+
+def _store_baseline(
+    cf: CheckFile, case: Case, method: str, full: np.ndarray, rgb: np.ndarray, cmap: Any, model: str, layer: str  # noqa: ANN401
+) -> dict[str, Any]:
+    assert cf.baselines is not None
+    b = baseline_path(cf.baselines, case, method)
+    status, sim = "new", None
+    if b.is_file():
+        old = np.load(b)
+        sim = round(pearson(full, old), 6) if old.shape == full.shape else None
+        status = "unchanged" if sim is not None and sim >= UNCHANGED else "changed"
+    write_atomic(b, npy_bytes(full.astype(np.float32)))
+    meta = {"model": model, "layer": layer, "method": method, "case": case.name, "image": str(case.image)}
+    write_atomic(b.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(b.with_suffix(".png"), encode_png(overlay(rgb, full, cmap, 0.5)))
+    return {"case": case.name, "case_index": case.index, "method": method, "status": status,
+            "similarity_to_previous": sim, "path": str(b)}
+
+
+def junit_xml(report: CheckReport) -> bytes:
+    """One <testcase> per case x method; a <failure> lists the rules that failed."""
+    groups: dict[tuple[int, str], list[RuleResult]] = {}
+    for r in report.rules:
+        groups.setdefault((r.case_index, r.method), []).append(r)
+    failures = sum(1 for rows in groups.values() if not all(r.passed for r in rows))
+    suite = ET.Element("testsuite", name="camcli check", tests=str(len(groups)), failures=str(failures), errors="0")
+    for (_, method), rows in groups.items():
+        tc = ET.SubElement(suite, "testcase", classname=f"camcli.check.{report.layer}", name=f"{rows[0].case} [{method}]")
+        failed = [r for r in rows if not r.passed]
+        lines = [f"{r.rule}: value {r.value} bound {r.bound} {'pass' if r.passed else 'FAIL'} {r.message}".rstrip() for r in rows]
+        if failed:
+            f = ET.SubElement(tc, "failure", message="; ".join(f"{r.rule} {r.value} (bound {r.bound})" for r in failed))
+            f.text = "\n".join(lines)
+        else:
+            ET.SubElement(tc, "system-out").text = "\n".join(lines)
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)

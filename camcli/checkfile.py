@@ -1,0 +1,221 @@
+"""The `camcli check` file: parsed and validated completely before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
+
+from camcli.errors import UsageError, suggest
+from camcli.methods import MethodInfo, parse_methods
+
+TOP_KEYS = {"model", "layer", "method", "baselines", "cases", "device", "image_size"}
+MODEL_KEYS = {"name", "weights", "labels", "unsafe_load", "output_key", "image_size"}
+CASE_KEYS = {"image", "class", "name", "expect"}
+EXPECT_KEYS = {"top_k", "region", "region_mask", "min_energy_in_region", "peak_in_region", "min_baseline_similarity"}
+
+
+class CheckFileError(UsageError):
+    """The check file itself is wrong (exit 2)."""
+
+
+@dataclass
+class Expect:
+    top_k: int | None = None
+    region: tuple[int, int, int, int] | None = None  # pixels, x0 y0 x1 y1 (exclusive ends)
+    region_mask: Path | None = None
+    min_energy_in_region: float | None = None
+    peak_in_region: bool | None = None
+    min_baseline_similarity: float | None = None
+
+
+@dataclass
+class Case:
+    index: int
+    name: str
+    image: Path
+    width: int
+    height: int
+    target: int | str | None
+    expect: Expect
+
+
+@dataclass
+class CheckFile:
+    path: Path
+    model: dict[str, Any]
+    layer: str | list[str] | None
+    methods: list[MethodInfo]
+    baselines: Path | None
+    cases: list[Case]
+    device: str = "auto"
+    image_size: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _err(path: Path, where: str, msg: str) -> CheckFileError:
+    return CheckFileError(f"{path}: {where}: {msg}")
+
+
+def _check_keys(path: Path, where: str, data: dict[str, Any], allowed: set[str]) -> None:
+    for k in data:
+        if k not in allowed:
+            raise _err(path, where, f"unknown key {k!r}{suggest(str(k), allowed) or ''} (accepted: {', '.join(sorted(allowed))})")
+
+
+def _bound(path: Path, where: str, value: Any) -> float:  # noqa: ANN401
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise _err(path, where, f"{value!r} is not a bound in [0, 1]")
+    return float(value)
+
+
+def _region(path: Path, where: str, value: Any, w: int, h: int) -> tuple[int, int, int, int]:  # noqa: ANN401
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise _err(path, where, f"{value!r} is not a box [x0, y0, x1, y1] (pixels, or fractions in [0, 1])")
+    vals = [float(v) for v in value]
+    fractions = all(0.0 <= v <= 1.0 for v in vals) and any(isinstance(v, float) for v in value)
+    if fractions:
+        vals = [vals[0] * w, vals[1] * h, vals[2] * w, vals[3] * h]
+    x0, y0, x1, y1 = (int(round(v)) for v in vals)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise _err(
+            path, where, f"box {list(value)} lies outside the {w}x{h} image or is empty (need 0 <= x0 < x1 <= {w}, "
+            f"0 <= y0 < y1 <= {h})"
+        )
+    return x0, y0, x1, y1
+
+
+def _image_size(path: Path, where: str, image: Path) -> tuple[int, int]:
+    if not image.is_file():
+        raise _err(path, where, f"image {str(image)!r} does not exist")
+    try:
+        with Image.open(image) as im:
+            from PIL import ImageOps
+
+            im = ImageOps.exif_transpose(im) or im
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any decoding problem is a file error here
+        raise _err(path, where, f"image {str(image)!r} cannot be read ({e})") from None
+
+
+def case_id(case: Case) -> str:
+    return f"{case.index:03d}-{case.name}"
+
+
+def baseline_path(baselines: Path, case: Case, method: str) -> Path:
+    return baselines / f"{case_id(case)}.{method.replace('+', 'p')}.npy"
+
+
+def load_check_file(path: str | Path, *, require_baselines: bool = True) -> CheckFile:
+    """Parse and validate everything that can be checked without the model."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckFileError(f"{p}: no such check file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CheckFileError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CheckFileError(f"{p}: expected a mapping with a 'cases' list")
+    _check_keys(p, "top level", data, TOP_KEYS)
+    root = p.parent
+
+    model = data.get("model") or {}
+    if isinstance(model, str):
+        model = {"name": model}
+    if not isinstance(model, dict):
+        raise _err(p, "model", "expected a name or a mapping {name, weights, labels}")
+    _check_keys(p, "model", model, MODEL_KEYS)
+    model = dict(model)
+    for key in ("weights", "labels"):
+        if model.get(key) and model[key] != "random":
+            f = (root / str(model[key])) if not Path(str(model[key])).is_absolute() else Path(str(model[key]))
+            if not f.is_file():
+                raise _err(p, f"model.{key}", f"file {str(f)!r} does not exist")
+            model[key] = str(f)
+
+    try:
+        methods = parse_methods(data.get("method", "gradcam"))
+    except UsageError as e:
+        raise _err(p, "method", str(e)) from None
+
+    baselines = None
+    if data.get("baselines") is not None:
+        baselines = root / str(data["baselines"])
+
+    cases_raw = data.get("cases")
+    if not isinstance(cases_raw, list) or not cases_raw:
+        raise _err(p, "cases", "expected a non-empty list of cases")
+    cases: list[Case] = []
+    for i, c in enumerate(cases_raw):
+        where = f"cases[{i}]"
+        if not isinstance(c, dict):
+            raise _err(p, where, "expected a mapping with image, class, expect")
+        _check_keys(p, where, c, CASE_KEYS)
+        if "image" not in c:
+            raise _err(p, where, "missing key 'image'")
+        image = root / str(c["image"])
+        w, h = _image_size(p, f"{where}.image", image)
+        target = c.get("class")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, str))):
+            raise _err(p, f"{where}.class", f"{target!r} is not a class index or label")
+        exp_raw = c.get("expect") or {}
+        if not isinstance(exp_raw, dict):
+            raise _err(p, f"{where}.expect", "expected a mapping of rules")
+        _check_keys(p, f"{where}.expect", exp_raw, EXPECT_KEYS)
+        ex = Expect()
+        if "top_k" in exp_raw:
+            k = exp_raw["top_k"]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise _err(p, f"{where}.expect.top_k", f"{k!r} is not a positive integer")
+            ex.top_k = k
+        if "region" in exp_raw and "region_mask" in exp_raw:
+            raise _err(p, f"{where}.expect", "give either region or region_mask, not both")
+        if "region" in exp_raw:
+            ex.region = _region(p, f"{where}.expect.region", exp_raw["region"], w, h)
+        if "region_mask" in exp_raw:
+            mask = root / str(exp_raw["region_mask"])
+            mw, mh = _image_size(p, f"{where}.expect.region_mask", mask)
+            if (mw, mh) != (w, h):
+                raise _err(p, f"{where}.expect.region_mask", f"mask is {mw}x{mh}, the image is {w}x{h}")
+            ex.region_mask = mask
+        if "min_energy_in_region" in exp_raw:
+            ex.min_energy_in_region = _bound(p, f"{where}.expect.min_energy_in_region", exp_raw["min_energy_in_region"])
+        if "peak_in_region" in exp_raw:
+            if not isinstance(exp_raw["peak_in_region"], bool):
+                raise _err(p, f"{where}.expect.peak_in_region", f"{exp_raw['peak_in_region']!r} is not true or false")
+            ex.peak_in_region = exp_raw["peak_in_region"]
+        if (ex.min_energy_in_region is not None or ex.peak_in_region is not None) and ex.region is None and ex.region_mask is None:
+            raise _err(p, f"{where}.expect", "min_energy_in_region and peak_in_region need a region or region_mask")
+        if "min_baseline_similarity" in exp_raw:
+            ex.min_baseline_similarity = _bound(
+                p, f"{where}.expect.min_baseline_similarity", exp_raw["min_baseline_similarity"]
+            )
+            if baselines is None:
+                raise _err(p, f"{where}.expect.min_baseline_similarity", "needs a top-level 'baselines' folder")
+        name = str(c.get("name") or image.stem)
+        cases.append(Case(i, name, image, w, h, target, ex))
+
+    cf = CheckFile(
+        path=p, model=model, layer=data.get("layer"), methods=methods, baselines=baselines, cases=cases,
+        device=str(data.get("device", "auto")), image_size=data.get("image_size") or model.get("image_size"),
+        raw=data,
+    )
+    if require_baselines and baselines is not None:
+        for case in cases:
+            if case.expect.min_baseline_similarity is None:
+                continue
+            for m in methods:
+                b = baseline_path(baselines, case, m.name)
+                if not b.is_file():
+                    raise _err(
+                        p, f"cases[{case.index}].expect.min_baseline_similarity",
+                        f"baseline {str(b)!r} for method {m.name} is missing; create it with "
+                        f"`camcli check {p} --update-baselines`",
+                    )
+    return cf
