@@ -159,6 +159,7 @@ class CamEngine:
         per_layer: bool = False,
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
+        channels_last: bool = False,
         top_k: int = 5,
     ) -> None:
         if not layers:
@@ -174,6 +175,7 @@ class CamEngine:
         self.per_layer = per_layer
         self.aug_smooth = aug_smooth
         self.eigen_smooth = eigen_smooth
+        self.channels_last = channels_last  # feed inputs as NHWC (the caller converted the model)
         self.top_k = top_k
         self._classifier: dict[str, Tensor] = {}
 
@@ -182,6 +184,8 @@ class CamEngine:
         return any(m.needs_gradients for m in self.methods)
 
     def _forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return pick_logits(self.model(x), self.output_key)
 
     def prepare(self, example: Tensor) -> None:

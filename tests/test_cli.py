@@ -33,7 +33,7 @@ def test_explain_folder_writes_overlays_summary_and_raw(small_images: Path, tmp_
     s = load_summary(out)
     assert s["schema_version"] == 1 and s["camcli_version"] and s["torch_version"] == torch.__version__
     assert s["model"]["layer"] == "features"  # the last module to finish with a spatial output
-    assert s["counts"] == {"images": 3, "ok": 3, "error": 0}
+    assert s["counts"] == {"images": 3, "ok": 3, "error": 0, "reused": 0}
     by_path = {Path(im["path"]).relative_to(small_images).as_posix(): im for im in s["images"]}
     assert set(by_path) == {"a.png", "b.jpg", "sub/a.png"}
     im = by_path["sub/a.png"]

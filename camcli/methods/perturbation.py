@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, register, require, weigh
+from camcli.methods.base import CamInputs, chunks, register, require, weigh
 
 
 def channel_subset(a: Tensor, n: int | None) -> Tensor:
@@ -50,7 +50,7 @@ def _score_family(
     for b in range(a.shape[0]):
         chans = channel_subset(a[b], opts.score_channels)
         scores = torch.empty(len(chans), device=a.device)
-        for start in range(0, len(chans), opts.perturbation_batch):
+        for start in chunks(len(chans), opts.perturbation_batch, f"{method} image {b + 1}", opts.progress):
             idx = chans[start : start + opts.perturbation_batch]
             masks = upsampled_masks(a[b, idx], size)
             scores[start : start + len(idx)] = channel_score(x[b : b + 1], masks, int(inputs.targets[b]))
@@ -136,7 +136,7 @@ def ablationcam(inputs: CamInputs) -> Tensor:
         c = int(inputs.targets[b])
         base = float(score_with(b, a[b : b + 1], c)[0])
         chans = channel_subset(a[b], opts.score_channels)
-        for start in range(0, len(chans), opts.perturbation_batch):
+        for start in chunks(len(chans), opts.perturbation_batch, f"ablationcam image {b + 1}", opts.progress):
             idx = chans[start : start + opts.perturbation_batch]
             ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
             ablated[torch.arange(len(idx)), idx] = 0
