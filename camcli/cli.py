@@ -105,7 +105,7 @@ def explain(
     out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder. [default: camcli-out]")] = None,
     recursive: Annotated[Optional[bool], typer.Option("--recursive/--no-recursive", "-r", help="Descend into subfolders.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass. [default: 8]")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes (0: main process). [default: 2]")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes (0: main process). [default: 0 on <= 2 cores, else up to 4]")] = None,
     device: DeviceOpt = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="Heatmap opacity, 0..1. [default: 0.5]")] = None,
     colormap: Annotated[Optional[str], typer.Option("--colormap", help="Any OpenCV colormap name, or diverging. [default: jet; diverging with --signed]")] = None,

@@ -53,7 +53,7 @@ def _check_type(path: Path, raw: str, key: str, value: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UsageError(f"--config {str(path)!r}: {raw} must be true or false, got {value!r}")
-    elif isinstance(default, int) or key in ("image_size", "score_channels"):
+    elif isinstance(default, int) or key in ("image_size", "score_channels", "workers"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"--config {str(path)!r}: {raw} must be an integer, got {value!r}")
     elif isinstance(default, float):

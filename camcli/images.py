@@ -133,19 +133,31 @@ class Preprocess:
             return self.size, max(1, round(w * self.size / h))
         return max(1, round(h * self.size / w)), self.size
 
-    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+    def resize(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats)."""
         h, w = rgb.shape[:2]
         th, tw = self.input_hw(h, w)
         interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_CUBIC
         resized = cv2.resize(rgb, (tw, th), interpolation=interp)
-        x = torch.from_numpy(resized).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return torch.from_numpy(resized).permute(2, 0, 1)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, h, w) -> float32 (x / 255 - mean) / std, on the batch's device in one pass."""
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        scale = 1.0 / (255.0 * std)
+        shift = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) / std
+        return batch.float().mul_(scale).sub_(shift)
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> normalised float (3, h, w)."""
+        return self.normalize(self.resize(rgb)[None])[0]
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses in DataLoader workers; a bad file yields an error record."""
+    """Decodes and resizes in DataLoader workers; a bad file yields an error record.
+
+    Items carry uint8 tensors: the pipeline normalises whole batches on the compute device.
+    """
 
     def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess) -> None:
         self.sources = list(sources)
@@ -157,7 +169,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
             rgb = decode(self.sources[i].path)
-            return {"index": i, "image": rgb, "tensor": self.preprocess(rgb), "error": None}
+            return {"index": i, "image": rgb, "tensor": self.preprocess.resize(rgb), "error": None}
         except ImageError as e:
             return {"index": i, "image": None, "tensor": None, "error": str(e)}
         except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch run

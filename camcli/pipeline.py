@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -53,7 +54,7 @@ class ExplainOptions:
     out: str = "camcli-out"
     recursive: bool = False
     batch_size: int = 8
-    workers: int = 2
+    workers: int | None = None  # None: auto (0 on <= 2 cores, where in-process decoding measured faster)
     device: str = "auto"
     alpha: float = 0.5
     colormap: str | None = None  # jet, or diverging for --signed
@@ -76,7 +77,7 @@ class ExplainOptions:
             raise UsageError(f"--alpha {self.alpha} is out of range (accepted: 0.0 to 1.0)")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers {self.workers} must be 0 (decode in the main process) or more")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
@@ -95,6 +96,12 @@ class RunResult:
     summary: dict[str, Any]
     exit_code: ExitCode
     summary_path: Path
+
+
+def auto_workers() -> int:
+    """Decoding workers when --workers is not given: none on 2 cores or fewer, else up to 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(4, cores // 2)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -378,7 +385,7 @@ def explain(
 
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
-        x = torch.stack([g["tensor"] for g in group]).to(device, non_blocking=True)
+        x = pre.normalize(torch.stack([g["tensor"] for g in group]).to(device, non_blocking=True))
         try:
             outs = engine.explain(x, specs)
         except UsageError:
@@ -412,7 +419,7 @@ def explain(
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ImageDataset(sources, pre), todo),
         batch_size=opts.batch_size,
-        num_workers=opts.workers,
+        num_workers=auto_workers() if opts.workers is None else opts.workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )

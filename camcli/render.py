@@ -55,8 +55,15 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, colormap: int | np.ndarray, alpha:
     return cv2.addWeighted(bgr, 1.0 - alpha, heat, alpha, 0.0)
 
 
+# Fast settings measured on 640x427 overlays: 'sub' filter + RLE halves the encode time of the
+# default adaptive filters at about the same file size.
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+    _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
 def encode_png(bgr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(".png", bgr, _PNG_PARAMS)
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()

@@ -22,9 +22,8 @@ def map_stats(cam: np.ndarray, empty: bool = False) -> dict[str, Any]:
     flat = pos.ravel()
     peak_i = int(flat.argmax())
     py, px = divmod(peak_i, w)
-    ys, xs = np.mgrid[0:h, 0:w]
-    cy = float((pos * ys).sum() / total)
-    cx = float((pos * xs).sum() / total)
+    cy = float(pos.sum(axis=1) @ np.arange(h) / total)
+    cx = float(pos.sum(axis=0) @ np.arange(w) / total)
     k = max(1, int(round(0.1 * flat.size)))
     top = np.partition(flat, flat.size - k)[flat.size - k :]
     mask = (pos >= 0.5 * pos.max()).astype(np.uint8)

@@ -1,0 +1,370 @@
+"""Side-by-side benchmark: camcli vs pytorch-grad-cam vs torchcam, in one run, same models and images.
+
+    pip install -e '.[bench]'
+    python benchmarks/bench.py            # writes benchmarks/RESULTS.md
+    python benchmarks/bench.py --quick    # fewer repetitions and images, for a smoke run
+
+Sections: (1) engine time per image, batch 16 at 224x224; (2) end to end on a folder of photos;
+(3) resident memory over a long run. Every number comes from this script; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import psutil
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_images"
+sys.path.insert(0, str(ROOT))
+
+from camcli.engine import CamEngine  # noqa: E402
+from camcli.images import Preprocess, decode  # noqa: E402
+from camcli.methods import MethodOptions, get_method  # noqa: E402
+from camcli.models import load_model  # noqa: E402
+from camcli.pipeline import ExplainOptions, explain  # noqa: E402
+from camcli.sanity import pearson  # noqa: E402
+from camcli.targets import ClassIndex, TopK  # noqa: E402
+
+
+def timed(fn: Callable[[], object], reps: int) -> float:
+    """Median wall seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sample_batch(n: int, size: int, mean, std) -> torch.Tensor:  # noqa: ANN001
+    pre = Preprocess(size, mean, std, flexible=False)
+    imgs = [pre(decode(p)) for p in sorted(SAMPLES.glob("*.jpg"))]
+    return torch.stack([imgs[i % len(imgs)] for i in range(n)])
+
+
+# -- peers ----------------------------------------------------------------------------------------
+def pgc_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Tensor, classes: list[int]):  # noqa: ANN201
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
+           "scorecam": pgc.ScoreCAM, "eigencam": pgc.EigenCAM}[method]
+    target_layer = model.get_submodule(layer)
+    targets = [ClassifierOutputTarget(c) for c in classes]
+
+    def run() -> np.ndarray:
+        with cls(model=model, target_layers=[target_layer]) as cam:
+            if method == "scorecam":
+                cam.batch_size = 16
+            return cam(input_tensor=x, targets=targets)
+
+    return run
+
+
+def torchcam_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Tensor, classes: list[int]):  # noqa: ANN201
+    import torchcam.methods as tcm
+
+    if method == "eigencam":
+        return None
+    cls = {"gradcam": tcm.GradCAM, "gradcam++": tcm.GradCAMpp, "layercam": tcm.LayerCAM, "scorecam": tcm.ScoreCAM}[method]
+    kwargs = {"batch_size": 16} if method == "scorecam" else {}
+
+    def run() -> list[torch.Tensor]:
+        with cls(model, layer, input_shape=tuple(x.shape[1:]), **kwargs) as ext:
+            if method == "scorecam":
+                with torch.inference_mode():
+                    model(x)
+                return ext(class_idx=classes)
+            scores = model(x)
+            return ext(class_idx=classes, scores=scores)
+
+    return run
+
+
+def camcli_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Tensor, options: MethodOptions | None = None):  # noqa: ANN201
+    engine = CamEngine(model, [layer], [get_method(method)], options=options or MethodOptions(), channels_last=True)
+    return lambda: engine.explain(x, [TopK(1)])
+
+
+def forward_runner(model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN201
+    def run() -> None:
+        with torch.inference_mode():
+            model(x.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+# -- section 1 ------------------------------------------------------------------------------------
+def engine_table(reps: int, batch: int) -> tuple[list[str], dict[str, float]]:
+    lines = [
+        f"Batch {batch} at 224x224 (sample photos repeated), median of {reps} runs after a warm-up; "
+        "ms per image. Every tool gets the same model object (channels-last) and the same input tensor. "
+        "Ratios: peer time / camcli time (above 1: camcli is faster); 'x fwd': time / plain inference forward.",
+        "",
+        "| model | method | forward | camcli | x fwd | pytorch-grad-cam | x fwd | ratio | torchcam | x fwd | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    facts: dict[str, float] = {}
+    lite = load_model()
+    r50 = torchvision.models.resnet50().eval()
+    for name, model, layer, mean, std in (
+        ("ResNet-50 (random weights)", r50, "layer4", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ("EfficientNet-Lite0 (bundled)", lite.module, "bn2", lite.mean, lite.std),
+    ):
+        model.to(memory_format=torch.channels_last)
+        x = sample_batch(batch, 224, mean, std).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            classes = model(x).argmax(1).tolist()
+        fwd = timed(forward_runner(model, x), reps) / batch * 1000
+        for method in ("gradcam", "gradcam++", "layercam", "eigencam"):
+            ours = timed(camcli_runner(method, model, layer, x), reps) / batch * 1000
+            theirs = timed(pgc_runner(method, model, layer, x, classes), reps) / batch * 1000
+            tc = torchcam_runner(method, model, layer, x, classes)
+            tcm = timed(tc, reps) / batch * 1000 if tc else None
+            facts[f"{name}/{method}/xfwd"] = ours / fwd
+            lines.append(
+                f"| {name} | {method} | {fwd:.1f} | {ours:.1f} | {ours / fwd:.2f} | {theirs:.1f} | {theirs / fwd:.2f} | "
+                f"{theirs / ours:.2f} | " + (f"{tcm:.1f} | {tcm / fwd:.2f} | {tcm / ours:.2f} |" if tcm else "n/a (no EigenCAM) | | |")
+            )
+    return lines, facts
+
+
+def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
+    """Exact Score-CAM on one Lite0 image: camcli vs peers vs the K-forward limit, and --score-channels."""
+    lite = load_model()
+    model = lite.module.to(memory_format=torch.channels_last)
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    x1 = sample_batch(1, 224, lite.mean, lite.std)[:1]
+    k = 1280
+    # The K-forward limit: K plain forwards of this image, batched the way camcli batches them (16).
+    xb = x1.expand(16, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    limit = timed(forward_runner(model, xb), 2) * k / 16
+    with torch.inference_mode():
+        cls = [int(model(x1).argmax(1))]
+    reps = 1
+    ours = timed(camcli_runner("scorecam", model, "bn2", x1), reps)
+    theirs = timed(pgc_runner("scorecam", model, "bn2", x1, cls), reps)
+    tc = timed(torchcam_runner("scorecam", model, "bn2", x1, cls), reps)
+    fast = timed(camcli_runner("scorecam", model, "bn2", x1, MethodOptions(score_channels=128)), reps)
+    # agreement: exact vs pytorch-grad-cam on this image; 128 channels vs exact on every sample photo
+    exact_map = CamEngine(model, ["bn2"], [get_method("scorecam")], channels_last=True).explain(x1, [ClassIndex(cls[0])])[0].maps[0].cam
+    pgc_map = pgc_runner("scorecam", model, "bn2", x1, cls)()[0]
+    up = cv2.resize(exact_map, (224, 224), interpolation=cv2.INTER_LINEAR)
+    r_pgc = pearson(up, pgc_map)
+    rs = []
+    for p in photos if not quick else photos[:2]:
+        xi = Preprocess(224, lite.mean, lite.std, True)(decode(p))[None]
+        maps = []
+        for opts in (MethodOptions(), MethodOptions(score_channels=128)):
+            eng = CamEngine(model, ["bn2"], [get_method("scorecam")], options=opts, channels_last=True)
+            maps.append(eng.explain(xi, [TopK(1)])[0].maps[0].cam)
+        rs.append(pearson(*maps))
+    lines = [
+        f"One 224x224 image, EfficientNet-Lite0, K = {k} channels at bn2. The K-forward limit is {k} plain "
+        "inference forwards of the image, batched by 16.",
+        "",
+        "| | seconds | x K-forward limit |",
+        "|---|---|---|",
+        f"| K-forward limit | {limit:.1f} | 1.00 |",
+        f"| camcli scorecam (exact) | {ours:.1f} | {ours / limit:.2f} |",
+        f"| pytorch-grad-cam ScoreCAM | {theirs:.1f} | {theirs / limit:.2f} |",
+        f"| torchcam ScoreCAM | {tc:.1f} | {tc / limit:.2f} |",
+        f"| camcli scorecam --score-channels 128 | {fast:.1f} | {fast / limit:.2f} ({ours / fast:.1f}x faster than exact) |",
+        "",
+        f"Agreement: exact camcli vs pytorch-grad-cam Pearson {r_pgc:.4f}; --score-channels 128 vs exact, "
+        f"per sample photo: {', '.join(f'{r:.3f}' for r in rs)} (min {min(rs):.3f}).",
+    ]
+    return lines, {"score_xlimit": ours / limit, "score_fast_speedup": ours / fast, "score_fast_min_r": min(rs),
+                   "score_pgc_r": r_pgc}
+
+
+# -- section 2 ------------------------------------------------------------------------------------
+def make_folder(n: int) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    for i in range(n):
+        shutil.copy(photos[i % len(photos)], d / f"{i:05d}.jpg")
+    return d
+
+
+def pgc_recipe(folder: Path, out: Path) -> float:
+    """The usual pytorch-grad-cam loop: load, preprocess, GradCAM, show_cam_on_image, cv2.imwrite."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import preprocess_image, show_cam_on_image
+
+    lite = load_model()
+    model = lite.module
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(folder.glob("*.jpg"))
+    t = time.perf_counter()
+    with GradCAM(model=model, target_layers=[model.bn2]) as cam:
+        for f in files:
+            rgb = cv2.imread(str(f), 1)[:, :, ::-1]
+            rgb = np.float32(cv2.resize(rgb, (224, 224))) / 255
+            x = preprocess_image(rgb, mean=list(lite.mean), std=list(lite.std))
+            grey = cam(input_tensor=x, targets=None)[0]
+            vis = show_cam_on_image(rgb, grey, use_rgb=True)
+            cv2.imwrite(str(out / f"{f.stem}.png"), vis[:, :, ::-1])
+    return len(files) / (time.perf_counter() - t)
+
+
+def end_to_end(n: int) -> tuple[list[str], dict[str, float]]:
+    folder = make_folder(n)
+    tmp = Path(tempfile.mkdtemp(prefix="camcli-bench-out-"))
+    try:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "camcli", "explain", str(folder), "--method", "gradcam", "--out",
+                        str(tmp / "cli"), "-q"], check=True)
+        cli_wall = time.perf_counter() - t
+        t = time.perf_counter()
+        res = explain([folder], ExplainOptions(out=str(tmp / "api"), quiet=True))
+        api = res.summary["counts"]["ok"] / (time.perf_counter() - t)
+        recipe = pgc_recipe(folder, tmp / "pgc")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    cli = n / cli_wall
+    lines = [
+        f"{n} photos (copies of sample_images/, 451x300 to 640x427), Grad-CAM, bundled EfficientNet-Lite0. camcli writes "
+        "full-resolution overlays plus summary.json; the recipe writes 224x224 overlays.",
+        "",
+        "| | images/s | camcli / recipe |",
+        "|---|---|---|",
+        f"| `camcli explain DIR --method gradcam` (whole command, start-up and model load included) | {cli:.1f} | {cli / recipe:.2f} |",
+        f"| `camcli.explain()` in-process (model load included) | {api:.1f} | {api / recipe:.2f} |",
+        f"| pytorch-grad-cam recipe loop (model loaded before timing) | {recipe:.1f} | 1.00 |",
+    ]
+    return lines, {"e2e_ratio": cli / recipe, "e2e_api_ratio": api / recipe}
+
+
+# -- section 3 ------------------------------------------------------------------------------------
+def memory(n: int) -> tuple[list[str], dict[str, float]]:
+    folder = make_folder(n)
+    out = Path(tempfile.mkdtemp(prefix="camcli-bench-mem-"))
+    proc = psutil.Process()
+    samples: list[tuple[int, float]] = []
+    done = [0]
+    peak = [0.0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss / 2**20)
+            time.sleep(0.05)
+
+    def progress(k: int) -> None:
+        done[0] += k
+        samples.append((done[0], proc.memory_info().rss / 2**20))
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        explain([folder], ExplainOptions(out=str(out), quiet=True, batch_size=16), progress=progress)
+    finally:
+        stop.set()
+        th.join()
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    def at(k: int) -> float:
+        return next(r for d, r in samples if d >= k)
+
+    early, late = at(max(1, n // 10)), samples[-1][1]
+    lines = [
+        f"`camcli.explain()` over {n} photos, Grad-CAM, batch 16, 2 decoding workers; resident memory of the main process.",
+        "",
+        "| after images | RSS MiB |",
+        "|---|---|",
+        f"| {n // 10} | {early:.0f} |",
+        f"| {n} | {late:.0f} |",
+        f"| peak | {peak[0]:.0f} |",
+        "",
+        f"Growth from {n // 10} to {n} images: {100 * (late - early) / early:+.1f}% (target: within 10%).",
+    ]
+    return lines, {"mem_growth": (late - early) / early}
+
+
+def machine() -> list[str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import pytorch_grad_cam  # noqa: F401
+    from importlib.metadata import version
+
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU used",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"camcli {version('camcli')}, grad-cam {version('grad-cam')}, torchcam {version('torchcam')}",
+        f"- torch threads: {torch.get_num_threads()}",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and images")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args()
+    reps, e2e_n, mem_n = (1, 40, 200) if args.quick else (3, 200, 2000)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sections: list[str] = [f"# camcli benchmark results\n\nMeasured {started} by `python benchmarks/bench.py"
+                           f"{' --quick' if args.quick else ''}`, every row in this one run.\n", *machine(), ""]
+    facts: dict[str, float] = {}
+    for title, fn in (
+        ("1. Engine time per image", lambda: engine_table(reps, 16)),
+        ("1b. Exact Score-CAM against its K-forward limit", lambda: scorecam_table(args.quick)),
+        ("2. End to end on a folder", lambda: end_to_end(e2e_n)),
+        ("3. Memory over a long run", lambda: memory(mem_n)),
+    ):
+        print(f"running: {title}", file=sys.stderr, flush=True)
+        lines, f = fn()
+        facts.update(f)
+        sections += [f"## {title}", "", *lines, ""]
+    sections += ["## Targets", "", *targets_text(facts), ""]
+    sections += ["## CUDA", "", "Not measured: no GPU was available to the session that produced this file. "
+                 "The CUDA path (pinned-memory loader, non-blocking copies, the same engine) runs with "
+                 "`--device cuda`; re-run this script on a GPU machine to fill this section.", ""]
+    args.out.write_text("\n".join(sections))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def targets_text(f: dict[str, float]) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    g = [v for k, v in f.items() if k.endswith("/xfwd") and ("gradcam" in k or "layercam" in k)]
+    return [
+        f"- Grad-CAM-family engine at most 1.15x the plain forward: worst {max(g):.2f}x, {mark(max(g) <= 1.15)}.",
+        f"- End to end at least 3x the recipe: {f['e2e_ratio']:.2f}x (command), {f['e2e_api_ratio']:.2f}x (in-process), "
+        f"{mark(f['e2e_ratio'] >= 3)}.",
+        f"- Exact Score-CAM within 1.25x of its K-forward limit: {f['score_xlimit']:.2f}x, {mark(f['score_xlimit'] <= 1.25)}; "
+        f"Pearson with pytorch-grad-cam {f['score_pgc_r']:.4f}, {mark(f['score_pgc_r'] > 0.98)}.",
+        f"- --score-channels 128 10x faster than exact: {f['score_fast_speedup']:.1f}x, {mark(f['score_fast_speedup'] >= 10)}; "
+        f"agreement with exact min Pearson {f['score_fast_min_r']:.3f}, {mark(f['score_fast_min_r'] > 0.95)}.",
+        f"- Memory flat (within 10%): {100 * f['mem_growth']:+.1f}%, {mark(abs(f['mem_growth']) <= 0.10)}.",
+    ]
+
+
+if __name__ == "__main__":
+    main()
