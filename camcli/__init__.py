@@ -1,7 +1,39 @@
-"""camcli: class activation maps for image classifiers, from the command line or Python."""
+"""camcli: class activation maps for image classifiers, from the command line or Python.
+
+    from camcli import explain, ExplainOptions
+    result = explain(["photos/"], ExplainOptions(method="gradcam,layercam", out="heatmaps"))
+
+Heavy modules (torch) load on first use, so `camcli --version` and `--help` answer at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from camcli.pipeline import ExplainOptions, RunResult, explain  # noqa: E402
+if TYPE_CHECKING:  # pragma: no cover
+    from camcli.check import run_check
+    from camcli.engine import CamEngine
+    from camcli.models import load_model
+    from camcli.pipeline import ExplainOptions, RunResult, explain
 
-__all__ = ["ExplainOptions", "RunResult", "explain", "__version__"]
+_LAZY = {
+    "ExplainOptions": "camcli.pipeline",
+    "RunResult": "camcli.pipeline",
+    "explain": "camcli.pipeline",
+    "CamEngine": "camcli.engine",
+    "load_model": "camcli.models",
+    "run_check": "camcli.check",
+}
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'camcli' has no attribute {name!r}")
+
+
+__all__ = ["CamEngine", "ExplainOptions", "RunResult", "explain", "load_model", "run_check", "__version__"]

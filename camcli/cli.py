@@ -86,7 +86,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 def explain(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
     method: Annotated[
-        Optional[str], typer.Option("--method", "-M", help="Comma-separated methods (see `camcli methods`). [default: gradcam]")
+        Optional[str], typer.Option("--method", "-M", help="Comma-separated methods (see `camcli methods`). (default: gradcam)")
     ] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
@@ -102,21 +102,23 @@ def explain(
         Optional[list[str]],
         typer.Option("--class", "-c", help="top1 (default), topK, a class index or a label; repeatable or comma-separated."),
     ] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder. [default: camcli-out]")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder. (default: camcli-out)")] = None,
     recursive: Annotated[Optional[bool], typer.Option("--recursive/--no-recursive", "-r", help="Descend into subfolders.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass. [default: 8]")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes (0: main process). [default: 0 on <= 2 cores, else up to 4]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass. (default: 8)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding worker processes (0: main process). (default: 0 on <= 2 cores, else up to 4)")] = None,
     device: DeviceOpt = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Heatmap opacity, 0..1. [default: 0.5]")] = None,
-    colormap: Annotated[Optional[str], typer.Option("--colormap", help="Any OpenCV colormap name, or diverging. [default: jet; diverging with --signed]")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Heatmap opacity, 0..1. (default: 0.5)")] = None,
+    colormap: Annotated[Optional[str], typer.Option("--colormap", help="Any OpenCV colormap name, or diverging. (default: jet; diverging with --signed)")] = None,
     image_size: ImageSizeOpt = None,
     save_raw: Annotated[Optional[bool], typer.Option("--save-raw/--no-save-raw", help="Also write float32 .npy maps at full resolution.")] = None,
     signed: Annotated[Optional[bool], typer.Option("--signed/--no-signed", help="Keep negative evidence (no ReLU); diverging colours.")] = None,
     aug_smooth: Annotated[Optional[bool], typer.Option("--aug-smooth/--no-aug-smooth", help="Average maps over flips and rescales (4 passes).")] = None,
     eigen_smooth: Annotated[Optional[bool], typer.Option("--eigen-smooth/--no-eigen-smooth", help="First principal component of the weighted activations instead of their sum.")] = None,
     score_channels: Annotated[Optional[int], typer.Option("--score-channels", help="Score-CAM family: use the N channels with most activation.")] = None,
-    perturbation_batch: Annotated[Optional[int], typer.Option("--perturbation-batch", help="Masked inputs per forward pass. [default: 16]")] = None,
+    perturbation_batch: Annotated[Optional[int], typer.Option("--perturbation-batch", help="Masked inputs per forward pass. (default: 16)")] = None,
     channels: Annotated[Optional[str], typer.Option("--channels", help="`activations` method: mean, a channel index, or topN.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="ss-cam / smoothgradcam++ noise samples; is-cam steps. (default: 8)")] = None,
+    noise: Annotated[Optional[float], typer.Option("--noise", help="ss-cam / smoothgradcam++ noise std, share of the input range. (default: 0.1)")] = None,
     output_key: Annotated[Optional[str], typer.Option("--output-key", help="Which item of a tuple/dict model output holds the logits.")] = None,
     unsafe_load: UnsafeOpt = None,
     skip_existing: Annotated[Optional[bool], typer.Option("--skip-existing/--no-skip-existing", help="Skip images whose outputs a previous run with the same options completed.")] = None,
@@ -145,6 +147,7 @@ def explain(
                 image_size=image_size, save_raw=save_raw, signed=signed, fail_fast=fail_fast,
                 aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, skip_existing=skip_existing, shard=shard,
                 score_channels=score_channels, perturbation_batch=perturbation_batch, channels=channels,
+                samples=samples, noise=noise,
                 quiet=quiet or None,
             ),
         )
@@ -240,7 +243,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="camcli methods")
-    for col in ("name", "aliases", "gradients", "extra forwards", "description", "paper"):
+    for col in ("name", "aliases", "gradients", "extra forwards", "description", "paper"):  # gradients: to the layer
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(

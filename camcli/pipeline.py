@@ -67,6 +67,8 @@ class ExplainOptions:
     score_channels: int | None = None
     perturbation_batch: int = 16
     channels: str = "mean"
+    samples: int = 8  # SS-CAM / SmoothGrad-CAM++ noise samples, IS-CAM integration steps
+    noise: float = 0.1  # SS-CAM / SmoothGrad-CAM++ noise std, as a share of the input's value range
     skip_existing: bool = False
     shard: str | None = None  # "K/N": this process takes the K-th of N deterministic parts
     quiet: bool = False
@@ -89,6 +91,10 @@ class ExplainOptions:
             raise UsageError(f"--perturbation-batch {self.perturbation_batch} must be at least 1")
         if self.shard is not None:
             parse_shard(self.shard)
+        if self.samples < 1:
+            raise UsageError(f"--samples {self.samples} must be at least 1")
+        if not 0.0 <= self.noise <= 10.0:
+            raise UsageError(f"--noise {self.noise} is out of range (accepted: 0 to 10)")
 
 
 @dataclass
@@ -295,7 +301,7 @@ def outputs_exist(record: dict[str, Any], out_dir: Path) -> bool:
 
 def _fingerprint(opts: ExplainOptions, lm: LoadedModel, layers: list[str], specs: Sequence[tgt.TargetSpec]) -> str:
     keys = ("method", "alpha", "colormap", "save_raw", "signed", "aug_smooth", "eigen_smooth", "per_layer",
-            "score_channels", "channels", "image_size")
+            "score_channels", "channels", "image_size", "samples", "noise")
     shaping = {k: getattr(opts, k) for k in keys}
     shaping.update(model=lm.name, weights=lm.weights_sha256, layers=layers, classes=[str(s) for s in specs])
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -337,7 +343,7 @@ def explain(
     specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
     method_opts = MethodOptions(
         score_channels=opts.score_channels, perturbation_batch=opts.perturbation_batch, channels=opts.channels,
-        progress=not opts.quiet,
+        smooth_samples=opts.samples, integration_steps=opts.samples, smooth_sigma=opts.noise, progress=not opts.quiet,
     )
     engine = CamEngine(
         lm.module, layers, methods, options=method_opts, signed=opts.signed, output_key=opts.output_key,
