@@ -223,6 +223,70 @@ def check(
 
 
 @app.command()
+def evaluate(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    method: Annotated[str, typer.Option("--method", "-M", help="Comma-separated methods to compare.")] = "gradcam",
+    metric: Annotated[Optional[str], typer.Option("--metric", help="Comma-separated metrics (default: all; box metrics need --boxes).")] = None,
+    boxes: Annotated[Optional[str], typer.Option("--boxes", help="JSON/YAML map from image to boxes [x0, y0, x1, y1] in pixels.")] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    labels: LabelsOpt = None,
+    unsafe_load: UnsafeOpt = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Dotted module path; default: last spatial layer.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--class", "-c", help="One class per image: top1, an index or a label.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Deletion/insertion curve steps.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for ROAD noise, the random baseline and re-initialisation.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Perturbed images per forward pass.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Folder for evaluation.json and plots.")] = "camcli-eval",
+    plots: Annotated[bool, typer.Option("--plots", help="Also write deletion/insertion curve PNGs.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into subfolders.")] = False,
+    device: DeviceOpt = None,
+    image_size: ImageSizeOpt = None,
+) -> None:
+    """Measure how faithful each method is on your images, next to random and centre baselines.
+
+    Example: camcli evaluate sample_images/ --method gradcam,gradcam++,scorecam --steps 50 --plots
+    """
+    from camcli.evaluate import BASELINES, EvaluateOptions
+    from camcli.evaluate import evaluate as run_evaluate
+    from camcli.metrics import HIGHER_IS_BETTER
+
+    def go() -> ExitCode:
+        opts = EvaluateOptions(
+            method=method, metric=metric, boxes=boxes, model=model, weights=weights, labels=labels,
+            unsafe_load=bool(unsafe_load), layer=layer, classes=classes, steps=steps, seed=seed,
+            batch_size=batch_size, out=out_dir, plots=plots, recursive=recursive, device=device or "auto",
+            image_size=image_size,
+        )
+        res = run_evaluate(paths, opts)
+        wanted = list(next(iter(res.aggregate.values())))
+        table = Table(title="camcli evaluate: mean ± std over images (red: not better than both baselines)")
+        table.add_column("method")
+        for mname in wanted:
+            table.add_column(f"{mname} {'↑' if HIGHER_IS_BETTER[mname] else '↓'}", overflow="fold")
+        for name, row in res.aggregate.items():
+            cells = []
+            for mname in wanted:
+                st = row[mname]
+                if st["mean"] is None:
+                    cells.append("-")
+                    continue
+                text = f"{st['mean']:.3f} ± {st['std']:.3f}"
+                if name not in BASELINES and st.get("beats_baselines") is False:
+                    text = f"[red]{text}[/]"
+                cells.append(text)
+            table.add_row(f"[dim]{name}[/]" if name in BASELINES else name, *cells)
+        _stdout().print(table)
+        err.print(f"camcli: wrote {res.path}", highlight=False)
+        for im in res.images:
+            if im["status"] != "ok":
+                err.print(f"camcli: error: {im['error']}", highlight=False, markup=False)
+        return res.exit_code
+
+    raise typer.Exit(int(_run(go)))
+
+
+@app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the registered CAM methods: aliases, gradients, extra forward passes, paper."""
     from camcli.methods import available_methods

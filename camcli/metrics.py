@@ -1,0 +1,243 @@
+"""Faithfulness and localisation metrics, as pure functions of an image, a map and a score function.
+
+Conventions (the choices the papers leave open are written here and in the README):
+- ``x`` is a preprocessed (3, H, W) input; ``cam`` a (H, W) map at the same resolution, >= 0.
+- ``prob`` maps a batch (N, 3, H, W) to the (N,) probability of the target class.
+- Pixels are ranked by the map, highest first; ties keep raster order (stable sort).
+- Curves have ``steps + 1`` points at fractions 0, 1/steps, ..., 1; AUC is the trapezoid rule on [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ProbFn = Callable[[Tensor], Tensor]
+
+BLUR_KERNEL = 11  # insertion starts from a Gaussian blur, kernel 11, sigma 5 (as in RISE's code)
+BLUR_SIGMA = 5.0
+ROAD_PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+ROAD_NOISE = 0.01  # std of the noise added to imputed pixels, in [0, 1] pixel units
+
+# Which direction is better, per metric: used to show when a method does not beat the baselines.
+HIGHER_IS_BETTER = {
+    "deletion_auc": False,
+    "insertion_auc": True,
+    "average_drop": False,
+    "increase_in_confidence": True,
+    "complexity": False,
+    "road_morf": False,
+    "road_lerf": True,
+    "road_combined": True,
+    "energy_pointing_game": True,
+    "pointing_game": True,
+    "sanity_spearman": False,
+}
+METRICS = tuple(HIGHER_IS_BETTER)
+
+
+def ranking(cam: Tensor) -> Tensor:
+    """Flat pixel indices, most relevant first (stable for ties)."""
+    return torch.sort(cam.flatten(), descending=True, stable=True).indices
+
+
+def _batched(prob: ProbFn, images: Callable[[int], Tensor], n: int, batch: int) -> Tensor:
+    out = []
+    for start in range(0, n, batch):
+        idx = range(start, min(n, start + batch))
+        out.append(prob(torch.stack([images(i) for i in idx])).float().cpu())
+    return torch.cat(out)
+
+
+def _counts(total: int, steps: int) -> list[int]:
+    return [round(total * i / steps) for i in range(steps + 1)]
+
+
+def deletion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
+                   fill: Tensor | None = None) -> Tensor:
+    """Target probability as the most relevant pixels are replaced by the image's mean colour."""
+    c, h, w = x.shape
+    fill = x.mean(dim=(1, 2), keepdim=True) if fill is None else fill
+    order = ranking(cam)
+    counts = _counts(h * w, steps)
+    flat_x = x.reshape(c, -1)
+    flat_fill = fill.reshape(c, 1).expand(c, h * w)
+
+    def image(i: int) -> Tensor:
+        out = flat_x.clone()
+        idx = order[: counts[i]]
+        out[:, idx] = flat_fill[:, idx]
+        return out.reshape(c, h, w)
+
+    return _batched(prob, image, steps + 1, batch)
+
+
+def blurred(x: Tensor) -> Tensor:
+    """Gaussian blur (kernel 11, sigma 5; the kernel shrinks on images smaller than 12 pixels)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = min(BLUR_KERNEL, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1)
+    if k < 3:
+        return x.clone()
+    return gaussian_blur(x[None], [k, k], [BLUR_SIGMA, BLUR_SIGMA])[0]
+
+
+def insertion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
+                    start: Tensor | None = None) -> Tensor:
+    """Target probability as the most relevant pixels are put back into a blurred copy."""
+    c, h, w = x.shape
+    base = (blurred(x) if start is None else start).reshape(c, -1)
+    order = ranking(cam)
+    counts = _counts(h * w, steps)
+    flat_x = x.reshape(c, -1)
+
+    def image(i: int) -> Tensor:
+        out = base.clone()
+        idx = order[: counts[i]]
+        out[:, idx] = flat_x[:, idx]
+        return out.reshape(c, h, w)
+
+    return _batched(prob, image, steps + 1, batch)
+
+
+def auc(curve: Tensor) -> float:
+    """Area under a curve sampled at evenly spaced fractions of [0, 1] (trapezoid rule)."""
+    y = curve.double()
+    n = y.numel() - 1
+    return float(((y[1:] + y[:-1]) / 2).sum() / n)
+
+
+def explanation_image(x: Tensor, cam: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """E = map * image in pixel space (Grad-CAM++ paper), returned normalised like ``x``."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    pixels = x * s + m
+    return (pixels * cam[None] - m) / s
+
+
+def average_drop(y: float, o: float) -> float:
+    """max(0, Y - O) / Y, in percent: how much confidence the explanation image alone loses."""
+    return 100.0 * max(0.0, y - o) / y if y > 0 else 0.0
+
+
+def increase_in_confidence(y: float, o: float) -> float:
+    """100 when the explanation image alone is more confident than the whole image, else 0."""
+    return 100.0 if o > y else 0.0
+
+
+def complexity(cam: Tensor) -> float:
+    """Mean map value: an all-ones map scores 1 and wins nothing by it."""
+    return float(cam.float().mean())
+
+
+_NEIGHBOURS = [(-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+               (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12)]
+
+
+def noisy_linear_impute(pixels: np.ndarray, removed: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """ROAD's noisy linear imputation: each removed pixel equals the weighted mean of its 8
+    neighbours (weights 1/6 direct, 1/12 diagonal), solved as one sparse linear system; then
+    Gaussian noise of std ``noise`` is added to the imputed pixels. ``pixels``: (C, H, W)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import spsolve
+
+    c, h, w = pixels.shape
+    unknown = np.flatnonzero(removed.ravel())
+    if unknown.size == 0:
+        return pixels.copy()
+    index = -np.ones(h * w, dtype=np.int64)
+    index[unknown] = np.arange(unknown.size)
+    ys, xs = np.divmod(unknown, w)
+    flat = pixels.reshape(c, -1).astype(np.float64)
+    rows, cols, vals = [], [], []
+    diag = np.zeros(unknown.size)
+    rhs = np.zeros((unknown.size, c))
+    for dy, dx, wt in _NEIGHBOURS:
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        p = np.flatnonzero(ok)
+        q = ny[ok] * w + nx[ok]
+        diag[p] += wt
+        qi = index[q]
+        unk = qi >= 0
+        rows.append(p[unk])
+        cols.append(qi[unk])
+        vals.append(np.full(int(unk.sum()), -wt))
+        np.add.at(rhs, p[~unk], wt * flat[:, q[~unk]].T)
+    rows.append(np.arange(unknown.size))
+    cols.append(np.arange(unknown.size))
+    vals.append(diag)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(unknown.size, unknown.size)).tocsc()
+    solved = spsolve(a, rhs).reshape(unknown.size, c)
+    out = flat.copy()
+    out[:, unknown] = solved.T + rng.normal(0.0, noise, size=(c, unknown.size)) if noise > 0 else solved.T
+    return out.reshape(c, h, w).astype(pixels.dtype)
+
+
+def road(x: Tensor, cam: Tensor, prob: ProbFn, mean: Sequence[float], std: Sequence[float], *,
+         percentages: Sequence[int] = ROAD_PERCENTAGES, noise: float = ROAD_NOISE, seed: int = 0,
+         batch: int = 16) -> tuple[float, float, float]:
+    """(MoRF, LeRF, combined): mean target probability after imputing the p% most (MoRF) or least
+    (LeRF) relevant pixels, over the percentages; combined = (LeRF - MoRF) / 2."""
+    c, h, w = x.shape
+    m = np.asarray(mean, dtype=np.float64).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float64).reshape(3, 1, 1)
+    pixels = x.detach().cpu().double().numpy() * s + m
+    order = ranking(cam).cpu().numpy()
+    rng = np.random.default_rng(seed)
+    images = []
+    for most in (True, False):
+        for p in percentages:
+            k = round(h * w * p / 100)
+            idx = order[:k] if most else order[::-1][:k]
+            removed = np.zeros(h * w, bool)
+            removed[idx] = True
+            imputed = noisy_linear_impute(pixels, removed.reshape(h, w), noise, rng)
+            images.append(torch.from_numpy(((imputed - m) / s).astype(np.float32)))
+    probs = _batched(prob, lambda i: images[i].to(x.device), len(images), batch)
+    n = len(percentages)
+    morf, lerf = float(probs[:n].mean()), float(probs[n:].mean())
+    return morf, lerf, (lerf - morf) / 2
+
+
+def _box_mask(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))] = True
+    return mask
+
+
+def energy_pointing_game(cam: np.ndarray, boxes: Sequence[Sequence[float]]) -> float:
+    """Share of the map's energy inside the boxes (Score-CAM paper)."""
+    pos = np.clip(cam, 0, None)
+    total = float(pos.sum())
+    return float(pos[_box_mask(cam.shape, boxes)].sum() / total) if total > 0 else 0.0
+
+
+def pointing_game(cam: np.ndarray, boxes: Sequence[Sequence[float]]) -> float:
+    """1 when the map's peak lies inside a box, else 0 (averaged over images: the hit rate)."""
+    if float(cam.max()) <= 0:
+        return 0.0
+    py, px = np.unravel_index(int(cam.argmax()), cam.shape)
+    return 1.0 if _box_mask(cam.shape, boxes)[py, px] else 0.0
+
+
+def random_map(h: int, w: int, seed: int, grid: tuple[int, int] | None = None) -> Tensor:
+    """baseline:random: uniform noise on ``grid`` (the methods' feature-map resolution, so it is as
+    coarse as a real CAM; default 1/32 of the image), upsampled bilinearly like the maps are."""
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = grid if grid is not None else (max(1, h // 32), max(1, w // 32))
+    small = torch.rand(1, 1, gh, gw, generator=g)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+
+
+def center_map(h: int, w: int) -> Tensor:
+    """baseline:center: a Gaussian centred on the image, sigma = 1/4 of each side."""
+    ys = (torch.arange(h, dtype=torch.float32) - (h - 1) / 2) / (h / 4)
+    xs = (torch.arange(w, dtype=torch.float32) - (w - 1) / 2) / (w / 4)
+    return torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))

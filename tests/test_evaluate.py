@@ -1,0 +1,143 @@
+"""`camcli evaluate`: every metric against hand-computed values, then the real model on the photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from camcli import metrics as M
+from camcli.cli import app
+from camcli.errors import UsageError
+from camcli.evaluate import EvaluateOptions, evaluate, parse_metrics
+
+# Toy: a 4x4 image whose left half is 1 and right half 0 (all three channels); the "model" scores
+# the mean of the left half. Mean colour = 0.5. A perfect map ranks the left half first.
+X = torch.zeros(3, 4, 4)
+X[:, :, :2] = 1.0
+GOOD = torch.zeros(4, 4)
+GOOD[:, :2] = 1.0
+
+
+def score(batch: torch.Tensor) -> torch.Tensor:
+    return batch[:, 0, :, :2].mean(dim=(1, 2))
+
+
+def test_deletion_auc_by_hand() -> None:
+    # one pixel per step (16 steps): the left half loses 0.5/8 per step, then the curve stays at 0.5
+    # AUC = int_0^.5 (1 - t) dt + 0.5 * 0.5 = 0.375 + 0.25 = 0.625; worst order: 0.5 + 0.375 = 0.875
+    curve = M.deletion_curve(X, GOOD, score, steps=16)
+    assert curve[0] == 1.0 and curve[8] == 0.5 and curve[16] == 0.5
+    assert M.auc(curve) == pytest.approx(0.625)
+    assert M.auc(M.deletion_curve(X, 1 - GOOD, score, steps=16)) == pytest.approx(0.875)
+
+
+def test_insertion_auc_by_hand() -> None:
+    # from an all-zero start: i/8 for the first 8 steps, then 1: AUC = 0.25 + 0.5 = 0.75
+    curve = M.insertion_curve(X, GOOD, score, steps=16, start=torch.zeros_like(X))
+    assert M.auc(curve) == pytest.approx(0.75)
+    # default start is a Gaussian blur of the image
+    assert torch.allclose(M.insertion_curve(X, GOOD, score, steps=4)[0], score(M.blurred(X)[None]))
+
+
+def test_auc_trapezoid() -> None:
+    assert M.auc(torch.tensor([0.0, 1.0])) == pytest.approx(0.5)
+    assert M.auc(torch.tensor([1.0, 1.0, 0.0])) == pytest.approx(0.75)
+
+
+def test_average_drop_increase_and_complexity() -> None:
+    half = GOOD * 0.5
+    o = float(score(M.explanation_image(X, half, (0, 0, 0), (1, 1, 1))[None])[0])
+    assert o == pytest.approx(0.5)
+    assert M.average_drop(1.0, o) == pytest.approx(50.0)
+    assert M.increase_in_confidence(1.0, o) == 0.0 and M.increase_in_confidence(0.4, o) == 100.0
+    # an all-ones map keeps the whole image: no drop, but the worst possible complexity
+    ones = torch.ones(4, 4)
+    o1 = float(score(M.explanation_image(X, ones, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))[None])[0])
+    assert M.average_drop(1.0, o1) == 0.0 and M.complexity(ones) == 1.0 and M.complexity(GOOD) == 0.5
+
+
+def test_linear_imputation_by_hand() -> None:
+    # a linear ramp: any removed interior pixel is imputed exactly (weighted mean of its neighbours)
+    ramp = np.tile(np.arange(6, dtype=np.float64), (3, 5, 1))  # (3, 5, 6): value = x
+    removed = np.zeros((5, 6), bool)
+    removed[2, 2] = removed[2, 3] = removed[1, 3] = True
+    out = M.noisy_linear_impute(ramp, removed, 0.0, np.random.default_rng(0))
+    assert np.allclose(out, ramp)
+    noisy = M.noisy_linear_impute(ramp, removed, 0.5, np.random.default_rng(0))
+    assert np.allclose(noisy[:, ~removed], ramp[:, ~removed]) and not np.allclose(noisy, ramp)
+
+
+def test_road_by_hand() -> None:
+    # remove the left half (MoRF 50%): it is imputed from the zero right half -> score 0.
+    # remove the right half (LeRF 50%): the left half is untouched -> score 1. Combined (1 - 0)/2.
+    morf, lerf, comb = M.road(X, GOOD + 0.01 * torch.rand(4, 4), score, (0, 0, 0), (1, 1, 1), percentages=[50], noise=0)
+    assert morf == pytest.approx(0.0, abs=1e-9) and lerf == pytest.approx(1.0) and comb == pytest.approx(0.5)
+
+
+def test_pointing_games_by_hand() -> None:
+    cam = np.zeros((4, 4))
+    cam[1, 1] = 1.0
+    cam[3, 3] = 0.5
+    assert M.energy_pointing_game(cam, [[0, 0, 2, 2]]) == pytest.approx(1 / 1.5)
+    assert M.pointing_game(cam, [[0, 0, 2, 2]]) == 1.0
+    assert M.pointing_game(cam, [[2, 2, 4, 4]]) == 0.0
+    assert M.energy_pointing_game(cam, [[0, 0, 2, 2], [3, 3, 4, 4]]) == pytest.approx(1.0)
+
+
+def test_baseline_maps() -> None:
+    c = M.center_map(9, 13)
+    assert c.argmax() == 4 * 13 + 6 and float(c.max()) == pytest.approx(1.0)
+    r1, r2 = M.random_map(8, 8, 1, grid=(2, 2)), M.random_map(8, 8, 1, grid=(2, 2))
+    assert torch.equal(r1, r2) and not torch.equal(r1, M.random_map(8, 8, 2, grid=(2, 2)))
+
+
+def test_metric_names_are_checked() -> None:
+    with pytest.raises(UsageError, match="did you mean 'deletion_auc'"):
+        parse_metrics("deleton_auc", False)
+    with pytest.raises(UsageError, match="needs --boxes"):
+        parse_metrics("pointing_game", False)
+    assert "pointing_game" in parse_metrics(None, True)
+
+
+def test_gradcam_beats_random_on_the_sample_photos(samples: Path, tmp_path: Path, bundled) -> None:  # noqa: ANN001
+    photos = [samples / n for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")]
+    res = evaluate(photos, EvaluateOptions(metric="deletion_auc,insertion_auc", steps=25, out=str(tmp_path)),
+                   model=bundled)
+    g, r = res.aggregate["gradcam"], res.aggregate["baseline:random"]
+    assert g["deletion_auc"]["mean"] < g["insertion_auc"]["mean"]
+    assert g["deletion_auc"]["mean"] < r["deletion_auc"]["mean"]
+    assert g["insertion_auc"]["mean"] > r["insertion_auc"]["mean"]
+    assert g["deletion_auc"]["beats_baselines"] in (True, False) and g["deletion_auc"]["n"] == 3
+
+
+def test_evaluation_is_deterministic_and_complete(samples: Path, tmp_path: Path, bundled) -> None:  # noqa: ANN001
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"chelsea.jpg": [[80, 70, 380, 290]]}))
+    opts = dict(metric=None, boxes=str(boxes), steps=4, batch_size=8)
+    a = evaluate([samples / "chelsea.jpg"], EvaluateOptions(out=str(tmp_path / "a"), **opts), model=bundled)
+    b = evaluate([samples / "chelsea.jpg"], EvaluateOptions(out=str(tmp_path / "b"), **opts), model=bundled)
+    assert a.aggregate == b.aggregate
+    doc = json.loads(a.path.read_text())
+    assert set(doc["aggregate"]) == {"gradcam", "baseline:random", "baseline:center"}
+    assert set(doc["aggregate"]["gradcam"]) == set(M.METRICS)
+    for stats in doc["aggregate"]["gradcam"].values():
+        assert {"mean", "std", "n"} <= set(stats) and stats["n"] == 1
+    assert doc["images"][0]["metrics"]["gradcam"]["pointing_game"] == 1.0
+    assert doc["aggregate"]["baseline:center"]["sanity_spearman"]["mean"] == 1.0
+    assert doc["settings"]["seed"] == 0 and doc["settings"]["steps"] == 4
+
+
+def test_cli_table_json_and_plots(samples: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["evaluate", str(samples / "coffee.jpg"), "--metric", "deletion_auc,insertion_auc,complexity",
+                                 "--steps", "5", "--plots", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "baseline:random" in r.stdout and "deletion_auc" in r.stdout
+    assert (tmp_path / "evaluation.json").is_file()
+    assert (tmp_path / "deletion_curve.png").is_file() and (tmp_path / "insertion_curve.png").is_file()
+    r = CliRunner().invoke(app, ["evaluate", str(samples / "coffee.jpg"), "--metric", "pointing_game"])
+    assert r.exit_code == 2 and "--boxes" in r.output
