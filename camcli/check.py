@@ -185,7 +185,7 @@ def run_check(
     return report
 
 
-def _rank_of(target: int | None, ranked: list[int], lm: LoadedModel) -> int:
+def _rank_of(target: int | None, ranked: list[int]) -> int:
     if target is None:
         return 1
     return ranked.index(target) + 1 if target in ranked else len(ranked) + 1
@@ -209,7 +209,7 @@ def _evaluate(
         rows.append(RuleResult(case.name, case.index, method, rule, value, bound, bool(passed), message))
 
     if ex.top_k is not None:
-        rank = _rank_of(target, ranked, lm)
+        rank = _rank_of(target, ranked)
         shown = f"rank {rank}" if rank <= len(ranked) else f"not in top {len(ranked)}"
         label = lm.label(target) if target is not None else None
         add("top_k", rank, ex.top_k, rank <= ex.top_k, f"class {target} ({label}): {shown}")

@@ -5,6 +5,7 @@ Both undo everything they did on exit, exceptions included.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -31,7 +32,34 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-class LayerTap:
+class _Hooks(ABC):
+    """Owns hook handles; removes them all on close, on exit and when registering fails midway."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @abstractmethod
+    def _register(self) -> None:
+        """Register the hooks, appending their handles to ``self._handles``."""
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        try:
+            self._register()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class LayerTap(_Hooks):
     """Forward hooks on named layers that record their outputs.
 
     With gradients enabled, the first tapped output in the graph becomes a leaf that requires grad,
@@ -49,25 +77,15 @@ class LayerTap:
         self.activations: dict[str, Tensor] = {}
         self.replace: dict[str, Tensor] = {}
         self.enabled = True
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
-    def __enter__(self) -> "LayerTap":
-        try:
-            for name in self.layers:
-                module = self.model.get_submodule(name)
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _register(self) -> None:
+        for name in self.layers:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().close()
         self.activations.clear()
         self.replace.clear()
 
@@ -110,7 +128,7 @@ def saturated(module: nn.Module, out: Tensor) -> Tensor:
     return sat
 
 
-class SaturationMeter:
+class SaturationMeter(_Hooks):
     """Counts saturated units of bounded activation modules at or after the target layers.
 
     "At or after" means: run once the first target layer has started its forward (its own
@@ -124,32 +142,20 @@ class SaturationMeter:
         self.saturated: Tensor | None = None  # (B,) counts
         self.units: Tensor | None = None
         self.modules: list[str] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
     @property
     def active(self) -> bool:
         return any(isinstance(m, BOUNDED) for m in self.model.modules())
 
-    def __enter__(self) -> "SaturationMeter":
-        try:
-            if self.active:
-                for name in self.layers:
-                    self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._start))
-                for name, mod in self.model.named_modules():
-                    if isinstance(mod, BOUNDED):
-                        self._handles.append(mod.register_forward_hook(self._count(name)))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _register(self) -> None:
+        if not self.active:
+            return
+        for name in self.layers:
+            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._start))
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, BOUNDED):
+                self._handles.append(mod.register_forward_hook(self._count(name)))
 
     def _start(self, module: nn.Module, args: object) -> None:
         self.started = True

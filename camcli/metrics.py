@@ -57,23 +57,28 @@ def _counts(total: int, steps: int) -> list[int]:
     return [round(total * i / steps) for i in range(steps + 1)]
 
 
-def deletion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
-                   fill: Tensor | None = None) -> Tensor:
-    """Target probability as the most relevant pixels are replaced by the image's mean colour."""
-    c, h, w = x.shape
-    fill = x.mean(dim=(1, 2), keepdim=True) if fill is None else fill
+def _replacement_curve(base: Tensor, source: Tensor, cam: Tensor, prob: ProbFn, steps: int, batch: int) -> Tensor:
+    """Probability as the top-ranked pixels of ``base`` are replaced, step by step, by ``source``'s."""
+    c, h, w = base.shape
     order = ranking(cam)
     counts = _counts(h * w, steps)
-    flat_x = x.reshape(c, -1)
-    flat_fill = fill.reshape(c, 1).expand(c, h * w)
+    flat_base = base.reshape(c, -1)
+    flat_source = source.reshape(c, -1)
 
     def image(i: int) -> Tensor:
-        out = flat_x.clone()
+        out = flat_base.clone()
         idx = order[: counts[i]]
-        out[:, idx] = flat_fill[:, idx]
+        out[:, idx] = flat_source[:, idx]
         return out.reshape(c, h, w)
 
     return _batched(prob, image, steps + 1, batch)
+
+
+def deletion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
+                   fill: Tensor | None = None) -> Tensor:
+    """Target probability as the most relevant pixels are replaced by the image's mean colour."""
+    fill = x.mean(dim=(1, 2), keepdim=True) if fill is None else fill
+    return _replacement_curve(x, fill.expand_as(x), cam, prob, steps, batch)
 
 
 def blurred(x: Tensor) -> Tensor:
@@ -89,19 +94,7 @@ def blurred(x: Tensor) -> Tensor:
 def insertion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
                     start: Tensor | None = None) -> Tensor:
     """Target probability as the most relevant pixels are put back into a blurred copy."""
-    c, h, w = x.shape
-    base = (blurred(x) if start is None else start).reshape(c, -1)
-    order = ranking(cam)
-    counts = _counts(h * w, steps)
-    flat_x = x.reshape(c, -1)
-
-    def image(i: int) -> Tensor:
-        out = base.clone()
-        idx = order[: counts[i]]
-        out[:, idx] = flat_x[:, idx]
-        return out.reshape(c, h, w)
-
-    return _batched(prob, image, steps + 1, batch)
+    return _replacement_curve(blurred(x) if start is None else start, x, cam, prob, steps, batch)
 
 
 def auc(curve: Tensor) -> float:

@@ -99,3 +99,27 @@ def test_workers_decode_in_parallel_processes(folder: Path, tmp_path: Path) -> N
     res = explain([folder], ExplainOptions(out=str(tmp_path / "w"), model="toymodels:tiny_cnn", workers=2, quiet=True))
     assert res.summary["counts"]["ok"] == 12
     shutil.rmtree(tmp_path / "w")
+
+
+def test_interrupted_run_leaves_only_complete_files(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    seen = [0]
+
+    def progress(n: int) -> None:  # Ctrl-C arrives in the main thread after the second batch
+        seen[0] += n
+        if seen[0] >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        explain([folder], ExplainOptions(out=str(out), batch_size=4, save_raw=True, **TINY), progress=progress)
+    assert not list(out.rglob("*.part")), "temporary files must not survive an interruption"
+    pngs = sorted(out.glob("*.png"))
+    assert 0 < len(pngs) < 12
+    for p in pngs:  # every file that exists decodes completely
+        with Image.open(p) as im:
+            im.load()
+    for p in out.glob("*.npy"):
+        assert np.load(p).shape in {(32, 48), (40, 40), (48, 32)}
+    # and --skip-existing picks up from there
+    res = explain([folder], ExplainOptions(out=str(out), batch_size=4, save_raw=True, skip_existing=True, **TINY))
+    assert res.summary["counts"]["ok"] == 12 and res.summary["counts"]["reused"] >= 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -88,36 +88,15 @@ def register(
     description: str,
     paper: str,
     aliases: tuple[str, ...] = (),
-    needs_gradients: bool = False,
-    extra_forwards: str = "0",
-    needs_target: bool = True,
-    needs_scorer: bool = False,
-    needs_layer_scorer: bool = False,
-    needs_classifier: bool = False,
-    needs_gradient_fn: bool = False,
-    pixel_space: bool = False,
+    **meta: Any,  # the other MethodInfo fields: needs_gradients, extra_forwards, needs_target, ...
 ) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: ``@register("gradcam++", aliases=("gradcampp",), ...)`` adds a method."""
+    """Decorator: ``@register("gradcam++", aliases=("gradcampp",), needs_gradients=True, ...)``."""
 
     def deco(fn: MethodFn) -> MethodFn:
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:
                 raise ValueError(f"method name {key!r} is registered twice")
-        _REGISTRY[name] = MethodInfo(
-            name=name,
-            fn=fn,
-            description=description,
-            paper=paper,
-            aliases=aliases,
-            needs_gradients=needs_gradients,
-            extra_forwards=extra_forwards,
-            needs_target=needs_target,
-            needs_scorer=needs_scorer,
-            needs_layer_scorer=needs_layer_scorer,
-            needs_classifier=needs_classifier,
-            needs_gradient_fn=needs_gradient_fn,
-            pixel_space=pixel_space,
-        )
+        _REGISTRY[name] = MethodInfo(name=name, fn=fn, description=description, paper=paper, aliases=aliases, **meta)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
