@@ -345,3 +345,20 @@ def test_registry_metadata_and_aliases() -> None:
     assert all(m.paper for m in available_methods())
     with pytest.raises(UsageError, match="did you mean 'layercam'"):
         get_method("layercm")
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 3, 4), (2, 3, 5, 6)])  # fewer positions than channels, and more
+def test_first_component_matches_svd_projection(shape: tuple[int, int, int, int]) -> None:
+    from camcli.methods.eigen import first_component
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    m = x.reshape(shape[0], shape[1], -1).transpose(1, 2)
+    c = m - m.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(c, full_matrices=False)
+    ref = torch.einsum("bpk,bk->bp", c, vh[:, 0, :])
+    got = first_component(x).reshape(shape[0], -1).double()
+    assert torch.allclose(got.abs(), ref.abs(), atol=1e-4)
+    # and the sign is the one that correlates positively with the channel sum
+    s = m.sum(dim=2)
+    assert ((got * (s - s.mean(dim=1, keepdim=True))).sum(dim=1) > 0).all()

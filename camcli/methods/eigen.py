@@ -17,8 +17,15 @@ def first_component(x: Tensor) -> Tensor:
     b, k, h, w = x.shape
     m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
     centred = m - m.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    proj = torch.einsum("bpk,bk->bp", centred, vh[:, 0, :])  # (B, hw)
+    # The projection on the first right singular vector v equals sqrt(lambda) * u, with (lambda, u)
+    # the top eigenpair of the small Gram matrix C C^T (hw x hw); when channels are fewer than
+    # positions, take v from C^T C (K x K) instead. Same result as an SVD, much cheaper.
+    if h * w <= k:
+        vals, vecs = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+        proj = vecs[:, :, -1] * vals[:, -1:].clamp(min=0).sqrt()
+    else:
+        _, vecs = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
+        proj = torch.einsum("bpk,bk->bp", centred, vecs[:, :, -1])
     ref = m.sum(dim=2)
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1))
