@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import Image
 
+from camcli.config import read_yaml
 from camcli.errors import UsageError, suggest
 from camcli.methods import MethodInfo, parse_methods
 
@@ -114,12 +114,7 @@ def baseline_path(baselines: Path, case: Case, method: str) -> Path:
 def load_check_file(path: str | Path, *, require_baselines: bool = True) -> CheckFile:
     """Parse and validate everything that can be checked without the model."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckFileError(f"{p}: no such check file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CheckFileError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, str(p), CheckFileError)
     if not isinstance(data, dict):
         raise CheckFileError(f"{p}: expected a mapping with a 'cases' list")
     _check_keys(p, "top level", data, TOP_KEYS)

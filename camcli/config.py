@@ -20,15 +20,20 @@ def _key(raw: str) -> str:
     return _RENAMES.get(k, k)
 
 
+def read_yaml(path: Path, what: str, error: type[UsageError] = UsageError) -> Any:  # noqa: ANN401
+    """Load a YAML file; a missing file or a syntax error raises ``error`` naming ``what``."""
+    if not path.is_file():
+        raise error(f"{what}: no such file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise error(f"{what}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """Parse and check a config file: unknown keys and wrong types are usage errors (exit 2)."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {str(p)!r}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, f"--config {str(p)!r}")
     if data is None:
         return {}
     if not isinstance(data, dict):

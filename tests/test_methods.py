@@ -322,8 +322,9 @@ def test_batching_never_changes_a_map(bundled, samples) -> None:  # noqa: ANN001
     pre = Preprocess(160, bundled.mean, bundled.std, flexible=False)
     imgs = [pre(decode(p)) for p in sorted(samples.glob("*.jpg"))]
     batch = torch.stack([imgs[i % len(imgs)] for i in range(8)])
-    methods = parse_methods("gradcam,gradcam++,layercam,scorecam")
-    engine = CamEngine(bundled.module, ["bn2"], methods, options=MethodOptions(score_channels=16))
+    methods = parse_methods("gradcam,gradcam++,layercam,scorecam,ss-cam,smoothgradcam++")
+    opts = MethodOptions(score_channels=8, smooth_samples=2)
+    engine = CamEngine(bundled.module, ["bn2"], methods, options=opts)
     together = engine.explain(batch, [ClassIndex(285)])
     for i in (0, 5):
         alone = engine.explain(batch[i : i + 1], [ClassIndex(285)])[0]

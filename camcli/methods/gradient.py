@@ -128,13 +128,15 @@ def smoothgradcampp(inputs: CamInputs) -> Tensor:
     x = require(inputs.inputs, "inputs", "smoothgradcam++")
     grad_at = require(inputs.gradient_fn, "a gradient function", "smoothgradcam++")  # type: ignore[arg-type]
     opts = inputs.options
-    sigma = opts.smooth_sigma * float(x.max() - x.min())
-    gen = torch.Generator(device=x.device).manual_seed(opts.seed)
+    # Noise per image, from its own seeded generator and value range: a map never depends on its batch.
+    gens = [torch.Generator(device=x.device).manual_seed(opts.seed) for _ in range(x.shape[0])]
+    sigma = opts.smooth_sigma * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
     g1 = torch.zeros_like(a)
     g2 = torch.zeros_like(a)
     g3 = torch.zeros_like(a)
     for _ in range(opts.smooth_samples):
-        noisy = x + torch.randn(x.shape, generator=gen, device=x.device) * sigma
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device) for g in gens])
+        noisy = x + noise * sigma
         _, g = grad_at(noisy, inputs.targets)
         g1 += g
         g2 += g * g

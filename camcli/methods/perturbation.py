@@ -37,10 +37,12 @@ def _score_family(
     inputs: CamInputs,
     method: str,
     channel_score: Callable[[Tensor, Tensor, int], Tensor],
+    on_image: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Shared Score-CAM loop: per image, per chunk of channels, score masked inputs; softmax weights.
 
-    ``channel_score(x_one (1,3,H,W), masks (n,H,W), target)`` -> (n,) scores.
+    ``channel_score(x_one (1,3,H,W), masks (n,H,W), target)`` -> (n,) scores. ``on_image(x_one)`` runs
+    before each image (SS-CAM reseeds its noise there, so a map never depends on its batch).
     """
     a = inputs.activations
     x = require(inputs.inputs, "inputs", method)
@@ -48,6 +50,8 @@ def _score_family(
     size = (x.shape[-2], x.shape[-1])
     weights = torch.zeros(a.shape[0], a.shape[1], device=a.device, dtype=torch.float32)
     for b in range(a.shape[0]):
+        if on_image is not None:
+            on_image(x[b : b + 1])
         chans = channel_subset(a[b], opts.score_channels)
         scores = torch.empty(len(chans), device=a.device)
         for start in chunks(len(chans), opts.perturbation_batch, f"{method} image {b + 1}", opts.progress):
@@ -83,18 +87,22 @@ def sscam(inputs: CamInputs) -> Tensor:
     scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
     opts = inputs.options
     x = require(inputs.inputs, "inputs", "ss-cam")
-    sigma = opts.smooth_sigma * float(x.max() - x.min())
-    gen = torch.Generator(device=x.device).manual_seed(opts.seed)
+    gen = torch.Generator(device=x.device)
+    sigma = [0.0]
+
+    def start(x1: Tensor) -> None:  # the same noise for an image whatever its batch
+        gen.manual_seed(opts.seed)
+        sigma[0] = opts.smooth_sigma * float(x1.max() - x1.min())
 
     def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
         masked = x1 * masks[:, None]
         total = torch.zeros(masks.shape[0], device=x1.device)
         for _ in range(opts.smooth_samples):
-            noise = torch.randn(masked.shape, generator=gen, device=x1.device) * sigma
+            noise = torch.randn(masked.shape, generator=gen, device=x1.device) * sigma[0]
             total += scorer(masked + noise, c)
         return total / opts.smooth_samples
 
-    return _score_family(inputs, "ss-cam", score)
+    return _score_family(inputs, "ss-cam", score, on_image=start)
 
 
 @register(
