@@ -9,6 +9,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from camcli import __version__
@@ -21,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line, whatever the width
 
 
 def _stdout() -> Console:
@@ -36,7 +37,7 @@ def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except CamcliError as e:
-        err.print(f"[bold red]camcli: error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]camcli: error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(int(e.exit_code)) from None
     except KeyboardInterrupt:
         err.print("camcli: interrupted; files written so far are complete, the rest were not started")
@@ -206,8 +207,8 @@ def check(
             table.add_column(col, overflow="fold")
         for r in report.rules:
             table.add_row(
-                r.case, r.method, r.rule, str(r.value), str(r.bound),
-                "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", r.message,
+                escape(r.case), r.method, r.rule, escape(str(r.value)), escape(str(r.bound)),
+                "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", escape(r.message),
             )
         console.print(table)
         if junit is not None:

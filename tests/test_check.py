@@ -123,6 +123,7 @@ def test_results_are_deterministic(workdir: Path, bundled) -> None:  # noqa: ANN
         ({"metod": "gradcam", "cases": [cat_case()]}, "top level: unknown key 'metod'; did you mean 'method'"),
         ({"method": "gradcm", "cases": [cat_case()]}, "method: unknown method 'gradcm'"),
         ({"cases": []}, "cases: expected a non-empty list"),
+        ({"cases": [cat_case(region=[1, 2, 3])]}, "[1, 2, 3] is not a box [x0, y0, x1, y1]"),
     ],
 )
 def test_file_errors_exit_2(workdir: Path, doc: dict, message: str) -> None:
