@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models import resnet18
@@ -93,3 +94,51 @@ def test_tuple_outputs_need_output_key(tmp_path: Path) -> None:
         CamEngine(lm.module, ["net.features"], [get_method("gradcam")]).explain(x, [TopK(1)])
     out = CamEngine(lm.module, ["net.features"], [get_method("gradcam")], output_key="0").explain(x, [TopK(1)])
     assert out[0].maps[0].cam.shape == (8, 8)
+
+
+def test_torch_export_archive_gives_the_eager_models_maps(tmp_path: Path) -> None:
+    from camcli.engine import CamEngine
+    from camcli.methods import parse_methods
+    from camcli.targets import TopK
+
+    torch.manual_seed(0)
+    eager = resnet18(num_classes=3).eval()
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(eager, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: auto, 2: auto, 3: auto},))
+    p = tmp_path / "r18.pt2"
+    torch.export.save(program, p)
+    lm = load_model(str(p))
+    assert lm.source == "torch.export" and lm.num_classes == 3 and lm.flexible_size
+    x = torch.randn(2, 3, 96, 128)
+    methods = parse_methods("gradcam,layercam,scorecam")
+    ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [TopK(1)])
+    ref = CamEngine(eager, ["layer4"], methods).explain(x, [TopK(1)])
+    for a, b in zip(ours, ref):
+        for ma, mb in zip(a.maps, b.maps):
+            assert ma.target == mb.target and np.allclose(ma.cam, mb.cam, atol=1e-5), ma.method
+
+
+def test_guided_backprop_reaches_the_relus_of_an_exported_graph(tmp_path: Path) -> None:
+    from camcli.engine import CamEngine
+    from camcli.methods import parse_methods
+    from camcli.targets import ClassIndex
+
+    torch.manual_seed(0)
+    eager = resnet18(num_classes=3).eval()
+    p = tmp_path / "r18.pt2"
+    auto = torch.export.Dim.AUTO
+    torch.export.save(torch.export.export(eager, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: auto},)), p)
+    lm = load_model(str(p))
+    assert lm.input_size == 64 and not lm.flexible_size  # static height and width: the example's size
+    x = torch.randn(1, 3, 64, 64)
+    methods = parse_methods("guided-backprop")
+    ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
+    ref = CamEngine(eager, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
+    assert np.allclose(ours, ref, atol=1e-5)
+
+
+def test_export_with_a_fixed_batch_is_refused_with_the_fix(tmp_path: Path) -> None:
+    p = tmp_path / "one.pt2"
+    torch.export.save(torch.export.export(resnet18(num_classes=3).eval(), (torch.randn(1, 3, 64, 64),)), p)
+    with pytest.raises(ModelError, match="dynamic batch dimension"):
+        load_model(str(p))

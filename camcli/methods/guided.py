@@ -35,8 +35,10 @@ class _GuidedClamp(torch.autograd.Function):
         return grad * gate, None, None
 
 
-_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
-_HARDTANH = {F.hardtanh, F.hardtanh_}
+_aten = torch.ops.aten
+# Python-level functions (eager models) and the aten ops that torch.export graphs call directly.
+_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, _aten.relu.default, _aten.relu_.default}
+_HARDTANH = {F.hardtanh, F.hardtanh_, _aten.hardtanh.default, _aten.hardtanh_.default}
 
 
 class GuidedReLUMode(TorchFunctionMode):

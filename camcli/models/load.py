@@ -64,6 +64,32 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or n.endswith("/code/__torch__.py") for n in z.namelist()[:200])
 
 
+def _is_exported_program(path: Path) -> bool:
+    """A torch.export archive (``torch.export.save``, usually ``.pt2``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+
+
+def _load_exported(path: Path) -> tuple[nn.Module, int | None]:
+    """An exported program, unflattened back into named sub-modules that forward hooks can reach,
+    and the side of its example input when that is square (the size it certainly accepts)."""
+    try:
+        program = torch.export.load(path)
+        module = torch.export.unflatten(program)
+    except Exception as e:  # noqa: BLE001 - a broken archive is the user's file, say so
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--model {str(path)!r} is a torch.export archive that could not be loaded: {first}") from None
+    size = None
+    example = (program.example_inputs or ((), {}))[0]
+    if example and isinstance(example[0], torch.Tensor) and example[0].dim() == 4:
+        h, w = example[0].shape[-2:]
+        size = int(h) if h == w else None
+    return module, size
+
+
 def read_checkpoint(path: str | Path, unsafe_load: bool = False) -> Any:
     """torch.load with weights_only=True unless the user opted in with --unsafe-load."""
     p = Path(path)
@@ -272,12 +298,29 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
     return module, meta
 
 
+def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
+    obj = read_checkpoint(path, unsafe_load)
+    if not isinstance(obj, nn.Module):
+        raise ModelError(
+            f"--model {name!r} holds a {type(obj).__name__}, not a model; pass the architecture as "
+            f"--model NAME and this file as --weights {name!r}"
+        )
+    return obj
+
+
 def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, bool]:
     """(number of classes, whether the model accepts a non-square input of another size)."""
     from camcli.engine import pick_logits
 
     with torch.inference_mode():
         out = module(torch.zeros(1, 3, size, size, device=device))
+        try:
+            module(torch.zeros(2, 3, size, size, device=device))
+        except Exception as e:  # noqa: BLE001 - only a model traced for one batch size gets here
+            raise ModelError(
+                f"the model runs on one image but not on a batch of two ({str(e).splitlines()[0]}); camcli batches "
+                "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
+            ) from None
         try:
             n = int(pick_logits(out).shape[1])
         except UsageError:
@@ -312,19 +355,18 @@ def load_model(
         if _is_torchscript(p):
             raise ModelError(
                 f"--model {name!r} is TorchScript: compiled modules cannot be hooked at a layer, so no CAM "
-                "can be taken. Pass the architecture (torchvision/timm name or module:callable) with "
-                "--weights FILE instead"
+                "can be taken. Save the model with torch.export.save (a .pt2 file, which camcli reads), or "
+                "pass the architecture (torchvision/timm name or module:callable) with --weights FILE"
             )
-        obj = read_checkpoint(p, unsafe_load)
-        if not isinstance(obj, nn.Module):
-            raise ModelError(
-                f"--model {name!r} holds a {type(obj).__name__}, not a model; pass the architecture as "
-                f"--model NAME and this file as --weights {name!r}"
-            )
-        module = obj
         meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "weights": name, "sha": file_sha256(p)}
-        source = "file"
+        if _is_exported_program(p):
+            module, example_size = _load_exported(p)
+            source = "torch.export"
+            meta["size"] = example_size or meta["size"]
+        else:
+            module, source = _pickled_module(p, name, unsafe_load), "file"
     elif ":" in name:
+
         module, meta = _callable(name, weights, unsafe_load)
         source = "callable"
     else:
@@ -349,6 +391,8 @@ def load_model(
         raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
     try:
         n, flexible = _probe(module, size, dev)
+    except ModelError:
+        raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
         raise ModelError(f"model {name!r} failed on a {size}x{size} test input: {e}") from None
     label_list: list[str] | None
