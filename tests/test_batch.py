@@ -114,12 +114,13 @@ def test_interrupted_run_leaves_only_complete_files(folder: Path, tmp_path: Path
         explain([folder], ExplainOptions(out=str(out), batch_size=4, save_raw=True, **TINY), progress=progress)
     assert not list(out.rglob("*.part")), "temporary files must not survive an interruption"
     pngs = sorted(out.glob("*.png"))
-    assert 0 < len(pngs) < 12
+    assert len(pngs) <= 8  # only the two batches computed before the interrupt can have outputs
     for p in pngs:  # every file that exists decodes completely
         with Image.open(p) as im:
             im.load()
     for p in out.glob("*.npy"):
         assert np.load(p).shape in {(32, 48), (40, 40), (48, 32)}
-    # and --skip-existing picks up from there
+    # writes already running finished (and were journaled); queued ones were cancelled.
+    # --skip-existing reuses exactly the finished images and redoes the rest.
     res = explain([folder], ExplainOptions(out=str(out), batch_size=4, save_raw=True, skip_existing=True, **TINY))
-    assert res.summary["counts"]["ok"] == 12 and res.summary["counts"]["reused"] >= 4
+    assert res.summary["counts"]["ok"] == 12 and res.summary["counts"]["reused"] == len(pngs)
