@@ -363,3 +363,59 @@ def test_first_component_matches_svd_projection(shape: tuple[int, int, int, int]
     # and the sign is the one that correlates positively with the channel sum
     s = m.sum(dim=2)
     assert ((got * (s - s.mean(dim=1, keepdim=True))).sum(dim=1) > 0).all()
+
+
+def test_iscam_by_hand() -> None:
+    # masks scaled by i/2, i = 1, 2; y = w . mean(x * s * M) + 0.3 with w = (1, -0.25)
+    # channel 1: s = 1/2 -> 0.125 + 0.3 = 0.425; s = 1 -> 0.55; mean 0.4875
+    # channel 2: s = 1/2 -> -0.0625 + 0.3 = 0.2375; s = 1 -> 0.175; mean 0.20625; weights = softmax
+    w1 = 1 / (1 + math.exp(-(0.4875 - 0.20625)))
+    engine = CamEngine(toy_scores_model(), ["feat"], [get_method("is-cam")], signed=True,
+                       options=MethodOptions(integration_steps=2))
+    out = engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    expected = torch.tensor([[w1, 0.0], [0.0, 2 * (1 - w1)]])
+    assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
+
+
+def test_sscam_without_noise_is_scorecam_and_noise_is_seeded() -> None:
+    def run(name: str, **opts: float) -> np.ndarray:
+        engine = CamEngine(toy_scores_model(), ["feat"], [get_method(name)], signed=True,
+                           options=MethodOptions(**opts))
+        return engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+
+    assert np.allclose(run("ss-cam", smooth_sigma=0.0, smooth_samples=3), run("scorecam"), atol=1e-6)
+    noisy = run("ss-cam", smooth_sigma=0.5, smooth_samples=3)
+    assert np.array_equal(noisy, run("ss-cam", smooth_sigma=0.5, smooth_samples=3))
+    assert not np.allclose(noisy, run("scorecam"), atol=1e-4)
+
+
+def test_smoothgradcampp_equals_gradcampp_when_gradients_ignore_noise() -> None:
+    # On identity features + GAP -> linear, G = w_c / (h w) whatever the input: averaging G, G^2, G^3
+    # over noisy copies changes nothing, so the map is Grad-CAM++'s exactly.
+    torch.manual_seed(5)
+    a = torch.rand(2, 3, 4, 5)
+    model = GapLinear(torch.randn(2, 3))
+    engine = CamEngine(model, ["feat"], parse_methods("gradcam++,smoothgradcam++"),
+                       options=MethodOptions(smooth_sigma=0.3, smooth_samples=4))
+    for o in engine.explain(a, [ClassIndex(1)]):
+        assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
+
+
+def test_guided_gradcam_is_saliency_times_upsampled_gradcam() -> None:
+    from camcli.methods.guided import GuidedReLUMode
+
+    torch.manual_seed(0)
+    model = FunctionalReluNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    o = CamEngine(model, ["conv2"], parse_methods("guided-gradcam")).explain(x, [ClassIndex(1)])[0]
+    xg = x.clone().requires_grad_(True)
+    with GuidedReLUMode():
+        (g,) = torch.autograd.grad(model(xg)[0, 1], xg)
+    sal = g.abs().amax(dim=1)[0]
+    sal = torch.minimum(sal, torch.quantile(sal.flatten(), 0.995))
+    a = model.conv2(model.act(model.conv(x))).detach().requires_grad_(True)
+    (ga,) = torch.autograd.grad(model.fc(F.relu(a).mean(dim=(2, 3)))[0, 1], a)
+    coarse = torch.relu((ga.mean(dim=(2, 3))[:, :, None, None] * a).sum(dim=1))[0]
+    raw_map = sal * coarse / coarse.max()  # conv2 keeps 8x8, so no resize here
+    expected = (raw_map - raw_map.min()) / (raw_map.max() - raw_map.min())
+    assert np.allclose(o.maps[0].cam, expected.detach().numpy(), atol=1e-5)
