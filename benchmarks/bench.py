@@ -332,7 +332,6 @@ def machine() -> list[str]:
                 break
     except OSError:
         pass
-    import pytorch_grad_cam  # noqa: F401
     from importlib.metadata import version
 
     return [

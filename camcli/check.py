@@ -17,7 +17,7 @@ from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, cas
 from camcli.engine import CamEngine
 from camcli.errors import ExitCode, UsageError
 from camcli.images import Preprocess, decode
-from camcli.layers import default_layer, resolve_layers, trace_layers
+from camcli.layers import choose_layers
 from camcli.models import LoadedModel, load_model
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
@@ -111,19 +111,12 @@ def _draw_region(bgr: np.ndarray, case: Case, ok: bool) -> np.ndarray:
     return bgr
 
 
-def _load(cf: CheckFile) -> tuple[LoadedModel, list[str], torch.device]:
-    device = resolve_device(cf.device)
+def _load(cf: CheckFile) -> LoadedModel:
     m = cf.model
-    lm = load_model(
+    return load_model(
         m.get("name"), m.get("weights"), m.get("labels"), unsafe_load=bool(m.get("unsafe_load", False)),
-        image_size=cf.image_size, device=device,
+        image_size=cf.image_size, device=resolve_device(cf.device),
     )
-    example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-    try:
-        layers = resolve_layers(lm.module, cf.layer, lm.name) if cf.layer else [default_layer(trace_layers(lm.module, example))]
-    except UsageError as e:
-        raise CheckFileError(f"{cf.path}: layer: {e}") from None
-    return lm, layers, device
 
 
 def run_check(
@@ -138,12 +131,12 @@ def run_check(
     if update_baselines and cf.baselines is None:
         raise CheckFileError(f"{cf.path}: --update-baselines needs a top-level 'baselines' folder")
     _prevalidate_classes(cf)
-    if model is None:
-        lm, layers, device = _load(cf)
-    else:
-        lm, device = model, next(model.module.parameters()).device
-        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-        layers = resolve_layers(lm.module, cf.layer, lm.name) if cf.layer else [default_layer(trace_layers(lm.module, example))]
+    lm = model or _load(cf)
+    device = next(lm.module.parameters()).device
+    try:
+        layers = choose_layers(lm.module, cf.layer, lm.name, torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+    except UsageError as e:
+        raise CheckFileError(f"{cf.path}: layer: {e}") from None
     specs_by_case: dict[int, list[tgt.TargetSpec]] = {}
     for case in cf.cases:
         try:

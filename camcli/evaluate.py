@@ -18,7 +18,7 @@ from camcli import targets as tgt
 from camcli.engine import CamEngine
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
 from camcli.images import Preprocess, decode, discover
-from camcli.layers import default_layer, resolve_layers, trace_layers
+from camcli.layers import choose_layers, trace_layers
 from camcli.methods import parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.pipeline import check_writable, resolve_device
@@ -126,7 +126,7 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
                              image_size=opts.image_size, device=device)
     net = lm.module.to(device=device, memory_format=torch.channels_last)
     example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-    layers = resolve_layers(net, opts.layer, lm.name) if opts.layer else [default_layer(trace_layers(net, example))]
+    layers = choose_layers(net, opts.layer, lm.name, example)
     specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
     if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1):
         raise UsageError("evaluate explains one class per image: --class top1, an index or a label")

@@ -78,3 +78,10 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
     if not out:
         raise UsageError(f"--layer is empty; see `camcli layers --model {model_name}`")
     return out
+
+
+def choose_layers(model: nn.Module, spec: str | list[str] | None, model_name: str, example: Tensor) -> list[str]:
+    """``--layer`` resolved, or the default layer traced on ``example`` when none was given."""
+    if spec:
+        return resolve_layers(model, spec, model_name)
+    return [default_layer(trace_layers(model, example))]

@@ -26,7 +26,7 @@ from camcli import targets as tgt
 from camcli.engine import CamEngine, CamMap, ImageOutput
 from camcli.errors import ExitCode, UsageError
 from camcli.images import ImageDataset, ImageSource, Preprocess, collate, discover
-from camcli.layers import default_layer, resolve_layers, trace_layers
+from camcli.layers import choose_layers
 from camcli.methods import MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
@@ -307,10 +307,6 @@ def _fingerprint(opts: ExplainOptions, lm: LoadedModel, layers: list[str], specs
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _warn(msg: str) -> None:
-    print(f"camcli: warning: {msg}", file=sys.stderr)
-
-
 def explain(
     inputs: Sequence[str | Path],
     options: ExplainOptions | None = None,
@@ -339,7 +335,7 @@ def explain(
     lm.module.to(device=device, memory_format=torch.channels_last)
     pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
     example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-    layers = resolve_layers(lm.module, opts.layer, lm.name) if opts.layer else [default_layer(trace_layers(lm.module, example))]
+    layers = choose_layers(lm.module, opts.layer, lm.name, example)
     specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
     method_opts = MethodOptions(
         score_channels=opts.score_channels, perturbation_batch=opts.perturbation_batch, channels=opts.channels,

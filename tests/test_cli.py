@@ -12,7 +12,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from toymodels import tiny_cnn
 
 runner = CliRunner()
 TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0", "-q"]

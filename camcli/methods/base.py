@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-import torch
 from torch import Tensor
 
 from camcli.errors import UsageError, suggest
