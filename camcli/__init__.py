@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source: pyproject.toml reads it (tool.setuptools.dynamic)
 
 if TYPE_CHECKING:  # pragma: no cover
     from camcli.check import run_check
     from camcli.engine import CamEngine
     from camcli.models import load_model
-    from camcli.pipeline import ExplainOptions, RunResult, explain
+    from camcli.options import EvaluateOptions, ExplainOptions
+    from camcli.pipeline import RunResult, explain
+    from camcli.session import Session
 
 _LAZY = {
-    "ExplainOptions": "camcli.pipeline",
+    "ExplainOptions": "camcli.options",
+    "EvaluateOptions": "camcli.options",
+    "Session": "camcli.session",
     "RunResult": "camcli.pipeline",
     "explain": "camcli.pipeline",
     "CamEngine": "camcli.engine",
@@ -36,4 +40,4 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401
     raise AttributeError(f"module 'camcli' has no attribute {name!r}")
 
 
-__all__ = ["CamEngine", "ExplainOptions", "RunResult", "explain", "load_model", "run_check", "__version__"]
+__all__ = ["CamEngine", "EvaluateOptions", "ExplainOptions", "Session", "RunResult", "explain", "load_model", "run_check", "__version__"]

@@ -10,20 +10,17 @@ from xml.etree import ElementTree as ET
 
 import cv2
 import numpy as np
-import torch
 
 from camcli import targets as tgt
 from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, case_id, load_check_file
-from camcli.engine import CamEngine
 from camcli.errors import ExitCode, UsageError
-from camcli.images import Preprocess, decode
-from camcli.layers import choose_layers
-from camcli.models import LoadedModel, load_model
+from camcli.images import decode
+from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
-from camcli.pipeline import resolve_device
 from camcli.render import encode_png, overlay, resolve_colormap, upsample
 from camcli.sanity import pearson
+from camcli.session import Session
 from camcli.writer import npy_bytes, write_atomic
 
 UNCHANGED = 0.9999  # --update-baselines: a map at least this similar to the stored one is "unchanged"
@@ -72,10 +69,10 @@ class CheckReport:
 
 def _prevalidate_classes(cf: CheckFile) -> None:
     """Label names can be checked before the model loads when the labels are known."""
-    name = cf.model.get("name") or DEFAULT_MODEL
+    name = cf.options.model or DEFAULT_MODEL
     labels: list[str] | None = None
-    if cf.model.get("labels"):
-        labels = load_labels(cf.model["labels"])
+    if cf.options.labels:
+        labels = load_labels(cf.options.labels)
     elif name in (DEFAULT_MODEL, "default"):
         labels = list(imagenet_labels())
     if labels is None:
@@ -111,32 +108,29 @@ def _draw_region(bgr: np.ndarray, case: Case, ok: bool) -> np.ndarray:
     return bgr
 
 
-def _load(cf: CheckFile) -> LoadedModel:
-    m = cf.model
-    return load_model(
-        m.get("name"), m.get("weights"), m.get("labels"), unsafe_load=bool(m.get("unsafe_load", False)),
-        image_size=cf.image_size, device=resolve_device(cf.device),
-    )
-
-
 def run_check(
     path: str | Path,
     *,
     update_baselines: bool = False,
     out: str | Path | None = None,
     model: LoadedModel | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> CheckReport:
-    """Run every case x method of a check file; see CheckReport.exit_code for the outcome."""
-    cf = load_check_file(path, require_baselines=not update_baselines)
+    """Run every case x method of a check file; see CheckReport.exit_code for the outcome.
+
+    ``overrides``: option values from the command line, which win over the file's.
+    """
+    cf = load_check_file(path, require_baselines=not update_baselines, overrides=overrides)
     if update_baselines and cf.baselines is None:
         raise CheckFileError(f"{cf.path}: --update-baselines needs a top-level 'baselines' folder")
     _prevalidate_classes(cf)
-    lm = model or _load(cf)
-    device = next(lm.module.parameters()).device
     try:
-        layers = choose_layers(lm.module, cf.layer, lm.name, torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
+        session = Session.open(cf.options, model=model)
+    except CheckFileError:
+        raise
     except UsageError as e:
-        raise CheckFileError(f"{cf.path}: layer: {e}") from None
+        raise CheckFileError(f"{cf.path}: {e}") from None
+    lm = session.model
     specs_by_case: dict[int, list[tgt.TargetSpec]] = {}
     for case in cf.cases:
         try:
@@ -145,18 +139,14 @@ def run_check(
             )
         except UsageError as e:
             raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
-    engine = CamEngine(lm.module, layers, cf.methods)
-    engine.prepare(torch.zeros(1, 3, lm.input_size, lm.input_size, device=device))
-    pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
     cmap = resolve_colormap("jet")
-    layer_name = "+".join(layers)
+    layer_name = session.layer_name
     report = CheckReport(file=str(cf.path), model=lm.name, layer=layer_name)
     out_dir = Path(out) if out is not None else None
 
     for case in cf.cases:
         rgb = decode(case.image)
-        x = pre(rgb)[None].to(device)
-        result = engine.explain(x, specs_by_case[case.index])[0]
+        result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index])[0]
         ranked = [i for i, _ in result.top]
         mask = _region_mask(case) if (case.expect.region or case.expect.region_mask) else None
         for cam_map in result.maps:

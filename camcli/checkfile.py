@@ -8,12 +8,14 @@ from typing import Any
 
 from PIL import Image
 
+from camcli import options as O
 from camcli.config import read_yaml
 from camcli.errors import UsageError, suggest
 from camcli.methods import MethodInfo, parse_methods
 
-TOP_KEYS = {"model", "layer", "method", "baselines", "cases", "device", "image_size"}
-MODEL_KEYS = {"name", "weights", "labels", "unsafe_load", "output_key", "image_size"}
+# Keys of the file's own; every other top-level key is an option of `check` (camcli.options), and
+# the model options may also sit inside ``model:`` (with ``name`` for the model itself).
+FILE_KEYS = ("model", "baselines", "cases")
 CASE_KEYS = {"image", "class", "name", "expect"}
 EXPECT_KEYS = {"top_k", "region", "region_mask", "min_energy_in_region", "peak_in_region", "min_baseline_similarity"}
 
@@ -46,13 +48,10 @@ class Case:
 @dataclass
 class CheckFile:
     path: Path
-    model: dict[str, Any]
-    layer: str | list[str] | None
+    options: Any  # camcli.options.CheckOptions: model, layer, method, device and every map option
     methods: list[MethodInfo]
     baselines: Path | None
     cases: list[Case]
-    device: str = "auto"
-    image_size: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,31 +110,57 @@ def baseline_path(baselines: Path, case: Case, method: str) -> Path:
     return baselines / f"{case_id(case)}.{method.replace('+', 'p')}.npy"
 
 
-def load_check_file(path: str | Path, *, require_baselines: bool = True) -> CheckFile:
-    """Parse and validate everything that can be checked without the model."""
-    p = Path(path)
-    data = read_yaml(p, str(p), CheckFileError)
-    if not isinstance(data, dict):
-        raise CheckFileError(f"{p}: expected a mapping with a 'cases' list")
-    _check_keys(p, "top level", data, TOP_KEYS)
-    root = p.parent
+def _local(root: Path, value: str) -> str:
+    """A path relative to the check file's folder when it names a file there; else as given."""
+    f = Path(value) if Path(value).is_absolute() else root / value
+    return str(f) if f.exists() else value
 
+
+def _file_options(p: Path, data: dict[str, Any], overrides: dict[str, Any] | None) -> Any:  # noqa: ANN401
+    """The check file's option keys (top level and ``model:``) plus command-line overrides."""
+    root = p.parent
     model = data.get("model") or {}
     if isinstance(model, str):
         model = {"name": model}
     if not isinstance(model, dict):
-        raise _err(p, "model", "expected a name or a mapping {name, weights, labels}")
-    _check_keys(p, "model", model, MODEL_KEYS)
-    model = dict(model)
+        raise _err(p, "model", "expected a name or a mapping {name, weights, labels, ...}")
+    model = {("model" if str(k) == "name" else k): v for k, v in model.items()}
+    if "model" in model and not isinstance(model["model"], str):
+        raise _err(p, "model.name", f"{model['model']!r} is not a model name")
+    try:
+        values = O.read_file_options(data, O.CHECK, f"{p}: top level", ignore=FILE_KEYS)
+        values.update(O.read_file_options(model, O.CHECK, f"{p}: model", group="model"))
+    except UsageError as e:
+        raise CheckFileError(str(e)) from None
     for key in ("weights", "labels"):
-        if model.get(key) and model[key] != "random":
-            f = (root / str(model[key])) if not Path(str(model[key])).is_absolute() else Path(str(model[key]))
+        if values.get(key) and values[key] != "random":
+            f = Path(values[key]) if Path(values[key]).is_absolute() else root / values[key]
             if not f.is_file():
                 raise _err(p, f"model.{key}", f"file {str(f)!r} does not exist")
-            model[key] = str(f)
-
+            values[key] = str(f)
+    if values.get("model"):
+        values["model"] = _local(root, values["model"])
     try:
-        methods = parse_methods(data.get("method", "gradcam"))
+        return O.build(O.CHECK, values, overrides or {})
+    except UsageError as e:
+        raise CheckFileError(f"{p}: {e}") from None
+
+
+def load_check_file(
+    path: str | Path, *, require_baselines: bool = True, overrides: dict[str, Any] | None = None
+) -> CheckFile:
+    """Parse and validate everything that can be checked without the model.
+
+    ``overrides``: option values given on the command line; they win over the file's.
+    """
+    p = Path(path)
+    data = read_yaml(p, str(p), CheckFileError)
+    if not isinstance(data, dict):
+        raise CheckFileError(f"{p}: expected a mapping with a 'cases' list")
+    root = p.parent
+    opts = _file_options(p, data, overrides)
+    try:
+        methods = parse_methods(opts.method)
     except UsageError as e:
         raise _err(p, "method", str(e)) from None
 
@@ -196,11 +221,7 @@ def load_check_file(path: str | Path, *, require_baselines: bool = True) -> Chec
         name = str(c.get("name") or image.stem)
         cases.append(Case(i, name, image, w, h, target, ex))
 
-    cf = CheckFile(
-        path=p, model=model, layer=data.get("layer"), methods=methods, baselines=baselines, cases=cases,
-        device=str(data.get("device", "auto")), image_size=data.get("image_size") or model.get("image_size"),
-        raw=data,
-    )
+    cf = CheckFile(path=p, options=opts, methods=methods, baselines=baselines, cases=cases, raw=data)
     if require_baselines and baselines is not None:
         for case in cases:
             if case.expect.min_baseline_similarity is None:

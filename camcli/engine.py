@@ -8,25 +8,24 @@ gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camcli import targets as tgt
+from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
-from camcli.methods import CamInputs, MethodInfo, MethodOptions, MethodOutput
+from camcli.methods import MethodInfo, MethodOptions, MethodOutput
 from camcli.methods.eigen import first_component
-from camcli.methods.guided import GuidedReLUMode
-from camcli import targets as tgt
+from camcli.models.outputs import pick_logits
 
-EMPTY_REASON = (
-    "the map is empty: every weighted activation is <= 0 after ReLU "
-    "(wrong class, a saturated layer, or a layer too close to the output); try --signed or another layer"
-)
-CONSTANT_REASON = "the map is constant: the layer carries no spatial information for this target"
+# Why a map came out blank: codes here; the words users read live in camcli.stats.NOTES.
+EMPTY = "empty"
+CONSTANT = "constant"
 
 
 @dataclass
@@ -40,7 +39,7 @@ class CamMap:
     probability: float | None
     cam: np.ndarray  # (h, w) float32: [0, 1], or [-1, 1] with signed maps
     empty: bool = False
-    note: str | None = None
+    note: str | None = None  # EMPTY or CONSTANT when the map is blank
     channels: np.ndarray | None = None  # (N, h, w) normalised strongest channels (`activations` topN)
     channel_ids: list[int] | None = None
 
@@ -56,44 +55,10 @@ class ImageOutput:
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
 
 
-def pick_logits(output: Any, key: str | int | None = None) -> Tensor:
-    """Find the (B, classes) logits in a model output: a tensor, tuple/list, dict or ModelOutput."""
-    if key is not None:
-        try:
-            if isinstance(output, (tuple, list)):
-                output = output[int(key)]
-            elif isinstance(output, dict) or hasattr(output, "__getitem__"):
-                output = output[key]
-            else:
-                output = getattr(output, str(key))
-        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as e:
-            raise UsageError(f"--output-key {key!r} not found in the model output ({e})") from None
-    if isinstance(output, Tensor):
-        if output.dim() != 2:
-            raise UsageError(
-                f"the model returns a tensor of shape {tuple(output.shape)}; camcli needs (batch, classes) logits"
-            )
-        return output
-    if isinstance(output, dict) or hasattr(output, "keys"):
-        keys = list(output.keys())
-        if "logits" in keys:
-            return pick_logits(output["logits"])
-        raise UsageError(f"the model returns a mapping with keys {keys}; choose the logits with --output-key KEY")
-    if isinstance(output, (tuple, list)):
-        cands = [i for i, o in enumerate(output) if isinstance(o, Tensor) and o.dim() == 2]
-        if len(cands) == 1:
-            return output[cands[0]]
-        raise UsageError(
-            f"the model returns a {type(output).__name__} of {len(output)} items; "
-            "choose the logits with --output-key INDEX"
-        )
-    raise UsageError(f"the model returns {type(output).__name__}; camcli needs (batch, classes) logits")
-
-
 def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[str | None]]:
     """ReLU (unless signed) and per-image normalisation, the same for every method.
 
-    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), a reason per image or None).
+    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), a reason code per image or None).
     Never divides by zero: an empty or constant map comes back as zeros and is flagged.
     """
     cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -102,7 +67,7 @@ def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[st
         scale = flat.abs().amax(dim=1)
         ok = scale > 0
         out = cam / torch.where(ok, scale, 1.0)[:, None, None]
-        reasons = [None if o else CONSTANT_REASON for o in ok.tolist()]
+        reasons = [None if o else CONSTANT for o in ok.tolist()]
         return out, ~ok, reasons
     cam = torch.relu(cam)
     flat = cam.flatten(1)
@@ -111,7 +76,7 @@ def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[st
     ok = span > 1e-12 * torch.clamp(hi, min=1.0)
     out = (cam - lo[:, None, None]) / torch.where(ok, span, 1.0)[:, None, None]
     out = torch.where(ok[:, None, None], out, torch.zeros_like(out))
-    reasons = [None if o else (EMPTY_REASON if h <= 0 else CONSTANT_REASON) for o, h in zip(ok.tolist(), hi.tolist())]
+    reasons = [None if o else (EMPTY if h <= 0 else CONSTANT) for o, h in zip(ok.tolist(), hi.tolist())]
     return out, ~ok, reasons
 
 
@@ -140,12 +105,17 @@ def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer
                 return mod.weight.detach()
     raise UsageError(
         f"method 'cam' needs layer {layer!r} to feed global-average-pool -> linear directly; "
-        "it does not in this model. Use gradcam (equal to CAM on such heads) or pick the last conv layer"
+        "it does not in this model. Use gradcam (equal to CAM on such heads) or the last conv layer"
     )
 
 
 class CamEngine:
-    """Computes maps for a batch. Holds the model and choices, no per-batch state."""
+    """Computes maps for a batch. Holds the model and choices, no per-batch state.
+
+    It takes resolved objects only (modules, layer names, method entries, target specs): no
+    command-line text, no lookup of methods by name. What a method may call comes from
+    :class:`camcli.capabilities.ModelAccess`.
+    """
 
     def __init__(
         self,
@@ -188,78 +158,26 @@ class CamEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         return pick_logits(self.model(x), self.output_key)
 
+    def _activations(self, tap: LayerTap) -> list[Tensor]:
+        missing = [n for n in self.layers if n not in tap.activations]
+        if missing:
+            raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
+        acts = [tap.activations[n] for n in self.layers]
+        for name, a in zip(self.layers, acts):
+            if a.dim() != 4:
+                raise UsageError(f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map")
+        return acts
+
     def prepare(self, example: Tensor) -> None:
-        """Checks that need a forward pass (the CAM head, --channels) before any real work starts."""
+        """Checks that need a forward pass (layer shapes, the CAM head, each method's own) before real work."""
         with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
             logits = self._forward(example)
-            for layer in self.layers:
-                a = tap.activations.get(layer)
-                if a is None or a.dim() != 4:
-                    shape = None if a is None else tuple(a.shape)
-                    raise UsageError(
-                        f"layer {layer!r} outputs {shape}; methods need a (B, C, h, w) feature map (see `camcli layers`)"
-                    )
+            for layer, a in zip(self.layers, self._activations(tap)):
                 if any(m.needs_classifier for m in self.methods):
                     self._classifier[layer] = find_classifier(self.model, a, logits, layer)
-                if any(m.name == "activations" for m in self.methods):
-                    from camcli.methods.classic import parse_channels
-
-                    parse_channels(self.options.channels, a.shape[1])
-
-    # -- closures handed to methods ---------------------------------------------------------------
-    def _scorer(self, tap: LayerTap) -> Callable[[Tensor, int], Tensor]:
-        def score(inputs: Tensor, target: int) -> Tensor:
-            tap.enabled = False
-            try:
-                with torch.inference_mode():
-                    return self._forward(inputs)[:, target].float()
-            finally:
-                tap.enabled = True
-
-        return score
-
-    def _layer_scorer(self, tap: LayerTap, x: Tensor, layer: str) -> Callable[[int, Tensor, int], Tensor]:
-        def score(image_index: int, activations: Tensor, target: int) -> Tensor:
-            n = activations.shape[0]
-            tap.enabled = False
-            tap.replace[layer] = activations
-            try:
-                with torch.inference_mode():
-                    batch = x[image_index : image_index + 1].expand(n, *x.shape[1:])
-                    return self._forward(batch)[:, target].float()
-            finally:
-                tap.replace.pop(layer, None)
-                tap.enabled = True
-
-        return score
-
-    def _gradient_fn(self, tap: LayerTap, layer: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        def grad_at(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.enable_grad():
-                logits = self._forward(x)
-                a = tap.activations[layer]
-                (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), a)
-            return a.detach(), g
-
-        return grad_at
-
-    def _guided(self, tap: LayerTap, x: Tensor, targets: Tensor) -> Callable[[], Tensor]:
-        cache: list[Tensor] = []
-
-        def guided() -> Tensor:
-            if not cache:
-                tap.enabled = False
-                try:
-                    xg = x.detach().clone().requires_grad_(True)
-                    with torch.enable_grad(), GuidedReLUMode():
-                        logits = self._forward(xg)
-                        (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), xg)
-                    cache.append(g)
-                finally:
-                    tap.enabled = True
-            return cache[0]
-
-        return guided
+                for m in self.methods:
+                    if m.prepare is not None:
+                        m.prepare(self.options, a)
 
     # -- the main entry point -------------------------------------------------------------------
     def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
@@ -270,8 +188,8 @@ class CamEngine:
         return self._aug_average(x, specs, outputs, targets)
 
     def _explain(
-        self, x: Tensor, specs: Sequence[tgt.TargetSpec], fixed: Tensor | None
-    ) -> tuple[list[ImageOutput], Tensor]:
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], fixed: list[tgt.Target] | None
+    ) -> tuple[list[ImageOutput], list[tgt.Target]]:
         b = x.shape[0]
         grad_mode = self.needs_gradients
         with frozen(self.model), LayerTap(self.model, self.layers) as tap:
@@ -282,15 +200,7 @@ class CamEngine:
                 else:
                     with torch.inference_mode():
                         logits = self._forward(x)
-            missing = [n for n in self.layers if n not in tap.activations]
-            if missing:
-                raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
-            acts = [tap.activations[n] for n in self.layers]
-            for name, a in zip(self.layers, acts):
-                if a.dim() != 4:
-                    raise UsageError(
-                        f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map"
-                    )
+            acts = self._activations(tap)
             scores = logits.detach().float()
             probs = scores.softmax(dim=1)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
@@ -302,40 +212,28 @@ class CamEngine:
                 for i in range(b)
             ]
             targets = tgt.resolve(specs, scores) if fixed is None else fixed
-            n_slots = targets.shape[1]
+            rows = torch.arange(b, device=logits.device)
             agnostic_done = False
-            for t in range(n_slots):
-                col = targets[:, t]
+            for target in targets:
+                col = target.classes
                 if bool((col < 0).all()):
                     continue
-                safe = col.clamp(min=0)
                 grads: Sequence[Tensor | None] = [None] * len(acts)
                 if grad_mode:
-                    score = logits.gather(1, safe[:, None]).sum()
-                    grads = torch.autograd.grad(score, acts, retain_graph=True)
-                guided = self._guided(tap, x, safe)
+                    grads = torch.autograd.grad(target.score(logits, rows).sum(), acts, retain_graph=True)
+                access = ModelAccess(self._forward, tap, x, target)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
                     results = []
                     for name, a, g in zip(self.layers, acts, grads):
-                        inputs = CamInputs(
-                            activations=a.detach(),
-                            targets=safe,
-                            gradients=None if g is None else g.detach(),
-                            inputs=x,
-                            scorer=self._scorer(tap) if method.needs_scorer else None,
-                            layer_scorer=self._layer_scorer(tap, x, name) if method.needs_layer_scorer else None,
-                            classifier_weights=self._classifier_weights(method, name, a, logits),
-                            gradient_fn=self._gradient_fn(tap, name) if method.needs_gradient_fn else None,
-                            guided_gradients=guided if method.pixel_space else None,
-                            options=self.options,
-                        )
+                        classifier = self._classifier_weights(method, name, a, logits)
+                        inputs = access.inputs_for(method, name, a, g, classifier, self.options)
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))
                         if method.pixel_space and not method.needs_gradients:
                             break  # the layer plays no part: one map is enough
-                    self._collect(outputs, method, col, scores, probs, results)
+                    self._collect(outputs, method, target, scores, probs, results)
                 agnostic_done = True
         return outputs, targets
 
@@ -357,11 +255,12 @@ class CamEngine:
         self,
         outputs: list[ImageOutput],
         method: MethodInfo,
-        col: Tensor,
+        target: tgt.Target,
         scores: Tensor,
         probs: Tensor,
         results: list[MethodOutput],
     ) -> None:
+        col = target.classes
         finals = [finalize(r.cam, self.signed) for r in results]
         entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]], MethodOutput]] = []
         if len(results) == 1:
@@ -398,7 +297,7 @@ class CamEngine:
                 )
 
     def _aug_average(
-        self, x: Tensor, specs: Sequence[tgt.TargetSpec], base: list[ImageOutput], targets: Tensor
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], base: list[ImageOutput], targets: list[tgt.Target]
     ) -> list[ImageOutput]:
         """--aug-smooth: the same targets under flips and rescales, maps mapped back and averaged."""
         sums = [[torch.from_numpy(m.cam.copy()) for m in o.maps] for o in base]

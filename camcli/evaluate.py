@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,42 +15,20 @@ import yaml
 
 from camcli import metrics as M
 from camcli import targets as tgt
-from camcli.engine import CamEngine
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
-from camcli.images import Preprocess, decode, discover
-from camcli.layers import choose_layers, trace_layers
-from camcli.methods import parse_methods
-from camcli.models import LoadedModel, load_model
-from camcli.pipeline import check_writable, resolve_device
+from camcli.images import decode, discover
+from camcli.layers import trace_layers
+from camcli.models import LoadedModel
+from camcli.options import EvaluateOptions
+from camcli.pipeline import check_writable
 from camcli.sanity import randomized_copy, spearman
+from camcli.session import Session
 from camcli.writer import write_atomic
 
 BASELINES = ("baseline:random", "baseline:center")
 DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "complexity",
                    "road_morf", "road_lerf", "road_combined", "sanity_spearman")
 BOX_METRICS = ("energy_pointing_game", "pointing_game")
-
-
-@dataclass
-class EvaluateOptions:
-    method: str | list[str] = "gradcam"
-    metric: str | list[str] | None = None  # default: every metric (box metrics only with --boxes)
-    boxes: str | None = None
-    model: str | None = None
-    weights: str | None = None
-    labels: str | None = None
-    unsafe_load: bool = False
-    layer: str | None = None
-    classes: str | None = None  # one target per image: top1 (default), an index or a label
-    steps: int = 100
-    road_percentages: Sequence[int] = M.ROAD_PERCENTAGES
-    seed: int = 0
-    batch_size: int = 16  # perturbed images per forward pass
-    out: str = "camcli-eval"
-    plots: bool = False
-    recursive: bool = False
-    device: str = "auto"
-    image_size: int | None = None
 
 
 @dataclass
@@ -112,58 +90,46 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: LoadedModel | None = None) -> EvaluationResult:
-    """Compute every requested metric for every method and both baselines on every image."""
-    if opts.steps < 2:
-        raise UsageError(f"--steps {opts.steps} must be at least 2")
-    methods = parse_methods(opts.method)
+    """Compute every requested metric for every method and both baselines on every image.
+
+    Maps come from the same Session as `explain`'s, ``--batch-size`` images per forward pass;
+    the metrics' perturbed inputs go ``--perturbation-batch`` to a forward pass.
+    """
+    opts.validate()
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)
-    device = resolve_device(opts.device)
     out_dir = Path(opts.out)
     sources = discover(inputs, opts.recursive, exclude=out_dir)
     check_writable(out_dir)
-    lm = model or load_model(opts.model, opts.weights, opts.labels, unsafe_load=opts.unsafe_load,
-                             image_size=opts.image_size, device=device)
-    net = lm.module.to(device=device, memory_format=torch.channels_last)
-    example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-    layers = choose_layers(net, opts.layer, lm.name, example)
-    specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
+    session = Session.open(opts, model=model)
+    specs = session.specs
     if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1):
         raise UsageError("evaluate explains one class per image: --class top1, an index or a label")
-    engine = CamEngine(net, layers, methods, channels_last=True)
-    engine.prepare(example)
+    lm, device, pre, layers, methods = session.model, session.device, session.preprocess, session.layers, session.methods
+    pb = opts.perturbation_batch
     random_engine = None
     if "sanity_spearman" in wanted:
-        random_engine = CamEngine(randomized_copy(net, _top_modules(net, layers[0], example), seed=opts.seed),
-                                  layers, methods, channels_last=True)
-    pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
+        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+        top = _top_modules(lm.module, layers[0], example)
+        random_engine = session.engine_for(randomized_copy(lm.module, top, seed=opts.seed))
     names = [m.name for m in methods] + list(BASELINES)
     per_image: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[float]]]] = {n: {"deletion": [], "insertion": []} for n in names}
     failed = False
-    for idx, src in enumerate(sources):
-        try:
-            rgb = decode(src.path)
-        except ImageError as e:
-            per_image.append({"path": str(src.path), "status": "error", "error": str(e)})
+    for idx, src, rgb, x, outs in _explained(session, sources):
+        if isinstance(rgb, ImageError):
+            per_image.append({"path": str(src.path), "status": "error", "error": str(rgb)})
             failed = True
             continue
-        x = pre(rgb).to(device)
         h, w = x.shape[-2:]
-        outs = engine.explain(x[None], specs)[0]
-        target = next(m.target for m in outs.maps if m.target is not None) if any(
-            m.target is not None for m in outs.maps) else outs.top[0][0]
+        target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
 
         def prob(batch: torch.Tensor, c: int = target) -> torch.Tensor:
-            with torch.inference_mode():
-                batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-                return net(batch).float().softmax(dim=1)[:, c]
+            return session.logits(batch).softmax(dim=1)[:, c]
 
-        maps: dict[str, torch.Tensor] = {}
-        for m in outs.maps:
-            maps[m.method] = _to_input(m.cam, h, w)
-        fh, fw = outs.maps[0].cam.shape if outs.maps else (max(1, h // 32), max(1, w // 32))
-        maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=(fh, fw))
+        maps: dict[str, torch.Tensor] = {m.method: _to_input(m.cam, h, w) for m in outs.maps}
+        grid = _baseline_grid(outs, h, w)
+        maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
         maps["baseline:center"] = M.center_map(h, w)
         randomized: dict[str, torch.Tensor] = {}
         if random_engine is not None:
@@ -178,11 +144,11 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
         for name, cam in maps.items():
             vals: dict[str, float | None] = {}
             if "deletion_auc" in wanted:
-                curve = M.deletion_curve(x, cam.to(device), prob, opts.steps, opts.batch_size)
+                curve = M.deletion_curve(x, cam.to(device), prob, opts.steps, pb)
                 vals["deletion_auc"] = M.auc(curve)
                 curves[name]["deletion"].append(curve.tolist())
             if "insertion_auc" in wanted:
-                curve = M.insertion_curve(x, cam.to(device), prob, opts.steps, opts.batch_size)
+                curve = M.insertion_curve(x, cam.to(device), prob, opts.steps, pb)
                 vals["insertion_auc"] = M.auc(curve)
                 curves[name]["insertion"].append(curve.tolist())
             if {"average_drop", "increase_in_confidence"} & set(wanted):
@@ -195,12 +161,12 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
                 vals["complexity"] = M.complexity(cam)
             if {"road_morf", "road_lerf", "road_combined"} & set(wanted):
                 morf, lerf, comb = M.road(x, cam, prob, lm.mean, lm.std, percentages=opts.road_percentages,
-                                          seed=opts.seed, batch=opts.batch_size)
+                                          seed=opts.seed, batch=pb)
                 for key, v in (("road_morf", morf), ("road_lerf", lerf), ("road_combined", comb)):
                     if key in wanted:
                         vals[key] = v
             if "sanity_spearman" in wanted:
-                vals["sanity_spearman"] = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, (fh, fw))
+                vals["sanity_spearman"] = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, grid)
             if scaled is not None:
                 camnp = cam.cpu().numpy()
                 if "energy_pointing_game" in wanted:
@@ -220,6 +186,7 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
     doc = {
         "schema_version": 1,
         "model": {"name": lm.name, "layer": ",".join(layers), "weights_sha256": lm.weights_sha256},
+        "options": session.record(),
         "settings": {"steps": opts.steps, "road_percentages": list(opts.road_percentages), "road_noise": M.ROAD_NOISE,
                      "seed": opts.seed, "blur": {"kernel": M.BLUR_KERNEL, "sigma": M.BLUR_SIGMA},
                      "deletion_fill": "the image's mean colour", "class": str(specs[0])},
@@ -233,6 +200,44 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
     if opts.plots:
         write_plots(result, out_dir)
     return result
+
+
+def _explained(session: Session, sources: Sequence[Any]) -> Iterator[tuple[int, Any, Any, Any, Any]]:  # noqa: ANN401
+    """(index, source, rgb or ImageError, normalised input, ImageOutput) in input order; maps are
+    computed ``--batch-size`` images of one input shape per forward pass."""
+    bs = session.batch_size
+    for start in range(0, len(sources), bs):
+        chunk = list(enumerate(sources[start : start + bs], start))
+        decoded: dict[int, Any] = {}
+        for i, src in chunk:
+            try:
+                decoded[i] = decode(src.path)
+            except ImageError as e:
+                decoded[i] = e
+        tensors = {i: session.preprocess.resize(rgb) for i, rgb in decoded.items() if not isinstance(rgb, ImageError)}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, t in tensors.items():
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+        results: dict[int, Any] = {}
+        for ids in by_shape.values():
+            for i, o in zip(ids, session.explain(torch.stack([tensors[i] for i in ids]))):
+                results[i] = o
+        for i, src in chunk:
+            rgb = decoded[i]
+            if isinstance(rgb, ImageError):
+                yield i, src, rgb, None, None
+                continue
+            x = session.preprocess.normalize(tensors[i][None].to(session.device))[0]
+            yield i, src, rgb, x, results[i]
+
+
+def _baseline_grid(outs: Any, h: int, w: int) -> tuple[int, int]:  # noqa: ANN401
+    """The random baseline's grid: the layer's feature resolution, whatever the order of --method.
+    Pixel-space maps (layer "input") never set it; without a layer map, 1/32 of the input."""
+    for m in outs.maps:
+        if m.layer != "input":
+            return tuple(m.cam.shape)  # type: ignore[return-value]
+    return max(1, h // 32), max(1, w // 32)
 
 
 def _to_input(cam: np.ndarray, h: int, w: int) -> torch.Tensor:

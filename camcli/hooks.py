@@ -89,6 +89,20 @@ class LayerTap(_Hooks):
         self.activations.clear()
         self.replace.clear()
 
+    @contextmanager
+    def paused(self, replace: dict[str, Tensor] | None = None) -> Iterator[None]:
+        """The one way hooks are turned off: outputs pass through unrecorded inside the block, and
+        the layers in ``replace`` output the given tensors instead. Restored on every path."""
+        subs = dict(replace or {})
+        self.enabled = False
+        self.replace.update(subs)
+        try:
+            yield
+        finally:
+            for k in subs:
+                self.replace.pop(k, None)
+            self.enabled = True
+
     def _hook(self, name: str):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.Module, args: object, out: object) -> Tensor | None:
             if name in self.replace:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import threading
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,78 +22,20 @@ import numpy as np
 import torch
 
 from camcli import targets as tgt
-from camcli.engine import CamEngine, CamMap, ImageOutput
+from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, UsageError
-from camcli.images import ImageDataset, ImageSource, Preprocess, collate, discover
-from camcli.layers import choose_layers
-from camcli.methods import MethodOptions, parse_methods
-from camcli.models import LoadedModel, load_model
+from camcli.images import ImageDataset, ImageSource, collate, discover
+from camcli.models import LoadedModel
+from camcli.options import ExplainOptions, parse_shard
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
 from camcli.report import build_summary, prediction_entries, write_summary
-from camcli.stats import map_stats
+from camcli.session import Session, resolve_device  # noqa: F401  (resolve_device: public, used by callers)
+from camcli.stats import map_stats, note_text
 from camcli.writer import WriterPool, npy_bytes, write_atomic
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
 
-
-@dataclass
-class ExplainOptions:
-    """Every option of `camcli explain`; config files use the same keys (``-`` or ``_``)."""
-
-    model: str | None = None
-    weights: str | None = None
-    labels: str | None = None
-    unsafe_load: bool = False
-    output_key: str | None = None
-    layer: str | list[str] | None = None
-    per_layer: bool = False
-    method: str | list[str] = "gradcam"
-    classes: list[str] | str | None = None
-    out: str = "camcli-out"
-    recursive: bool = False
-    batch_size: int = 8
-    workers: int | None = None  # None: auto (0 on <= 2 cores, where in-process decoding measured faster)
-    device: str = "auto"
-    alpha: float = 0.5
-    colormap: str | None = None  # jet, or diverging for --signed
-    image_size: int | None = None
-    save_raw: bool = False
-    signed: bool = False
-    aug_smooth: bool = False
-    eigen_smooth: bool = False
-    fail_fast: bool = False
-    score_channels: int | None = None
-    perturbation_batch: int = 16
-    channels: str = "mean"
-    samples: int = 8  # SS-CAM / SmoothGrad-CAM++ noise samples, IS-CAM integration steps
-    noise: float = 0.1  # SS-CAM / SmoothGrad-CAM++ noise std, as a share of the input's value range
-    skip_existing: bool = False
-    shard: str | None = None  # "K/N": this process takes the K-th of N deterministic parts
-    quiet: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"--alpha {self.alpha} is out of range (accepted: 0.0 to 1.0)")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers {self.workers} must be 0 (decode in the main process) or more")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
-        if self.image_size is not None and self.image_size < 16:
-            raise UsageError(f"--image-size {self.image_size} is too small (at least 16)")
-        if self.score_channels is not None and self.score_channels < 1:
-            raise UsageError(f"--score-channels {self.score_channels} must be at least 1")
-        if self.perturbation_batch < 1:
-            raise UsageError(f"--perturbation-batch {self.perturbation_batch} must be at least 1")
-        if self.shard is not None:
-            parse_shard(self.shard)
-        if self.samples < 1:
-            raise UsageError(f"--samples {self.samples} must be at least 1")
-        if not 0.0 <= self.noise <= 10.0:
-            raise UsageError(f"--noise {self.noise} is out of range (accepted: 0 to 10)")
+__all__ = ["ExplainOptions", "RunResult", "explain"]
 
 
 @dataclass
@@ -110,18 +51,6 @@ def auto_workers() -> int:
     return 0 if cores <= 2 else min(4, cores // 2)
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """'K/N' with 1 <= K <= N -> (K, N)."""
-    try:
-        k_s, n_s = spec.split("/")
-        k, n = int(k_s), int(n_s)
-    except ValueError:
-        raise UsageError(f"--shard {spec!r} is not K/N (for example 2/8)") from None
-    if not 1 <= k <= n:
-        raise UsageError(f"--shard {spec!r}: K must be between 1 and N")
-    return k, n
-
-
 def shard_of(rel: Path, n: int) -> int:
     """The shard (1..n) an input belongs to: a stable hash of its relative path, the same on every machine."""
     digest = hashlib.sha1(rel.as_posix().encode("utf-8")).digest()
@@ -133,20 +62,6 @@ def select_shard(sources: Sequence[ImageSource], spec: str | None) -> list[Image
         return list(sources)
     k, n = parse_shard(spec)
     return [s for s in sources if shard_of(s.rel, n) == k]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (accepted here: auto, cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: MPS is not available on this machine (accepted here: auto, cpu)")
-    return torch.device(name)
 
 
 def check_writable(out: Path) -> None:
@@ -202,7 +117,7 @@ def render_outputs(
             write_atomic(out_dir / rel_raw, npy_bytes(full.astype(np.float32)))
         stats = map_stats(full, m.empty)
         if m.note:
-            stats["note"] = m.note
+            stats["note"] = note_text(m.note)
         channels = None
         if m.channels is not None and m.channel_ids is not None:
             rel_grid = rel_png.with_name(rel_png.name[: -len(".png")] + ".grid.png")
@@ -228,10 +143,6 @@ def render_outputs(
             }
         )
     return entries
-
-
-def _warn(msg: str) -> None:
-    print(f"camcli: warning: {msg}", file=sys.stderr)
 
 
 class Journal:
@@ -299,14 +210,6 @@ def outputs_exist(record: dict[str, Any], out_dir: Path) -> bool:
     return bool(files) and all((out_dir / f).is_file() for f in files)
 
 
-def _fingerprint(opts: ExplainOptions, lm: LoadedModel, layers: list[str], specs: Sequence[tgt.TargetSpec]) -> str:
-    keys = ("method", "alpha", "colormap", "save_raw", "signed", "aug_smooth", "eigen_smooth", "per_layer",
-            "score_channels", "channels", "image_size", "samples", "noise")
-    shaping = {k: getattr(opts, k) for k in keys}
-    shaping.update(model=lm.name, weights=lm.weights_sha256, layers=layers, classes=[str(s) for s in specs])
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def explain(
     inputs: Sequence[str | Path],
     options: ExplainOptions | None = None,
@@ -322,35 +225,17 @@ def explain(
     """
     opts = options or ExplainOptions()
     opts.validate()
-    methods = parse_methods(opts.method)
     cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
-    device = resolve_device(opts.device)
     out_dir = Path(opts.out)
     sources = select_shard(discover(inputs, opts.recursive, exclude=out_dir), opts.shard)
     check_writable(out_dir)
-    lm = model or load_model(
-        opts.model, opts.weights, opts.labels, unsafe_load=opts.unsafe_load, image_size=opts.image_size, device=device
-    )
-    # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
-    lm.module.to(device=device, memory_format=torch.channels_last)
-    pre = Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size)
-    example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-    layers = choose_layers(lm.module, opts.layer, lm.name, example)
-    specs = tgt.parse_class_specs(opts.classes, lm.labels, lm.num_classes)
-    method_opts = MethodOptions(
-        score_channels=opts.score_channels, perturbation_batch=opts.perturbation_batch, channels=opts.channels,
-        smooth_samples=opts.samples, integration_steps=opts.samples, smooth_sigma=opts.noise, progress=not opts.quiet,
-    )
-    engine = CamEngine(
-        lm.module, layers, methods, options=method_opts, signed=opts.signed, output_key=opts.output_key,
-        per_layer=opts.per_layer, aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth, channels_last=True,
-    )
-    engine.prepare(example)
+    session = Session.open(opts, model=model)
+    lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
     class_suffix = not tgt.is_default(specs)
-    fused_layer = "+".join(layers) if len(layers) > 1 else None
+    fused_layer = session.layer_name if len(layers) > 1 else None
     stems = output_stems(sources)
     suffix = "" if opts.shard is None else ".shard-{}-of-{}".format(*parse_shard(opts.shard))
-    journal = Journal(out_dir / f".camcli-journal{suffix}.jsonl", _fingerprint(opts, lm, layers, specs))
+    journal = Journal(out_dir / f".camcli-journal{suffix}.jsonl", session.fingerprint())
 
     records: list[dict[str, Any] | None] = [None] * len(sources)
     keys = [source_key(s) for s in sources]
@@ -365,8 +250,8 @@ def explain(
     todo = [i for i, r in enumerate(records) if r is None]
     if on_start is not None:
         on_start(len(todo))
-    if progress is not None and len(todo) < len(sources):
-        _warn(f"--skip-existing: {len(sources) - len(todo)} of {len(sources)} images already done")
+    if len(todo) < len(sources):
+        session.warn(f"--skip-existing: {len(sources) - len(todo)} of {len(sources)} images already done")
 
     warned: set[str] = set()
     render = partial(
@@ -387,9 +272,8 @@ def explain(
 
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
-        x = pre.normalize(torch.stack([g["tensor"] for g in group]).to(device, non_blocking=True))
         try:
-            outs = engine.explain(x, specs)
+            outs = session.explain(torch.stack([g["tensor"] for g in group]))
         except UsageError:
             raise
         except (RuntimeError, ValueError) as e:
@@ -401,7 +285,7 @@ def explain(
             return not opts.fail_fast
         for g, o in zip(group, outs):
             i, rgb = g["index"], g["image"]
-            _diagnose(sources[i].path, o, layers, warned)
+            _diagnose(sources[i].path, o, layers, warned, session.warn)
             records[i] = {
                 "path": str(sources[i].path),
                 "width": int(rgb.shape[1]),
@@ -458,13 +342,8 @@ def explain(
         journal.close()
     images = [r for r in records if r is not None]
     skipped = len(records) - len(images)
-    options_record = {k: v for k, v in asdict(opts).items() if k not in ("extra", "quiet")}
-    options_record["class"] = [str(s) for s in specs]
-    options_record.pop("classes", None)
-    options_record["method"] = [m.name for m in methods]
-    options_record["layer"] = layers
     summary = build_summary(
-        model=lm, layers=layers, device=str(device), options=options_record, input_policy=pre.policy, images=images
+        model=lm, layers=layers, device=str(device), options=session.record(), input_policy=pre.policy, images=images
     )
     summary["counts"]["reused"] = len(carried)
     if skipped:
@@ -475,14 +354,14 @@ def explain(
     return RunResult(summary=summary, exit_code=ExitCode.PARTIAL if failed else ExitCode.OK, summary_path=summary_path)
 
 
-def _diagnose(path: Path, out: ImageOutput, layers: list[str], warned: set[str]) -> None:
+def _diagnose(path: Path, out: ImageOutput, layers: list[str], warned: set[str], warn: Callable[[str], None]) -> None:
     """Warn once per run about empty maps and saturated layers."""
     if "empty" not in warned and any(m.empty for m in out.maps):
-        note = next(m.note for m in out.maps if m.empty)
-        _warn(f"{path}: {note}")
+        m = next(m for m in out.maps if m.empty)
+        warn(f"{path}: {note_text(m.note, m.method)}")
         warned.add("empty")
     if "saturation" not in warned and out.saturation and out.saturation["share"] > SATURATION_WARN:
-        _warn(
+        warn(
             f"{path}: {out.saturation['share']:.0%} of the bounded activations at or after layer "
             f"{','.join(layers)} are saturated; their gradients vanish, so gradient maps may be diffuse or "
             "empty (try an earlier layer or a gradient-free method)"

@@ -7,6 +7,21 @@ from typing import Any
 import cv2
 import numpy as np
 
+# What a blank map's reason code (camcli.engine.EMPTY / CONSTANT) means, in the user's words.
+NOTES = {
+    "empty": "the map is empty: every weighted activation is <= 0 after ReLU "
+    "(wrong class, a saturated layer, or a layer too close to the output); try --signed or another layer",
+    "constant": "the map is constant: the layer carries no spatial information for this target",
+}
+
+
+def note_text(code: str | None, method: str | None = None) -> str | None:
+    """The sentence for a reason code, naming the method when given."""
+    if code is None:
+        return None
+    text = NOTES.get(code, code)
+    return f"{method}: {text}" if method else text
+
 
 def map_stats(cam: np.ndarray, empty: bool = False) -> dict[str, Any]:
     """Peak, energy centroid, share of energy in the top 10% of pixels, hottest-region box.

@@ -1,10 +1,17 @@
-"""What to explain: ``--class`` values parsed into target specs, then resolved per image."""
+"""What to explain: ``--class`` values parsed into target specs, resolved per batch into targets.
+
+A *spec* is what the user asked for (``top3``, class 285). A *target* is what the engine explains
+for one slot of a batch: for each image a class (for labels and probabilities, -1 where this slot
+has nothing to explain) and a function that turns the model output into the scalar whose maps are
+taken. The engine never indexes logits itself, so new kinds of target (a contrast between classes,
+a segmentation region) are new classes here, not changes to the engine.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -92,7 +99,28 @@ def slots(specs: Sequence[TargetSpec]) -> int:
     return sum(s.k if isinstance(s, TopK) else 1 for s in specs)
 
 
-def resolve(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
+class Target(Protocol):
+    """One slot of a batch: a class per image (-1: skip) and the scalar to explain."""
+
+    classes: Tensor  # (B,) long
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        """``output`` (N, ...) from the model; ``rows`` (N,) the batch image each row belongs to -> (N,)."""
+        ...
+
+
+@dataclass
+class ClassTarget:
+    """The logit of a class: y^c. Rows whose class is -1 score the class 0 (their maps are dropped)."""
+
+    classes: Tensor
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        c = self.classes.clamp(min=0).to(output.device)[rows.to(output.device)]
+        return output.gather(1, c[:, None])[:, 0]
+
+
+def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
     b = logits.shape[0]
     cols: list[Tensor] = []
@@ -107,6 +135,12 @@ def resolve(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
         dup = (idx[:, :j] == idx[:, j : j + 1]).any(dim=1)
         out[dup, j] = -1
     return out
+
+
+def resolve(specs: Sequence[TargetSpec], logits: Tensor) -> list[Target]:
+    """The targets of a batch, one per slot, from the specs and the batch's logits."""
+    idx = class_indices(specs, logits)
+    return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])]
 
 
 def is_default(specs: Sequence[TargetSpec]) -> bool:

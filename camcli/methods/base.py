@@ -12,16 +12,17 @@ from camcli.errors import UsageError, suggest
 
 
 class Scorer(Protocol):
-    """Runs the model on a batch of (masked) inputs of one image and returns the target's scores."""
+    """Runs the model on N (masked) copies of batch image ``image_index``; returns that image's
+    target scores (N,)."""
 
-    def __call__(self, inputs: Tensor, target: int) -> Tensor: ...
+    def __call__(self, inputs: Tensor, image_index: int) -> Tensor: ...
 
 
 class LayerScorer(Protocol):
     """Runs the model on one image with the target layer's output replaced by ``activations``
-    (N, K, h, w) and returns the target's scores (N,)."""
+    (N, K, h, w) and returns that image's target scores (N,)."""
 
-    def __call__(self, image_index: int, activations: Tensor, target: int) -> Tensor: ...
+    def __call__(self, image_index: int, activations: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,13 @@ class CamInputs:
     """
 
     activations: Tensor  # A: (B, K, h, w)
-    targets: Tensor  # c: (B,) class index per image
+    targets: Tensor  # c: (B,) class index per image (labels, classifier rows; scores come from the target)
     gradients: Tensor | None = None  # G = d y^c / d A: (B, K, h, w)
     inputs: Tensor | None = None  # the preprocessed batch (B, 3, H, W)
     scorer: Scorer | None = None
     layer_scorer: LayerScorer | None = None
     classifier_weights: Tensor | None = None  # (num_classes, K) when the head is GAP -> linear
-    gradient_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (x, targets) -> (A, G)
+    gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x' (a modified batch) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
 
@@ -75,6 +76,9 @@ class MethodInfo:
     needs_classifier: bool = False
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
+    # Checks of the method's options against the layer's activations (1, K, h, w), run once before
+    # any work starts; raise UsageError.
+    prepare: Callable[["MethodOptions", Tensor], None] | None = None
 
 
 _REGISTRY: dict[str, MethodInfo] = {}

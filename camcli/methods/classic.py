@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from camcli.errors import UsageError
-from camcli.methods.base import CamInputs, MethodOutput, register, require, weigh
+from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register, require, weigh
 
 
 @register(
@@ -35,8 +35,13 @@ def parse_channels(spec: str, k: int) -> tuple[str, int]:
     raise UsageError(f"--channels {spec!r} is not valid for a layer of {k} channels (accepted: mean, 0..{k - 1}, top1..top{k})")
 
 
+def _check_channels(options: MethodOptions, activations: Tensor) -> None:
+    parse_channels(options.channels, activations.shape[1])
+
+
 @register(
     "activations",
+    prepare=_check_channels,
     aliases=("activation", "act"),
     needs_target=False,
     description="the layer's raw activation: mean over channels, one channel, or the top N (with a grid)",

@@ -137,7 +137,7 @@ def smoothgradcampp(inputs: CamInputs) -> Tensor:
     for _ in range(opts.smooth_samples):
         noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device) for g in gens])
         noisy = x + noise * sigma
-        _, g = grad_at(noisy, inputs.targets)
+        _, g = grad_at(noisy)
         g1 += g
         g2 += g * g
         g3 += g * g * g

@@ -36,12 +36,12 @@ def upsampled_masks(a: Tensor, size: tuple[int, int]) -> Tensor:
 def _score_family(
     inputs: CamInputs,
     method: str,
-    channel_score: Callable[[Tensor, Tensor, int], Tensor],
+    channel_score: Callable[[Tensor, Tensor, int], Tensor],  # (x_one, masks, image_index)
     on_image: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Shared Score-CAM loop: per image, per chunk of channels, score masked inputs; softmax weights.
 
-    ``channel_score(x_one (1,3,H,W), masks (n,H,W), target)`` -> (n,) scores. ``on_image(x_one)`` runs
+    ``channel_score(x_one (1,3,H,W), masks (n,H,W), image_index)`` -> (n,) scores. ``on_image(x_one)`` runs
     before each image (SS-CAM reseeds its noise there, so a map never depends on its batch).
     """
     a = inputs.activations
@@ -57,7 +57,7 @@ def _score_family(
         for start in chunks(len(chans), opts.perturbation_batch, f"{method} image {b + 1}", opts.progress):
             idx = chans[start : start + opts.perturbation_batch]
             masks = upsampled_masks(a[b, idx], size)
-            scores[start : start + len(idx)] = channel_score(x[b : b + 1], masks, int(inputs.targets[b]))
+            scores[start : start + len(idx)] = channel_score(x[b : b + 1], masks, b)
         weights[b, chans] = torch.softmax(scores, dim=0)
     return weigh(weights, a.float())
 
@@ -141,13 +141,12 @@ def ablationcam(inputs: CamInputs) -> Tensor:
     b_, k = a.shape[:2]
     weights = torch.zeros(b_, k, device=a.device, dtype=torch.float32)
     for b in range(b_):
-        c = int(inputs.targets[b])
-        base = float(score_with(b, a[b : b + 1], c)[0])
+        base = float(score_with(b, a[b : b + 1])[0])
         chans = channel_subset(a[b], opts.score_channels)
         for start in chunks(len(chans), opts.perturbation_batch, f"ablationcam image {b + 1}", opts.progress):
             idx = chans[start : start + opts.perturbation_batch]
             ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
             ablated[torch.arange(len(idx)), idx] = 0
-            drop = base - score_with(b, ablated, c)
+            drop = base - score_with(b, ablated)
             weights[b, idx] = drop / base if base != 0 else drop
     return weigh(weights, a.float())

@@ -308,9 +308,9 @@ def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
     return obj
 
 
-def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, bool]:
+def _probe(module: nn.Module, size: int, device: torch.device, output_key: str | None = None) -> tuple[int, bool]:
     """(number of classes, whether the model accepts a non-square input of another size)."""
-    from camcli.engine import pick_logits
+    from camcli.models.outputs import pick_logits
 
     with torch.inference_mode():
         out = module(torch.zeros(1, 3, size, size, device=device))
@@ -322,12 +322,14 @@ def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, boo
                 "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
             ) from None
         try:
-            n = int(pick_logits(out).shape[1])
+            n = int(pick_logits(out, output_key).shape[1])
         except UsageError:
+            if output_key is not None:
+                raise
             n = -1  # reported by the engine with the --output-key hint
         try:
             other = module(torch.zeros(1, 3, size + 32, size + 96, device=device))
-            flexible = pick_logits(other).shape == pick_logits(out).shape
+            flexible = pick_logits(other, output_key).shape == pick_logits(out, output_key).shape
         except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
             flexible = False
     return n, flexible
@@ -341,6 +343,7 @@ def load_model(
     unsafe_load: bool = False,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
+    output_key: str | None = None,
 ) -> LoadedModel:
     """Load a model by name, file or ``module:callable``; never touches the network."""
     name = name or DEFAULT_MODEL
@@ -390,8 +393,8 @@ def load_model(
     if size < 16:
         raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
     try:
-        n, flexible = _probe(module, size, dev)
-    except ModelError:
+        n, flexible = _probe(module, size, dev, output_key)
+    except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
         raise ModelError(f"model {name!r} failed on a {size}x{size} test input: {e}") from None

@@ -1,0 +1,101 @@
+"""What the engine lends a method, built in one typed place.
+
+A method declares what it needs in its registry entry (``needs_scorer``, ``needs_layer_scorer``,
+``needs_gradient_fn``, ``needs_classifier``, ``pixel_space``); :class:`ModelAccess` builds exactly
+those capabilities for one batch and one target, and :meth:`ModelAccess.inputs_for` hands them over
+as :class:`CamInputs`. Every model call made on a method's behalf goes through here: the layer taps
+are paused (or substitute an activation) through ``LayerTap.paused``, and the scalar to explain
+always comes from the target object.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from camcli.hooks import LayerTap
+from camcli.methods import CamInputs, MethodInfo, MethodOptions
+from camcli.methods.guided import GuidedReLUMode
+from camcli.targets import Target
+
+Forward = Callable[[Tensor], Tensor]  # preprocessed batch -> logits
+
+
+class ModelAccess:
+    """Model calls for one batch ``x`` and one ``target``, with the layer taps handled."""
+
+    def __init__(self, forward: Forward, tap: LayerTap, x: Tensor, target: Target) -> None:
+        self.forward = forward
+        self.tap = tap
+        self.x = x
+        self.target = target
+        self._guided: Tensor | None = None
+
+    def _rows(self, n: int, image_index: int | None = None) -> Tensor:
+        if image_index is None:
+            return torch.arange(n, device=self.x.device)
+        return torch.full((n,), image_index, dtype=torch.long, device=self.x.device)
+
+    def scorer(self, inputs: Tensor, image_index: int) -> Tensor:
+        """Target scores (N,) of N modified copies of image ``image_index``; no gradients, taps paused."""
+        with self.tap.paused(), torch.inference_mode():
+            return self.target.score(self.forward(inputs), self._rows(inputs.shape[0], image_index)).float()
+
+    def layer_scorer(self, layer: str) -> Callable[[int, Tensor], Tensor]:
+        """(image_index, activations (N, K, h, w)) -> target scores (N,) with ``layer``'s output replaced."""
+
+        def score(image_index: int, activations: Tensor) -> Tensor:
+            n = activations.shape[0]
+            with self.tap.paused({layer: activations}), torch.inference_mode():
+                batch = self.x[image_index : image_index + 1].expand(n, *self.x.shape[1:])
+                return self.target.score(self.forward(batch), self._rows(n, image_index)).float()
+
+        return score
+
+    def gradient_fn(self, layer: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """x' (B, 3, H, W), a modified copy of the batch -> (A, dy/dA) at ``layer``, for this target."""
+
+        def grad_at(x: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                out = self.forward(x)
+                a = self.tap.activations[layer]
+                (g,) = torch.autograd.grad(self.target.score(out, self._rows(x.shape[0])).sum(), a)
+            return a.detach(), g
+
+        return grad_at
+
+    def guided(self) -> Tensor:
+        """Guided-backprop gradient of the target w.r.t. the input (B, 3, H, W); computed once."""
+        if self._guided is None:
+            with self.tap.paused():
+                xg = self.x.detach().clone().requires_grad_(True)
+                with torch.enable_grad(), GuidedReLUMode():
+                    out = self.forward(xg)
+                    (g,) = torch.autograd.grad(self.target.score(out, self._rows(xg.shape[0])).sum(), xg)
+            self._guided = g
+        return self._guided
+
+    def inputs_for(
+        self,
+        method: MethodInfo,
+        layer: str,
+        activations: Tensor,
+        gradients: Tensor | None,
+        classifier: Tensor | None,
+        options: MethodOptions,
+    ) -> CamInputs:
+        """Exactly what ``method`` declared it needs, for one layer."""
+        return CamInputs(
+            activations=activations.detach(),
+            targets=self.target.classes.clamp(min=0),
+            gradients=None if gradients is None else gradients.detach(),
+            inputs=self.x,
+            scorer=self.scorer if method.needs_scorer else None,
+            layer_scorer=self.layer_scorer(layer) if method.needs_layer_scorer else None,
+            classifier_weights=classifier if method.needs_classifier else None,
+            gradient_fn=self.gradient_fn(layer) if method.needs_gradient_fn else None,
+            guided_gradients=self.guided if method.pixel_space else None,
+            options=options,
+        )

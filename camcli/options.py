@@ -1,0 +1,419 @@
+"""Every option of every command, declared once.
+
+An :class:`Option` names its flags, type, default, help, validation, whether it shapes the outputs
+and which commands take it. Everything else is derived from these declarations:
+
+- the Typer parameters of each command (:func:`typer_parameters`),
+- the keys of ``--config`` files and check files (:func:`read_file_options`),
+- the per-command options classes used by the Python API (``ExplainOptions``, ...),
+- the run fingerprint that ``--skip-existing`` compares (:func:`fingerprint`),
+- the ``options`` record of summary.json (:func:`record`).
+
+Adding an option is one entry in ``OPTIONS``; a test walks them and proves each reaches every
+command that lists it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from camcli.errors import UsageError, suggest
+
+EXPLAIN, EVALUATE, CHECK, LAYERS = "explain", "evaluate", "check", "layers"
+COMMANDS = (EXPLAIN, EVALUATE, CHECK, LAYERS)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class Kind(str, Enum):
+    """The value types an option can have; each knows how to read itself from a file."""
+
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    STR = "str"
+    LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute name, and the key in config and check files (``-`` or ``_`` accepted)
+    flags: tuple[str, ...]  # long flag first; () for options that only files and the Python API set
+    kind: Kind
+    default: Any
+    help: str
+    commands: frozenset[str]
+    shapes_output: bool = False  # changes the written maps or records: part of the run fingerprint
+    check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
+    group: str = "run"  # "model": also accepted inside a check file's ``model:`` mapping
+    file_key: str | None = None  # the key in files when it differs from ``name`` (``class``)
+    in_files: bool = True  # accepted in --config and check files
+    record: bool = True  # written to summary.json's ``options``
+    example: Any = None  # a valid value other than the default (used by tests)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # per-command default overrides
+    default_text: str | None = None  # how ``--help`` shows the default when it is computed
+
+    @property
+    def key(self) -> str:
+        return self.file_key or self.name
+
+    @property
+    def flag(self) -> str:
+        return self.flags[0] if self.flags else self.key
+
+    def default_for(self, command: str) -> Any:  # noqa: ANN401
+        return self.defaults.get(command, self.default)
+
+    def help_for(self, command: str) -> str:
+        shown = self.default_text
+        if shown is None:
+            d = self.default_for(command)
+            if isinstance(d, bool):
+                shown = "on" if d else "off"
+            elif d is not None:
+                shown = str(d)
+        return self.help + (f" (default: {shown})" if shown else "")
+
+
+def _at_least(n: int | float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v >= n else f"must be at least {n}"
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or lo <= v <= hi else f"is out of range (accepted: {lo} to {hi})"
+
+
+def _device(v: Any) -> str | None:  # noqa: ANN401
+    if v in DEVICES or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"is not one of {', '.join(DEVICES)} (or cuda:N)"
+
+
+def _shard(v: Any) -> str | None:  # noqa: ANN401
+    try:
+        parse_shard(v)
+    except UsageError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'K/N' with 1 <= K <= N -> (K, N)."""
+    try:
+        k_s, n_s = spec.split("/")
+        k, n = int(k_s), int(n_s)
+    except ValueError:
+        raise UsageError(f"--shard {spec!r}: is not K/N (for example 2/8)") from None
+    if not 1 <= k <= n:
+        raise UsageError(f"--shard {spec!r}: K must be between 1 and N")
+    return k, n
+
+
+def _not_empty(v: Any) -> str | None:  # noqa: ANN401
+    return "must not be empty" if isinstance(v, str) and not v.strip() else None
+
+
+def _items(v: Any) -> str | None:  # noqa: ANN401
+    """Comma-separated lists: no empty item ('gradcam,' is a typo, not a request)."""
+    parts = [v] if isinstance(v, str) else list(v)
+    items = [p.strip() for part in parts for p in str(part).split(",")]
+    if not items or any(not p for p in items):
+        return "has an empty item (write names separated by single commas)"
+    return None
+
+
+_E, _V, _C, _L = EXPLAIN, EVALUATE, CHECK, LAYERS
+_MAP = frozenset({_E, _V, _C})  # every command that computes maps
+
+OPTIONS: tuple[Option, ...] = (
+    # -- the model -----------------------------------------------------------------------------
+    Option("model", ("--model", "-m"), Kind.STR, None,
+           "Bundled 'efficientnet-lite0', a torchvision/timm architecture name, a model file, or module:callable.",
+           frozenset({_E, _V, _C, _L}), shapes_output=True, group="model", default_text="efficientnet-lite0",
+           example="toymodels:tiny_cnn"),
+    Option("weights", ("--weights", "-w"), Kind.STR, None,
+           "State dict or checkpoint file for --model; 'random' for untrained.",
+           frozenset({_E, _V, _C, _L}), shapes_output=True, group="model", example="random"),
+    Option("labels", ("--labels",), Kind.STR, None,
+           "Class names: .txt (one per line) or .json. ImageNet is built in.",
+           frozenset({_E, _V, _C}), shapes_output=True, group="model"),
+    Option("unsafe_load", ("--unsafe-load",), Kind.BOOL, False,
+           "Allow pickled code in checkpoints (weights_only=False); only for files you trust.",
+           frozenset({_E, _V, _C, _L}), group="model", example=True),
+    Option("output_key", ("--output-key",), Kind.STR, None,
+           "Which item of a tuple/dict model output holds the logits (a key or a position).",
+           frozenset({_E, _V, _C}), shapes_output=True, group="model", example="logits"),
+    Option("image_size", ("--image-size",), Kind.INT, None,
+           "Model input size: the shorter side (flexible models) or the fixed square side.",
+           frozenset({_E, _V, _C, _L}), shapes_output=True, check=_at_least(16), group="model",
+           default_text="the model's own", example=96),
+    Option("device", ("--device",), Kind.STR, "auto", "auto, cpu, cuda, cuda:N or mps.",
+           frozenset({_E, _V, _C}), check=_device, example="cpu"),
+    # -- what to explain -----------------------------------------------------------------------
+    Option("method", ("--method", "-M"), Kind.LIST, "gradcam",
+           "Comma-separated methods (see `camcli methods`).", _MAP, shapes_output=True, check=_items,
+           example="layercam"),
+    Option("layer", ("--layer", "-l"), Kind.LIST, None,
+           "Dotted module path(s), comma-separated.", _MAP, shapes_output=True, check=_items,
+           default_text="last spatial layer", example="features.0"),
+    Option("per_layer", ("--per-layer",), Kind.BOOL, False, "With several layers, also write each layer's map.",
+           frozenset({_E}), shapes_output=True, example=True),
+    Option("classes", ("--class", "-c"), Kind.LIST, None,
+           "top1, topK, a class index or a label; repeatable or comma-separated (evaluate and check: one per image).",
+           frozenset({_E, _V}), shapes_output=True, file_key="class", check=_items, default_text="top1",
+           example="1"),
+    # -- how maps are computed -----------------------------------------------------------------
+    Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,
+           check=_at_least(1), example=3),
+    Option("signed", ("--signed",), Kind.BOOL, False, "Keep negative evidence (no ReLU); diverging colours.",
+           _MAP, shapes_output=True, example=True),
+    Option("aug_smooth", ("--aug-smooth",), Kind.BOOL, False,
+           "Average maps over flips and rescales (4 passes).", _MAP, shapes_output=True, example=True),
+    Option("eigen_smooth", ("--eigen-smooth",), Kind.BOOL, False,
+           "First principal component of the weighted activations instead of their sum.", _MAP,
+           shapes_output=True, example=True),
+    Option("score_channels", ("--score-channels",), Kind.INT, None,
+           "Score-CAM family and Ablation-CAM: use the N channels with most activation.", _MAP,
+           shapes_output=True, check=_at_least(1), default_text="all", example=4),
+    Option("perturbation_batch", ("--perturbation-batch",), Kind.INT, 16,
+           "Masked inputs per forward pass (perturbation methods, evaluate's metrics).", _MAP,
+           shapes_output=True, check=_at_least(1), example=5),
+    Option("channels", ("--channels",), Kind.STR, "mean", "`activations` method: mean, a channel index, or topN.",
+           _MAP, shapes_output=True, check=_not_empty, example="top2"),
+    Option("samples", ("--samples",), Kind.INT, 8,
+           "ss-cam / smoothgradcam++ noise samples; is-cam integration steps.", _MAP, shapes_output=True,
+           check=_at_least(1), example=3),
+    Option("noise", ("--noise",), Kind.FLOAT, 0.1,
+           "ss-cam / smoothgradcam++ noise std, share of the input range.", _MAP, shapes_output=True,
+           check=_between(0.0, 10.0), example=0.3),
+    Option("seed", ("--seed",), Kind.INT, 0,
+           "Seed for noise (ss-cam, smoothgradcam++; evaluate's ROAD noise, random baseline, re-initialisation).",
+           _MAP, shapes_output=True, example=7),
+    # -- explain: inputs and outputs -----------------------------------------------------------
+    Option("out", ("--out", "-o"), Kind.STR, "camcli-out", "Output folder.", frozenset({_E, _V}),
+           check=_not_empty, defaults={_V: "camcli-eval"}, example="elsewhere"),
+    Option("recursive", ("--recursive", "-r"), Kind.BOOL, False, "Descend into subfolders.",
+           frozenset({_E, _V}), example=True),
+    Option("workers", ("--workers",), Kind.INT, None, "Decoding worker processes (0: main process).",
+           frozenset({_E}), check=_at_least(0), default_text="0 on <= 2 cores, else up to 4", example=0),
+    Option("alpha", ("--alpha",), Kind.FLOAT, 0.5, "Heatmap opacity, 0..1.", frozenset({_E}),
+           shapes_output=True, check=_between(0.0, 1.0), example=0.7),
+    Option("colormap", ("--colormap",), Kind.STR, None, "Any OpenCV colormap name, or diverging.",
+           frozenset({_E}), shapes_output=True, default_text="jet; diverging with --signed", example="viridis"),
+    Option("save_raw", ("--save-raw",), Kind.BOOL, False, "Also write float32 .npy maps at full resolution.",
+           frozenset({_E}), shapes_output=True, example=True),
+    Option("skip_existing", ("--skip-existing",), Kind.BOOL, False,
+           "Skip images whose outputs a previous run with the same options completed.", frozenset({_E}),
+           example=True),
+    Option("shard", ("--shard",), Kind.STR, None, "K/N: process a deterministic 1/N of the inputs (job arrays).",
+           frozenset({_E}), check=_shard, example="1/2"),
+    Option("fail_fast", ("--fail-fast",), Kind.BOOL, False, "Stop at the first image that fails.",
+           frozenset({_E}), example=True),
+    # -- evaluate -----------------------------------------------------------------------------
+    Option("metric", ("--metric",), Kind.LIST, None,
+           "Comma-separated metrics (box metrics need --boxes).", frozenset({_V}), check=_items,
+           default_text="all", example="complexity"),
+    Option("boxes", ("--boxes",), Kind.STR, None,
+           "JSON/YAML map from image to boxes [x0, y0, x1, y1] in pixels.", frozenset({_V})),
+    Option("steps", ("--steps",), Kind.INT, 100, "Deletion/insertion curve steps.", frozenset({_V}),
+           check=_at_least(2), example=5),
+    Option("plots", ("--plots",), Kind.BOOL, False, "Also write deletion/insertion curve PNGs.",
+           frozenset({_V}), example=True),
+    Option("road_percentages", (), Kind.LIST, (10, 20, 30, 40, 50, 60, 70, 80, 90),
+           "ROAD: percentages of pixels removed.", frozenset({_V})),
+    # -- behaviour of the command itself (not in files, not recorded) ---------------------------
+    Option("quiet", ("--quiet", "-q"), Kind.BOOL, False, "No progress bar, messages or warnings on stderr.",
+           frozenset({_E, _V, _C}), in_files=False, record=False),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def options_for(command: str) -> list[Option]:
+    return [o for o in OPTIONS if command in o.commands]
+
+
+def get(opts: Any, name: str) -> Any:  # noqa: ANN401
+    """An option's value on any options object; the declared default where the command lacks it."""
+    return getattr(opts, name, BY_NAME[name].default)
+
+
+# -- options objects -----------------------------------------------------------------------------
+def _validate(self: Any) -> None:  # noqa: ANN401
+    """Check every value against its declaration: UsageError naming the flag and the value."""
+    for o in options_for(self.COMMAND):
+        value = getattr(self, o.name)
+        problem = o.check(value) if (o.check is not None and value is not None) else None
+        if problem:
+            raise UsageError(f"{o.flag} {value!r} {problem}")
+
+
+def _options_class(command: str, name: str, doc: str) -> type:
+    fields = []
+    for o in options_for(command):
+        d = o.default_for(command)
+        fields.append((o.name, Any, dataclasses.field(default=d)))
+    cls = dataclasses.make_dataclass(name, fields, namespace={"validate": _validate, "COMMAND": command})
+    cls.__doc__ = doc
+    cls.__module__ = __name__
+    return cls
+
+
+ExplainOptions = _options_class(EXPLAIN, "ExplainOptions", "Every option of `camcli explain`, as declared in OPTIONS.")
+EvaluateOptions = _options_class(EVALUATE, "EvaluateOptions", "Every option of `camcli evaluate`.")
+CheckOptions = _options_class(CHECK, "CheckOptions", "The options a check file sets (top level or under model:).")
+LayersOptions = _options_class(LAYERS, "LayersOptions", "Every option of `camcli layers`.")
+OPTIONS_CLASS: dict[str, type] = {
+    EXPLAIN: ExplainOptions, EVALUATE: EvaluateOptions, CHECK: CheckOptions, LAYERS: LayersOptions,
+}
+
+
+def build(command: str, *layers: Mapping[str, Any]) -> Any:  # noqa: ANN401
+    """Defaults < each mapping in turn (None: not given) -> a validated options object."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update({k: v for k, v in layer.items() if v is not None})
+    opts = OPTIONS_CLASS[command](**values)
+    opts.validate()
+    return opts
+
+
+def record(opts: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The options as summary.json records them: every recorded option of the command."""
+    return {o.key: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.record}
+
+
+def fingerprint(opts: Any, **resolved: Any) -> str:  # noqa: ANN401
+    """A short hash of everything that shapes the outputs: declared options plus resolved facts
+    (the model's weights hash, the layers and classes actually used)."""
+    shaping = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
+    shaping.update(resolved)
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _file_value(o: Option, value: Any, where: str) -> Any:  # noqa: ANN401
+    """A value from YAML, type-checked against the declaration."""
+    if value is None:
+        return None
+    bad = None
+    if o.kind is Kind.BOOL:
+        if not isinstance(value, bool):
+            bad = "must be true or false"
+    elif o.kind is Kind.INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad = "must be an integer"
+    elif o.kind is Kind.FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad = "must be a number"
+        else:
+            value = float(value)
+    elif o.kind is Kind.LIST:
+        if isinstance(value, list):
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                bad = "must be a list of names"
+            else:
+                value = [str(v) for v in value]
+        elif isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            bad = "must be a name or a list of names"
+    else:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        elif not isinstance(value, str):
+            bad = "must be a string"
+    if bad:
+        raise UsageError(f"{where}: {o.key} {bad}, got {value!r}")
+    if o.check is not None:
+        problem = o.check(value)
+        if problem:
+            raise UsageError(f"{where}: {o.key} {value!r} {problem}")
+    return value
+
+
+def file_keys(command: str, group: str | None = None) -> dict[str, Option]:
+    """Accepted file keys (with underscores) -> option; ``group`` limits them to one group."""
+    return {o.key: o for o in options_for(command) if o.in_files and (group is None or o.group == group)}
+
+
+def read_file_options(
+    data: Mapping[Any, Any], command: str, where: str, *, group: str | None = None, ignore: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Option values from a mapping read from a file; unknown keys and wrong types are usage errors.
+
+    Keys may use ``-`` or ``_``. ``ignore`` lists keys the caller handles itself (a check file's
+    ``cases``). ``where`` names the file (and section) in messages.
+    """
+    accepted = file_keys(command, group)
+    skip = set(ignore)
+    out: dict[str, Any] = {}
+    for raw, value in data.items():
+        k = str(raw).strip().replace("-", "_")
+        if k in skip:
+            continue
+        o = accepted.get(k)
+        if o is None:
+            names = sorted([*(a.replace("_", "-") for a in accepted), *skip])
+            raise UsageError(
+                f"{where}: unknown key {raw!r}{suggest(k.replace('_', '-'), names) or ''} (accepted: {', '.join(names)})"
+            )
+        out[o.name] = _file_value(o, value, where)
+    return out
+
+
+def read_config(path: str | Path, command: str = EXPLAIN) -> dict[str, Any]:
+    """A ``--config`` YAML file: the command's options as keys; flags on the command line win."""
+    from camcli.config import read_yaml
+
+    p = Path(path)
+    where = f"--config {str(p)!r}"
+    data = read_yaml(p, where)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
+    return read_file_options(data, command, where)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def typer_parameters(command: str) -> list[Any]:
+    """inspect.Parameters, one per declared flag of ``command``; every default is None (not given)."""
+    import inspect
+    from typing import Annotated, Optional
+
+    import typer
+
+    py = {Kind.BOOL: bool, Kind.INT: int, Kind.FLOAT: float, Kind.STR: str, Kind.LIST: str}
+    params = []
+    for o in options_for(command):
+        if not o.flags:
+            continue
+        decls = list(o.flags)
+        if o.kind is Kind.BOOL and o.name != "quiet":
+            long = decls[0]
+            decls[0] = f"{long}/--no-{long[2:]}"
+        typ: Any = py[o.kind]
+        if o.name == "classes":
+            typ = list[str]  # repeatable
+        info = typer.Option(*decls, help=o.help_for(command), show_default=False)
+        params.append(
+            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[Optional[typ], info])
+        )
+    return params
+
+
+def command_flags(command: str) -> set[str]:
+    """Every flag spelling ``command`` accepts from the declarations (``--signed``, ``--no-signed``, ``-M``)."""
+    out: set[str] = set()
+    for o in options_for(command):
+        out.update(o.flags)
+        if o.kind is Kind.BOOL and o.flags and o.name != "quiet":
+            out.add(f"--no-{o.flags[0][2:]}")
+    return out

@@ -1,0 +1,154 @@
+"""One session opens everything a command needs to compute maps: device, model, preprocessing,
+layers, targets, methods and engine. `explain`, `check` and `evaluate` (and any runner) open the
+same Session from their options and differ only in what they do with the maps.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from camcli import options as O
+from camcli import targets as tgt
+from camcli.engine import CamEngine, ImageOutput
+from camcli.errors import UsageError
+from camcli.images import Preprocess
+from camcli.layers import choose_layers
+from camcli.methods import MethodInfo, MethodOptions, parse_methods
+from camcli.models import LoadedModel, load_model
+from camcli.models.outputs import pick_logits
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a usage error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (accepted here: auto, cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine (accepted here: auto, cpu)")
+    return torch.device(name)
+
+
+def method_options(opts: Any) -> MethodOptions:  # noqa: ANN401
+    """The knobs methods read, from any command's options."""
+    return MethodOptions(
+        score_channels=O.get(opts, "score_channels"),
+        perturbation_batch=O.get(opts, "perturbation_batch"),
+        channels=O.get(opts, "channels"),
+        smooth_samples=O.get(opts, "samples"),
+        integration_steps=O.get(opts, "samples"),
+        smooth_sigma=O.get(opts, "noise"),
+        seed=O.get(opts, "seed"),
+        progress=not O.get(opts, "quiet"),
+    )
+
+
+def stderr_warning(msg: str) -> None:
+    print(f"camcli: warning: {msg}", file=sys.stderr)
+
+
+def _quiet(msg: str) -> None:
+    """-q: no messages."""
+
+
+@dataclass
+class Session:
+    options: Any  # ExplainOptions | EvaluateOptions | CheckOptions
+    model: LoadedModel
+    device: torch.device
+    preprocess: Preprocess
+    layers: list[str]
+    specs: list[tgt.TargetSpec]
+    methods: list[MethodInfo]
+    engine: CamEngine
+    warn: Callable[[str], None]
+
+    @classmethod
+    def open(cls, opts: Any, *, model: LoadedModel | None = None) -> "Session":  # noqa: ANN401
+        """Check the options, load the model (unless given) and prepare the engine.
+
+        Everything that can fail on the user's input fails here, before any image is read.
+        """
+        opts.validate()
+        methods = parse_methods(O.get(opts, "method"))
+        device = resolve_device(O.get(opts, "device"))
+        output_key = O.get(opts, "output_key")
+        lm = model or load_model(
+            O.get(opts, "model"), O.get(opts, "weights"), O.get(opts, "labels"),
+            unsafe_load=bool(O.get(opts, "unsafe_load")), image_size=O.get(opts, "image_size"), device=device,
+            output_key=output_key,
+        )
+        # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
+        lm.module.to(device=device, memory_format=torch.channels_last)
+        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example)
+        specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
+        engine = CamEngine(
+            lm.module, layers, methods, options=method_options(opts), signed=bool(O.get(opts, "signed")),
+            output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
+            aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
+            channels_last=True,
+        )
+        try:
+            engine.prepare(example)
+        except UsageError as e:
+            raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
+        return cls(
+            options=opts, model=lm, device=device,
+            preprocess=Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size),
+            layers=layers, specs=specs, methods=methods, engine=engine,
+            warn=_quiet if O.get(opts, "quiet") else stderr_warning,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(O.get(self.options, "batch_size"))
+
+    @property
+    def layer_name(self) -> str:
+        """The name the fused map of several layers carries ("a+b"), or the one layer's."""
+        return "+".join(self.layers)
+
+    def engine_for(self, module: nn.Module) -> CamEngine:
+        """An engine with this session's choices on another module (a randomised copy, say)."""
+        e = self.engine
+        return CamEngine(
+            module, self.layers, self.methods, options=e.options, signed=e.signed, output_key=e.output_key,
+            per_layer=e.per_layer, aug_smooth=e.aug_smooth, eigen_smooth=e.eigen_smooth, channels_last=True,
+        )
+
+    def explain(self, batch: Tensor, specs: Sequence[tgt.TargetSpec] | None = None) -> list[ImageOutput]:
+        """Maps for a batch of resized uint8/float images (B, 3, H, W): normalised and moved here."""
+        x = self.preprocess.normalize(batch.to(self.device, non_blocking=True))
+        return self.engine.explain(x, self.specs if specs is None else specs)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(N, classes) logits of normalised inputs, without gradients."""
+        with torch.inference_mode():
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+            return pick_logits(self.model.module(x), O.get(self.options, "output_key")).float()
+
+    def fingerprint(self) -> str:
+        """Everything that shapes the outputs: declared options plus what they resolved to."""
+        return O.fingerprint(
+            self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
+            classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The options for summary.json, with names resolved (methods, layers, classes)."""
+        rec = O.record(self.options)
+        rec["method"] = [m.name for m in self.methods]
+        rec["layer"] = self.layers
+        if "class" in rec:
+            rec["class"] = [str(s) for s in self.specs]
+        return rec
