@@ -38,6 +38,7 @@ class Kind(str, Enum):
     FLOAT = "float"
     STR = "str"
     LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line
+    INTS = "ints"  # a YAML list of integers, or comma-separated integers
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ def _items(v: Any) -> str | None:  # noqa: ANN401
     return None
 
 
+def _percentages(v: Any) -> str | None:  # noqa: ANN401
+    return None if v and all(0 < int(p) < 100 for p in v) else "must be percentages between 1 and 99"
+
+
 _E, _V, _C, _L = EXPLAIN, EVALUATE, CHECK, LAYERS
 _MAP = frozenset({_E, _V, _C})  # every command that computes maps
 
@@ -141,7 +146,7 @@ OPTIONS: tuple[Option, ...] = (
            frozenset({_E, _V, _C, _L}), shapes_output=True, group="model", example="random"),
     Option("labels", ("--labels",), Kind.STR, None,
            "Class names: .txt (one per line) or .json. ImageNet is built in.",
-           frozenset({_E, _V, _C}), shapes_output=True, group="model"),
+           frozenset({_E, _V, _C}), shapes_output=True, group="model", example="labels.txt"),
     Option("unsafe_load", ("--unsafe-load",), Kind.BOOL, False,
            "Allow pickled code in checkpoints (weights_only=False); only for files you trust.",
            frozenset({_E, _V, _C, _L}), group="model", example=True),
@@ -224,11 +229,11 @@ OPTIONS: tuple[Option, ...] = (
            check=_at_least(2), example=5),
     Option("plots", ("--plots",), Kind.BOOL, False, "Also write deletion/insertion curve PNGs.",
            frozenset({_V}), example=True),
-    Option("road_percentages", (), Kind.LIST, (10, 20, 30, 40, 50, 60, 70, 80, 90),
-           "ROAD: percentages of pixels removed.", frozenset({_V})),
+    Option("road_percentages", (), Kind.INTS, (10, 20, 30, 40, 50, 60, 70, 80, 90),
+           "ROAD: percentages of pixels removed.", frozenset({_V}), check=_percentages, example=[10, 50]),
     # -- behaviour of the command itself (not in files, not recorded) ---------------------------
     Option("quiet", ("--quiet", "-q"), Kind.BOOL, False, "No progress bar, messages or warnings on stderr.",
-           frozenset({_E, _V, _C}), in_files=False, record=False),
+           frozenset({_E, _V, _C}), in_files=False, record=False, example=True),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -313,6 +318,14 @@ def _file_value(o: Option, value: Any, where: str) -> Any:  # noqa: ANN401
             bad = "must be a number"
         else:
             value = float(value)
+    elif o.kind is Kind.INTS:
+        parts = value.split(",") if isinstance(value, str) else value
+        try:
+            if isinstance(parts, bool) or not isinstance(parts, list):
+                raise ValueError
+            value = tuple(int(str(p).strip()) for p in parts)
+        except ValueError:
+            bad = "must be a list of integers"
     elif o.kind is Kind.LIST:
         if isinstance(value, list):
             if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):

@@ -91,7 +91,6 @@ class Session:
         lm.module.to(device=device, memory_format=torch.channels_last)
         example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
         layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example)
-        specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
         engine = CamEngine(
             lm.module, layers, methods, options=method_options(opts), signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
@@ -101,7 +100,10 @@ class Session:
         try:
             engine.prepare(example)
         except UsageError as e:
+            if "output-key" in str(e):
+                raise
             raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
+        specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
         return cls(
             options=opts, model=lm, device=device,
             preprocess=Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size),

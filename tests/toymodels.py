@@ -73,3 +73,21 @@ class TanhNet(nn.Module):
 
 def tanh_net() -> nn.Module:
     return TanhNet()
+
+
+class DictOut(nn.Module):
+    """Two heads on one trunk in a dict without a 'logits' key: --output-key must choose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+        torch.manual_seed(1)
+        self.aux = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.net.pool(self.net.features(x)).flatten(1)
+        return {"main": self.net.fc(pooled), "aux": self.aux(pooled)}
+
+
+def dict_out() -> nn.Module:
+    return DictOut()
