@@ -21,6 +21,7 @@ from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
 from camcli.methods.eigen import first_component
+from camcli.methods.guided import GuidedReLUMode
 from camcli.models.outputs import pick_logits
 
 # Why a map came out blank: codes here; the words users read live in camcli.stats.NOTES.
@@ -179,6 +180,28 @@ class CamEngine:
                     if m.prepare is not None:
                         m.prepare(self.options, a)
 
+    def unfit(self, example: Tensor) -> dict[str, str]:
+        """Methods that cannot work on this model, each with a one-line reason (``--method all``)."""
+        reasons: dict[str, str] = {}
+        with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
+            logits = self._forward(example)
+            acts = self._activations(tap)
+        for m in self.methods:
+            if m.needs_classifier:
+                try:
+                    for layer, a in zip(self.layers, acts):
+                        find_classifier(self.model, a, logits, layer)
+                except UsageError:
+                    reasons[m.name] = "the layer does not feed global-average-pool -> linear directly"
+            if m.needs_relu and not self._has_relus(example):
+                reasons[m.name] = "the model has no ReLU-like units for guided backprop to gate"
+        return reasons
+
+    def _has_relus(self, example: Tensor) -> bool:
+        with frozen(self.model), torch.inference_mode(), GuidedReLUMode() as mode:
+            self._forward(example)
+        return mode.calls > 0
+
     # -- the main entry point -------------------------------------------------------------------
     def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
         """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all."""
@@ -225,10 +248,16 @@ class CamEngine:
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
+                    m_grads, m_access = grads, access
+                    if method.retarget is not None:  # the method explains another scalar (a contrast)
+                        other = method.retarget(target, scores, self.options)
+                        m_access = ModelAccess(self._forward, tap, x, other)
+                        if grad_mode and method.needs_gradients:
+                            m_grads = torch.autograd.grad(other.score(logits, rows).sum(), acts, retain_graph=True)
                     results = []
-                    for name, a, g in zip(self.layers, acts, grads):
+                    for name, a, g in zip(self.layers, acts, m_grads):
                         classifier = self._classifier_weights(method, name, a, logits)
-                        inputs = access.inputs_for(method, name, a, g, classifier, self.options)
+                        inputs = m_access.inputs_for(method, name, a, g, classifier, self.options)
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))
                         if method.pixel_space and not method.needs_gradients:

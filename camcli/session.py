@@ -49,6 +49,9 @@ def method_options(opts: Any) -> MethodOptions:  # noqa: ANN401
         smooth_sigma=O.get(opts, "noise"),
         seed=O.get(opts, "seed"),
         progress=not O.get(opts, "quiet"),
+        finer_base=O.get(opts, "finer_base"),
+        finer_alpha=O.get(opts, "finer_alpha"),
+        finer_references=O.get(opts, "finer_references"),
     )
 
 
@@ -58,6 +61,11 @@ def stderr_warning(msg: str) -> None:
 
 def _quiet(msg: str) -> None:
     """-q: no messages."""
+
+
+def _asks_all(spec: Any) -> bool:  # noqa: ANN401
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    return any(p.strip().lower() == "all" for part in parts for p in str(part).split(","))
 
 
 @dataclass
@@ -79,7 +87,10 @@ class Session:
         Everything that can fail on the user's input fails here, before any image is read.
         """
         opts.validate()
-        methods = parse_methods(O.get(opts, "method"))
+        warn = _quiet if O.get(opts, "quiet") else stderr_warning
+        mopts = method_options(opts)
+        methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(O.get(opts, "method"))]
+        every = _asks_all(O.get(opts, "method"))
         device = resolve_device(O.get(opts, "device"))
         output_key = O.get(opts, "output_key")
         lm = model or load_model(
@@ -89,14 +100,20 @@ class Session:
         )
         # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
         lm.module.to(device=device, memory_format=torch.channels_last)
-        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+        # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
+        example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example)
         engine = CamEngine(
-            lm.module, layers, methods, options=method_options(opts), signed=bool(O.get(opts, "signed")),
+            lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
             aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
             channels_last=True,
         )
+        if every:  # --method all: every method that fits, a one-line reason for each one skipped
+            for name, why in engine.unfit(example).items():
+                warn(f"--method all: skipping {name}: {why}")
+                engine.methods = [m for m in engine.methods if m.name != name]
+            methods = engine.methods
         try:
             engine.prepare(example)
         except UsageError as e:
@@ -108,7 +125,7 @@ class Session:
             options=opts, model=lm, device=device,
             preprocess=Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size),
             layers=layers, specs=specs, methods=methods, engine=engine,
-            warn=_quiet if O.get(opts, "quiet") else stderr_warning,
+            warn=warn,
         )
 
     @property

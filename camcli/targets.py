@@ -120,6 +120,35 @@ class ClassTarget:
         return output.gather(1, c[:, None])[:, 0]
 
 
+@dataclass
+class ContrastTarget:
+    """Finer-CAM's contrast: y^c - alpha * mean of the reference classes' scores (Zhang et al. 2025)."""
+
+    classes: Tensor  # (B,)
+    references: Tensor  # (B, R) class indices
+    alpha: float
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        rows = rows.to(output.device)
+        c = self.classes.clamp(min=0).to(output.device)[rows]
+        refs = self.references.to(output.device)[rows]
+        return output.gather(1, c[:, None])[:, 0] - self.alpha * output.gather(1, refs).mean(dim=1)
+
+
+def contrast(target: Target, logits: Tensor, references: int, alpha: float) -> ContrastTarget:
+    """The contrast around ``target``'s classes: the ``references`` classes whose logits are closest to
+    the target's (the target itself excluded, at most all other classes), weighted by ``alpha``."""
+    if logits.dim() != 2:
+        raise UsageError("finercam contrasts class scores; this model's output is not (batch, classes)")
+    if logits.shape[1] < 2:
+        raise UsageError("finercam needs a model with at least two classes")
+    c = target.classes.clamp(min=0).to(logits.device)
+    dist = (logits - logits.gather(1, c[:, None])).abs()
+    dist.scatter_(1, c[:, None], float("inf"))
+    refs = dist.topk(min(references, logits.shape[1] - 1), dim=1, largest=False).indices
+    return ContrastTarget(target.classes, refs, alpha)
+
+
 def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
     b = logits.shape[0]

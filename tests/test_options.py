@@ -106,6 +106,9 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "samples": (3, lambda s, v: s.engine.options.smooth_samples == 3 and s.engine.options.integration_steps == 3),
     "noise": (0.3, lambda s, v: s.engine.options.smooth_sigma == 0.3),
     "seed": (7, lambda s, v: s.engine.options.seed == 7),
+    "finer_base": ("layercam", lambda s, v: s.engine.options.finer_base == "layercam"),
+    "finer_alpha": (1.0, lambda s, v: s.engine.options.finer_alpha == 1.0),
+    "finer_references": (1, lambda s, v: s.engine.options.finer_references == 1),
     "quiet": (True, lambda s, v: s.engine.options.progress is False and s.warn.__name__ == "_quiet"),
 }
 # Options that act outside the Session (files, inputs, metrics): the test that proves each effect.
@@ -275,6 +278,9 @@ def _maps(method: str, model: Any = None, **kw: Any) -> list[np.ndarray]:  # noq
         ("gradcam", {"layer": "features.0"}, {}),
         ("gradcam", {"image_size": 64}, {}),
         ("gradcam", {"classes": "3"}, {"classes": "0"}),
+        ("finercam", {"finer_alpha": 1.0}, {}),
+        ("finercam", {"finer_references": 1}, {}),
+        ("finercam", {"finer_base": "layercam"}, {}),
         ("gradcam", {"output_key": "aux", "model_name": "toymodels:dict_out"},
          {"output_key": "main", "model_name": "toymodels:dict_out"}),
     ],

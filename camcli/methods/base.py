@@ -37,6 +37,9 @@ class MethodOptions:
     integration_steps: int = 8  # IS-CAM
     seed: int = 0
     progress: bool = False  # a progress bar (stderr, terminals only) for long perturbation loops
+    finer_base: str = "gradcam"  # finercam: the method whose target becomes the contrast
+    finer_alpha: float = 0.6  # finercam: weight of the reference classes' mean score
+    finer_references: int = 3  # finercam: how many of the most similar classes
 
 
 @dataclass
@@ -79,6 +82,12 @@ class MethodInfo:
     # Checks of the method's options against the layer's activations (1, K, h, w), run once before
     # any work starts; raise UsageError.
     prepare: Callable[["MethodOptions", Tensor], None] | None = None
+    # The method explains another scalar than the target's: (target, logits, options) -> target.
+    # The engine takes gradients and scores for that target instead (Finer-CAM's contrast).
+    retarget: Callable[[Any, Tensor, "MethodOptions"], Any] | None = None
+    # The method is a family: the options pick the concrete method (Finer-CAM's base method).
+    derive: Callable[["MethodOptions"], "MethodInfo"] | None = None
+    needs_relu: bool = False  # guided methods: meaningless without ReLU-like units
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -120,16 +129,24 @@ def get_method(name: str) -> MethodInfo:
     names = sorted([*_REGISTRY, *_ALIASES])
     raise UsageError(
         f"unknown method {name!r}{suggest(key, names)} "
-        f"(accepted: {', '.join(sorted(_REGISTRY))}; see `camcli methods`)"
+        f"(accepted: {', '.join(sorted(_REGISTRY))}, or all; see `camcli methods`)"
     )
 
 
+ALL = "all"
+
+
 def parse_methods(spec: str | list[str]) -> list[MethodInfo]:
-    """``"gradcam,layercam"`` or a list of such strings -> resolved, de-duplicated methods."""
+    """``"gradcam,layercam"`` or a list of such strings -> resolved, de-duplicated methods.
+
+    ``all`` is every registered method; the session drops, with a reason, those that do not fit.
+    """
     parts = [spec] if isinstance(spec, str) else list(spec)
     names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
     if not names:
-        raise UsageError("no method given (accepted: " + ", ".join(sorted(_REGISTRY)) + ")")
+        raise UsageError("no method given (accepted: " + ", ".join(sorted(_REGISTRY)) + ", or all)")
+    if ALL in (n.lower() for n in names):
+        return available_methods()
     seen: dict[str, MethodInfo] = {}
     for n in names:
         info = get_method(n)

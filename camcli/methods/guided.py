@@ -42,10 +42,17 @@ _HARDTANH = {F.hardtanh, F.hardtanh_, _aten.hardtanh.default, _aten.hardtanh_.de
 
 
 class GuidedReLUMode(TorchFunctionMode):
-    """Inside this mode, relu / relu6 / hardtanh use guided-backprop gradients."""
+    """Inside this mode, relu / relu6 / hardtanh use guided-backprop gradients. ``calls`` counts
+    the functions it replaced: none means the model has no unit guided backprop can gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        if func in _RELU or func is F.relu6 or func in _HARDTANH:
+            self.calls += 1
         if func in _RELU:
             return _GuidedClamp.apply(args[0], 0.0, None)
         if func is F.relu6:
@@ -75,6 +82,7 @@ def saliency(grad: Tensor) -> Tensor:
     "guided-backprop",
     aliases=("guidedbackprop", "guided_backprop", "gbp"),
     pixel_space=True,
+    needs_relu=True,
     extra_forwards="1 (+ full backward)",
     description="input gradient through guided ReLUs; fine detail, weakly class-specific",
     paper="Springenberg et al. 2015, Striving for Simplicity (arXiv:1412.6806)",
@@ -88,6 +96,7 @@ def guided_backprop(inputs: CamInputs) -> Tensor:
     aliases=("guidedgradcam", "guided_gradcam"),
     needs_gradients=True,
     pixel_space=True,
+    needs_relu=True,
     extra_forwards="1 (+ full backward)",
     description="guided backprop x upsampled Grad-CAM: fine detail, class-specific",
     paper="Selvaraju et al. 2017, Grad-CAM (arXiv:1610.02391)",
