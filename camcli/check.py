@@ -146,7 +146,7 @@ def run_check(
 
     for case in cf.cases:
         rgb = decode(case.image)
-        result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index])[0]
+        result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
         ranked = [i for i, _ in result.top]
         mask = _region_mask(case) if (case.expect.region or case.expect.region_mask) else None
         for cam_map in result.maps:

@@ -286,7 +286,7 @@ def layers(
         lm = load_model(opts.model, opts.weights or architecture_weights(opts.model), unsafe_load=bool(opts.unsafe_load),
                         image_size=opts.image_size)
         infos = trace_layers(lm.module, torch.zeros(1, 3, lm.input_size, lm.input_size))
-        default = default_layer(infos)
+        default = default_layer(infos, lm.num_classes if lm.task == "segmentation" else None)
         table = Table(title=f"{lm.name}: layers (input 1x3x{lm.input_size}x{lm.input_size})")
         for col in ("layer", "type", "output shape", ""):
             table.add_column(col)

@@ -43,11 +43,12 @@ class CamMap:
     note: str | None = None  # EMPTY or CONSTANT when the map is blank
     channels: np.ndarray | None = None  # (N, h, w) normalised strongest channels (`activations` topN)
     channel_ids: list[int] | None = None
+    region: dict[str, Any] | None = None  # segmentation: the region whose score was explained
 
 
 @dataclass
 class ImageOutput:
-    top: list[tuple[int, float]]  # (class index, probability), best first
+    top: list[tuple[int, float]]  # (class index, probability; segmentation: pixel share), best first
     maps: list[CamMap] = field(default_factory=list)
     saturation: dict[str, Any] | None = None  # bounded units saturated at/after the layer
 
@@ -132,6 +133,7 @@ class CamEngine:
         eigen_smooth: bool = False,
         channels_last: bool = False,
         top_k: int = 5,
+        region: tgt.Region | None = None,
     ) -> None:
         if not layers:
             raise UsageError("no target layer given")
@@ -148,6 +150,7 @@ class CamEngine:
         self.eigen_smooth = eigen_smooth
         self.channels_last = channels_last  # feed inputs as NHWC (the caller converted the model)
         self.top_k = top_k
+        self.region = region  # segmentation models: explain this region instead of the predicted pixels
         self._classifier: dict[str, Tensor] = {}
 
     @property
@@ -203,15 +206,24 @@ class CamEngine:
         return mode.calls > 0
 
     # -- the main entry point -------------------------------------------------------------------
-    def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
-        """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all."""
-        outputs, targets = self._explain(x, specs, None)
+    def explain(
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[ImageOutput]:
+        """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all.
+
+        ``sizes``: each image's original (H, W), for a segmentation region given in image pixels.
+        """
+        outputs, targets = self._explain(x, specs, None, sizes)
         if not self.aug_smooth:
             return outputs
         return self._aug_average(x, specs, outputs, targets)
 
     def _explain(
-        self, x: Tensor, specs: Sequence[tgt.TargetSpec], fixed: list[tgt.Target] | None
+        self,
+        x: Tensor,
+        specs: Sequence[tgt.TargetSpec],
+        fixed: list[tgt.Target] | None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[list[ImageOutput], list[tgt.Target]]:
         b = x.shape[0]
         grad_mode = self.needs_gradients
@@ -225,7 +237,8 @@ class CamEngine:
                         logits = self._forward(x)
             acts = self._activations(tap)
             scores = logits.detach().float()
-            probs = scores.softmax(dim=1)
+            # Per class and image: the softmax probability, or for segmentation the pixel share.
+            probs = tgt.pixel_shares(scores) if scores.dim() == 4 else scores.softmax(dim=1)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
             outputs = [
                 ImageOutput(
@@ -234,7 +247,7 @@ class CamEngine:
                 )
                 for i in range(b)
             ]
-            targets = tgt.resolve(specs, scores) if fixed is None else fixed
+            targets = tgt.resolve(specs, scores, self.region, sizes) if fixed is None else fixed
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:
@@ -290,6 +303,8 @@ class CamEngine:
         results: list[MethodOutput],
     ) -> None:
         col = target.classes
+        target_scores = target.score(scores, torch.arange(scores.shape[0], device=scores.device))
+        describe = getattr(target, "describe", None)
         finals = [finalize(r.cam, self.signed) for r in results]
         entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]], MethodOutput]] = []
         if len(results) == 1:
@@ -315,13 +330,14 @@ class CamEngine:
                         method=method.name,
                         layer=layer_name,
                         target=c if has_target else None,
-                        score=float(scores[i, c]) if has_target else None,
+                        score=float(target_scores[i]) if has_target else None,
                         probability=float(probs[i, c]) if has_target else None,
                         cam=maps_np[i],
                         empty=bool(empty[i]),
                         note=reasons[i],
                         channels=None if chans is None else chans[i],
                         channel_ids=None if res.channel_ids is None else [int(v) for v in res.channel_ids[i]],
+                        region=describe(i) if (describe is not None and has_target) else None,
                     )
                 )
 

@@ -105,6 +105,9 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
     specs = session.specs
     if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1):
         raise UsageError("evaluate explains one class per image: --class top1, an index or a label")
+    if session.model.task != "classification":
+        raise UsageError("evaluate's metrics (class probability under deletion, ROAD, ...) are defined for "
+                         f"classifiers; {session.model.name} is a segmentation model")
     lm, device, pre, layers, methods = session.model, session.device, session.preprocess, session.layers, session.methods
     pb = opts.perturbation_batch
     random_engine = None

@@ -53,9 +53,16 @@ def trace_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     ]
 
 
-def default_layer(infos: list[LayerInfo]) -> str:
-    """The last layer (by when its forward finished) whose output is a spatial (B, C, h, w) map."""
+def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:
+    """The last layer (by when its forward finished) whose output is a spatial (B, C, h, w) map.
+
+    ``score_channels``: a segmentation model's class count; layers with that many channels are its
+    score maps, not features, and are passed over when a feature layer exists.
+    """
     spatial = [i for i in infos if i.spatial and i.finished >= 0]
+    if score_channels is not None:
+        features = [i for i in spatial if i.shape is not None and i.shape[1] != score_channels]
+        spatial = features or spatial
     if not spatial:
         raise UsageError("no layer of this model outputs a spatial (B, C, h, w) map; pass --layer")
     return max(spatial, key=lambda i: i.finished).name
@@ -80,8 +87,10 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
     return out
 
 
-def choose_layers(model: nn.Module, spec: str | list[str] | None, model_name: str, example: Tensor) -> list[str]:
+def choose_layers(
+    model: nn.Module, spec: str | list[str] | None, model_name: str, example: Tensor, score_channels: int | None = None
+) -> list[str]:
     """``--layer`` resolved, or the default layer traced on ``example`` when none was given."""
     if spec:
         return resolve_layers(model, spec, model_name)
-    return [default_layer(trace_layers(model, example))]
+    return [default_layer(trace_layers(model, example), score_channels)]

@@ -172,6 +172,13 @@ OPTIONS: tuple[Option, ...] = (
            "top1, topK, a class index or a label; repeatable or comma-separated (evaluate and check: one per image).",
            frozenset({_E, _V}), shapes_output=True, file_key="class", check=_items, default_text="top1",
            example="1"),
+    Option("region", ("--region",), Kind.STR, None,
+           "Segmentation models: explain the class's score summed over this box x0,y0,x1,y1 (pixels, or fractions).",
+           _MAP, shapes_output=True, check=_not_empty, default_text="the pixels the model assigns to the class",
+           example="0,0,0.5,0.5"),
+    Option("region_mask", ("--region-mask",), Kind.STR, None,
+           "Segmentation models: explain the class's score summed over this mask image's non-zero pixels.",
+           _MAP, shapes_output=True, check=_not_empty, example="mask.png"),
     # -- how maps are computed -----------------------------------------------------------------
     Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,
            check=_at_least(1), example=3),

@@ -28,7 +28,7 @@ from camcli.images import ImageDataset, ImageSource, collate, discover
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
-from camcli.report import build_summary, prediction_entries, write_summary
+from camcli.report import SHARE_KEY, build_summary, prediction_entries, write_summary
 from camcli.session import Session, resolve_device  # noqa: F401  (resolve_device: public, used by callers)
 from camcli.stats import map_stats, note_text
 from camcli.writer import WriterPool, npy_bytes, write_atomic
@@ -129,8 +129,10 @@ def render_outputs(
                 "index": m.target,
                 "label": model.label(m.target),
                 "score": None if m.score is None else round(m.score, 6),
-                "probability": None if m.probability is None else round(m.probability, 6),
+                SHARE_KEY[model.task]: None if m.probability is None else round(m.probability, 6),
             }
+        if m.region is not None and target is not None:
+            target["region"] = m.region
         entries.append(
             {
                 "method": m.method,
@@ -273,7 +275,7 @@ def explain(
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
         try:
-            outs = session.explain(torch.stack([g["tensor"] for g in group]))
+            outs = session.explain(torch.stack([g["tensor"] for g in group]), sizes=[g["image"].shape[:2] for g in group])
         except UsageError:
             raise
         except (RuntimeError, ValueError) as e:

@@ -16,8 +16,14 @@ from camcli.writer import write_atomic
 SCHEMA_VERSION = 1
 
 
+# What the number beside each predicted class means: a classifier's softmax probability, or the
+# share of pixels a segmentation model assigns to the class.
+SHARE_KEY = {"classification": "probability", "segmentation": "pixel_share"}
+
+
 def prediction_entries(top: Sequence[tuple[int, float]], model: LoadedModel) -> list[dict[str, Any]]:
-    return [{"index": i, "label": model.label(i), "probability": round(p, 6)} for i, p in top]
+    key = SHARE_KEY[model.task]
+    return [{"index": i, "label": model.label(i), key: round(p, 6)} for i, p in top]
 
 
 def build_summary(
@@ -42,6 +48,7 @@ def build_summary(
             "weights": model.weights,
             "weights_sha256": model.weights_sha256,
             "num_classes": model.num_classes,
+            "task": model.task,
             "layer": ",".join(layers),
             "layers": list(layers),
             "input_policy": input_policy,

@@ -102,13 +102,20 @@ class Session:
         lm.module.to(device=device, memory_format=torch.channels_last)
         # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example)
+        seg_classes = lm.num_classes if lm.task == "segmentation" else None
+        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, seg_classes)
         engine = CamEngine(
             lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
             aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
-            channels_last=True,
+            channels_last=True, region=tgt.parse_region(O.get(opts, "region"), O.get(opts, "region_mask")),
         )
+        if lm.task == "segmentation" and engine.aug_smooth:
+            raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
+                             "line up with the region (drop --aug-smooth)")
+        if lm.task != "segmentation" and engine.region is not None:
+            raise UsageError("--region and --region-mask are for segmentation models (output batch x classes x H x W); "
+                             f"{lm.name} is a classifier")
         if every:  # --method all: every method that fits, a one-line reason for each one skipped
             for name, why in engine.unfit(example).items():
                 warn(f"--method all: skipping {name}: {why}")
@@ -117,7 +124,7 @@ class Session:
         try:
             engine.prepare(example)
         except UsageError as e:
-            if "output-key" in str(e):
+            if "output-key" in str(e) or "camcli layers" in str(e):
                 raise
             raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
         specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
@@ -143,12 +150,19 @@ class Session:
         return CamEngine(
             module, self.layers, self.methods, options=e.options, signed=e.signed, output_key=e.output_key,
             per_layer=e.per_layer, aug_smooth=e.aug_smooth, eigen_smooth=e.eigen_smooth, channels_last=True,
+            region=e.region,
         )
 
-    def explain(self, batch: Tensor, specs: Sequence[tgt.TargetSpec] | None = None) -> list[ImageOutput]:
-        """Maps for a batch of resized uint8/float images (B, 3, H, W): normalised and moved here."""
+    def explain(
+        self,
+        batch: Tensor,
+        specs: Sequence[tgt.TargetSpec] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[ImageOutput]:
+        """Maps for a batch of resized uint8 images (B, 3, H, W): normalised and moved here.
+        ``sizes``: the original (H, W) of each image (a segmentation --region in image pixels)."""
         x = self.preprocess.normalize(batch.to(self.device, non_blocking=True))
-        return self.engine.explain(x, self.specs if specs is None else specs)
+        return self.engine.explain(x, self.specs if specs is None else specs, sizes)
 
     def logits(self, x: Tensor) -> Tensor:
         """(N, classes) logits of normalised inputs, without gradients."""

@@ -149,6 +149,86 @@ def contrast(target: Target, logits: Tensor, references: int, alpha: float) -> C
     return ContrastTarget(target.classes, refs, alpha)
 
 
+@dataclass(frozen=True)
+class Region:
+    """A segmentation target's region: a box [x0, y0, x1, y1] in the image's pixels (or fractions
+    in [0, 1]), or a mask image whose non-zero pixels are inside. None anywhere: the predicted pixels."""
+
+    box: tuple[float, float, float, float] | None = None
+    mask: str | None = None
+
+    def __str__(self) -> str:
+        return f"mask {self.mask}" if self.mask else "box " + ",".join(f"{v:g}" for v in self.box or ())
+
+    def on_grid(self, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> Tensor:
+        """The region as a (gh, gw) float mask on the model output's grid."""
+        gh, gw = grid_hw
+        if self.mask is not None:
+            from camcli.images import decode
+
+            m = torch.from_numpy(decode(self.mask).max(axis=2) > 0).float()
+            return torch.nn.functional.interpolate(m[None, None], size=(gh, gw), mode="nearest")[0, 0]
+        assert self.box is not None
+        h, w = image_hw
+        x0, y0, x1, y1 = self.box
+        if not all(0.0 <= v <= 1.0 for v in self.box) or all(float(v).is_integer() for v in self.box):
+            x0, x1, y0, y1 = x0 / w, x1 / w, y0 / h, y1 / h  # pixels -> fractions
+        out = torch.zeros(gh, gw)
+        r0, r1 = int(round(y0 * gh)), max(int(round(y0 * gh)) + 1, int(round(y1 * gh)))
+        c0, c1 = int(round(x0 * gw)), max(int(round(x0 * gw)) + 1, int(round(x1 * gw)))
+        out[r0:r1, c0:c1] = 1.0
+        return out
+
+
+def parse_region(box: str | None, mask: str | None) -> Region | None:
+    """``--region x0,y0,x1,y1`` (pixels, or fractions in [0, 1]) or ``--region-mask FILE``."""
+    if box is not None and mask is not None:
+        raise UsageError("give --region or --region-mask, not both")
+    if mask is not None:
+        from pathlib import Path
+
+        if not Path(mask).is_file():
+            raise UsageError(f"--region-mask {mask!r}: no such file (an image whose non-zero pixels are the region)")
+        return Region(mask=mask)
+    if box is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
+        raise UsageError(f"--region {box!r} is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions)")
+    return Region(box=vals)  # type: ignore[arg-type]
+
+
+@dataclass
+class SegmentTarget:
+    """Class c's score summed over a region of the output grid (B, H, W masks), per image."""
+
+    classes: Tensor  # (B,)
+    masks: Tensor  # (B, H, W) float, 1 inside the region
+    kind: str  # "predicted", "box" or "mask"
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        rows = rows.to(output.device)
+        c = self.classes.clamp(min=0).to(output.device)[rows]
+        maps = output[torch.arange(output.shape[0], device=output.device), c]  # (N, H, W)
+        masks = self.masks.to(output.device, output.dtype)[rows]
+        if masks.shape[-2:] != maps.shape[-2:]:
+            masks = torch.nn.functional.interpolate(masks[:, None], size=maps.shape[-2:], mode="nearest")[:, 0]
+        return (maps * masks).sum(dim=(-2, -1))
+
+    def describe(self, i: int) -> dict[str, object]:
+        m = self.masks[i]
+        return {"kind": self.kind, "share": round(float(m.mean()), 6)}
+
+
+def pixel_shares(scores: Tensor) -> Tensor:
+    """(B, C, H, W) segmentation scores -> (B, C) share of pixels each class wins."""
+    pred = scores.argmax(dim=1)
+    return torch.nn.functional.one_hot(pred, scores.shape[1]).flatten(1, 2).float().mean(dim=1)
+
+
 def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
     b = logits.shape[0]
@@ -166,10 +246,31 @@ def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     return out
 
 
-def resolve(specs: Sequence[TargetSpec], logits: Tensor) -> list[Target]:
-    """The targets of a batch, one per slot, from the specs and the batch's logits."""
-    idx = class_indices(specs, logits)
-    return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])]
+def resolve(
+    specs: Sequence[TargetSpec],
+    logits: Tensor,
+    region: Region | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[Target]:
+    """The targets of a batch, one per slot, from the specs and the batch's scores.
+
+    Classifiers: the class logit. Segmentation scores (B, C, H, W): topK ranks classes by the pixels
+    they win, and the target sums class c's score over ``region`` (image pixels, ``sizes`` per
+    image) or, by default, over the pixels the model assigns to c.
+    """
+    if logits.dim() == 2:
+        idx = class_indices(specs, logits)
+        return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])]
+    idx = class_indices(specs, pixel_shares(logits))
+    grid = (logits.shape[-2], logits.shape[-1])
+    if region is not None:
+        hw = list(sizes) if sizes is not None else [grid] * logits.shape[0]
+        fixed = torch.stack([region.on_grid(s, grid) for s in hw]).to(logits.device)
+        return [SegmentTarget(idx[:, t], fixed, "mask" if region.mask else "box") for t in range(idx.shape[1])]
+    pred = logits.argmax(dim=1)
+    return [
+        SegmentTarget(idx[:, t], (pred == idx[:, t, None, None]).float(), "predicted") for t in range(idx.shape[1])
+    ]
 
 
 def is_default(specs: Sequence[TargetSpec]) -> bool:

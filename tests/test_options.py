@@ -106,6 +106,8 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "samples": (3, lambda s, v: s.engine.options.smooth_samples == 3 and s.engine.options.integration_steps == 3),
     "noise": (0.3, lambda s, v: s.engine.options.smooth_sigma == 0.3),
     "seed": (7, lambda s, v: s.engine.options.seed == 7),
+    "region": ("0,0,0.5,0.5", lambda s, v: s.engine.region is not None and s.engine.region.box == (0, 0, 0.5, 0.5)),
+    "region_mask": (None, lambda s, v: s.engine.region is not None and s.engine.region.mask == v),
     "finer_base": ("layercam", lambda s, v: s.engine.options.finer_base == "layercam"),
     "finer_alpha": (1.0, lambda s, v: s.engine.options.finer_alpha == 1.0),
     "finer_references": (1, lambda s, v: s.engine.options.finer_references == 1),
@@ -129,7 +131,8 @@ OTHER_EFFECTS = {
     "boxes": "test_evaluate_metric_steps_and_plots_have_their_effect",
     "road_percentages": "test_evaluation_is_deterministic_and_complete",
 }
-NEEDS_MODEL = {"output_key": "toymodels:tuple_out"}  # an option that only fits another model
+# Options that only fit another model than the tiny classifier.
+NEEDS_MODEL = {"output_key": "toymodels:tuple_out", "region": "toymodels:tiny_seg", "region_mask": "toymodels:tiny_seg"}
 
 
 def _boxes(tmp: Path) -> str:
@@ -139,7 +142,15 @@ def _boxes(tmp: Path) -> str:
 
 
 # Values whose example needs a file or must stay inside the test's folder.
-FILE_VALUES: dict[str, Callable[[Path], Any]] = {"out": lambda tmp: str(tmp / "elsewhere"), "boxes": _boxes}
+def _mask(tmp: Path) -> str:
+    p = tmp / "mask.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(p)
+    return str(p)
+
+
+FILE_VALUES: dict[str, Callable[[Path], Any]] = {
+    "out": lambda tmp: str(tmp / "elsewhere"), "boxes": _boxes, "region_mask": _mask,
+}
 
 
 def _value(name: str, tmp: Path) -> Any:  # noqa: ANN401

@@ -91,3 +91,20 @@ class DictOut(nn.Module):
 
 def dict_out() -> nn.Module:
     return DictOut()
+
+
+class TinySeg(nn.Module):
+    """conv -> ReLU (features, the target layer) -> 1x1 conv to per-pixel class scores: (B, C, h, w)."""
+
+    def __init__(self, classes: int = 3, width: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.head(self.features(x))}
+
+
+def tiny_seg() -> nn.Module:
+    return TinySeg()

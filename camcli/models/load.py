@@ -195,6 +195,19 @@ def _bundled() -> tuple[nn.Module, dict[str, Any]]:
     return module, meta
 
 
+def _tv_build(name: str, **kw: Any) -> nn.Module:
+    """A torchvision architecture with no weights at all: segmentation and detection builders
+    would otherwise download an ImageNet backbone (weights_backbone)."""
+    import inspect
+
+    import torchvision.models as tvm
+
+    builder = tvm.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kw["weights_backbone"] = None
+    return builder(weights=None, **kw)
+
+
 def _torchvision(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]] | None:
     import torchvision.models as tvm
 
@@ -203,9 +216,11 @@ def _torchvision(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Modul
     meta: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224}
     try:
         default = tvm.get_model_weights(name).DEFAULT
+        meta["categories"] = list(default.meta.get("categories") or [])
         tf = default.transforms()
-        meta["size"] = int(tf.crop_size[0])
         meta["mean"], meta["std"] = tuple(tf.mean), tuple(tf.std)
+        crop = getattr(tf, "crop_size", None) or getattr(tf, "resize_size", None)
+        meta["size"] = int(crop[0]) if crop else 224
     except Exception:  # noqa: BLE001 - metadata is a nicety; architectures without weights exist
         default = None
     if weights is None:
@@ -217,13 +232,13 @@ def _torchvision(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Modul
         weights = str(cached)
         meta["weights_label"] = f"torchvision cache ({cached.name})"
     if weights == RANDOM:
-        return tvm.get_model(name, weights=None), {**meta, "weights": RANDOM}
+        return _tv_build(name), {**meta, "weights": RANDOM}
     sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
     n = _classes_in(sd)
     try:
-        module = tvm.get_model(name, weights=None, **({"num_classes": n} if n else {}))
+        module = _tv_build(name, **({"num_classes": n} if n else {}))
     except (TypeError, ValueError):
-        module = tvm.get_model(name, weights=None)
+        module = _tv_build(name)
     load_into(module, sd, weights, name)
     return module, {**meta, "weights": weights, "sha": file_sha256(weights)}
 
@@ -308,8 +323,10 @@ def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
     return obj
 
 
-def _probe(module: nn.Module, size: int, device: torch.device, output_key: str | None = None) -> tuple[int, bool]:
-    """(number of classes, whether the model accepts a non-square input of another size)."""
+def _probe(
+    module: nn.Module, size: int, device: torch.device, output_key: str | None = None
+) -> tuple[int, bool, str]:
+    """(number of classes, whether the model accepts a non-square input of another size, task)."""
     from camcli.models.outputs import pick_logits
 
     with torch.inference_mode():
@@ -322,17 +339,18 @@ def _probe(module: nn.Module, size: int, device: torch.device, output_key: str |
                 "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
             ) from None
         try:
-            n = int(pick_logits(out, output_key).shape[1])
+            scores = pick_logits(out, output_key)
+            n, task = int(scores.shape[1]), ("segmentation" if scores.dim() == 4 else "classification")
         except UsageError:
             if output_key is not None:
                 raise
-            n = -1  # reported by the engine with the --output-key hint
+            n, task = -1, "classification"  # reported by the engine with the --output-key hint
         try:
             other = module(torch.zeros(1, 3, size + 32, size + 96, device=device))
-            flexible = pick_logits(other, output_key).shape == pick_logits(out, output_key).shape
+            flexible = pick_logits(other, output_key).shape[:2] == pick_logits(out, output_key).shape[:2]
         except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
             flexible = False
-    return n, flexible
+    return n, flexible, task
 
 
 def load_model(
@@ -393,7 +411,7 @@ def load_model(
     if size < 16:
         raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
     try:
-        n, flexible = _probe(module, size, dev, output_key)
+        n, flexible, task = _probe(module, size, dev, output_key)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
@@ -403,6 +421,8 @@ def load_model(
         label_list = load_labels(labels)
         if n > 0 and len(label_list) != n:
             raise UsageError(f"--labels {labels!r} has {len(label_list)} labels, the model has {n} classes")
+    elif n > 0 and len(meta.get("categories") or ()) == n:
+        label_list = list(meta["categories"])
     elif n == 1000:
         label_list = list(imagenet_labels())
     else:
@@ -416,6 +436,7 @@ def load_model(
         input_size=size,
         flexible_size=flexible,
         num_classes=n,
+        task=task,
         labels=label_list,
         weights=meta.get("weights_label", meta.get("weights")),
         weights_sha256=meta.get("sha"),

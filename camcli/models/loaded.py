@@ -20,6 +20,7 @@ class LoadedModel:
     labels: list[str] | None = None
     weights: str | None = None  # file path, "bundled", "pretrained (cache)" or "random"
     weights_sha256: str | None = None
+    task: str = "classification"  # or "segmentation": (B, classes, H, W) scores per pixel
 
     def label(self, index: int) -> str | None:
         if self.labels is not None and 0 <= index < len(self.labels):

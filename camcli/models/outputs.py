@@ -1,4 +1,8 @@
-"""Model outputs: find the (batch, classes) logits in a tensor, tuple, dict or ModelOutput."""
+"""Model outputs: find the scores in a tensor, tuple, dict or ModelOutput.
+
+Classifiers give (batch, classes) logits; segmentation models (batch, classes, H, W) per-pixel
+scores (torchvision's segmentation models return them under the key ``out``).
+"""
 
 from __future__ import annotations
 
@@ -38,18 +42,20 @@ def pick_logits(output: Any, key: str | int | None = None) -> Tensor:  # noqa: A
             raise UsageError(f"--output-key {key!r}: the model returns a single tensor, not a tuple or mapping")
         output = select(output, key)
     if isinstance(output, Tensor):
-        if output.dim() != 2:
+        if output.dim() not in (2, 4):
             raise UsageError(
-                f"the model returns a tensor of shape {tuple(output.shape)}; camcli needs (batch, classes) logits"
+                f"the model returns a tensor of shape {tuple(output.shape)}; camcli needs (batch, classes) logits "
+                "or (batch, classes, H, W) segmentation scores"
             )
         return output
     if isinstance(output, dict) or hasattr(output, "keys"):
         keys = list(output.keys())
-        if "logits" in keys:
-            return pick_logits(output["logits"])
+        for known in ("logits", "out"):
+            if known in keys:
+                return pick_logits(output[known])
         raise UsageError(f"the model returns a mapping with keys {keys}; choose the logits with --output-key KEY")
     if isinstance(output, (tuple, list)):
-        cands = [i for i, o in enumerate(output) if isinstance(o, Tensor) and o.dim() == 2]
+        cands = [i for i, o in enumerate(output) if isinstance(o, Tensor) and o.dim() in (2, 4)]
         if len(cands) == 1:
             return output[cands[0]]
         raise UsageError(
