@@ -108,6 +108,32 @@ def test_ablationcam_by_hand() -> None:
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
 
 
+def test_ablationcam_divides_by_abs_score_when_the_logit_is_negative() -> None:
+    """Deliberate deviation from the paper and pytorch-grad-cam, which divide by y itself.
+
+    Class 0 weights (1, -2), bias 0.3, mean A = (0.25, 0.5): y = 0.25 - 1.0 + 0.3 = -0.45. Zeroing channel 1 gives -0.7
+    (channel 1 supports the class), zeroing channel 2 gives 0.55 (channel 2 argues against it).
+    w_k = (y - y_k) / |y|: w1 = 0.25 / 0.45 = 5/9, w2 = -1.0 / 0.45 = -20/9; map = w1 A1 + w2 A2.
+    The literal (y - y_k) / y negates both weights and would highlight channel 2 instead.
+    """
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = GapLinear(torch.tensor([[1.0, -2.0], [0.0, 1.0]]))
+    with torch.no_grad():
+        assert float(model(A_TOY)[0, 0]) == pytest.approx(-0.45)
+    w1, w2 = 5 / 9, -20 / 9
+    signed = CamEngine(model, ["feat"], [get_method("ablationcam")], signed=True).explain(A_TOY, [ClassIndex(0)])
+    expected = torch.tensor([[w1, 0.0], [0.0, 2 * w2]])
+    assert np.allclose(signed[0].maps[0].cam, (expected / expected.abs().max()).numpy(), atol=1e-6)
+    plain = CamEngine(model, ["feat"], [get_method("ablationcam")]).explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    assert np.allclose(plain, [[1.0, 0.0], [0.0, 0.0]], atol=1e-6)  # the supporting channel
+    # pytorch-grad-cam's literal division by y highlights the opposing channel instead
+    with AblationCAM(model=model, target_layers=[model.feat]) as peer:
+        theirs = peer(input_tensor=A_TOY, targets=[ClassifierOutputTarget(0)])[0]
+    assert np.allclose(theirs, [[0.0, 0.0], [0.0, 1.0]], atol=1e-5)
+
+
 def test_eigencam_by_hand_and_sign_fixed() -> None:
     # A_k = v_k * P (rank one). Centred rows (P - mean P) v^T: the first component is v/|v| and the
     # projection is (P - mean P) |v| = [[2,0],[-1,-1]] * 5 for v = (3, 4), P = [[3,1],[0,0]].

@@ -131,10 +131,16 @@ def iscam(inputs: CamInputs) -> Tensor:
     aliases=("ablation-cam",),
     needs_layer_scorer=True,
     extra_forwards="K",
-    description="weight = relative drop of the target score when the channel is zeroed",
+    description="weight = drop of the target score when the channel is zeroed, divided by |score|",
     paper="Desai & Ramaswamy 2020, Ablation-CAM (WACV 2020)",
 )
 def ablationcam(inputs: CamInputs) -> Tensor:
+    """w_k = (y - y_k) / |y|, y the target score and y_k the score with channel k zeroed.
+
+    The paper divides by y itself (pytorch-grad-cam too). When the target logit is negative that
+    flips every weight, and the map shows what argues *against* the class; |y| keeps the meaning
+    of the sign: a channel whose removal lowers the score supports the class.
+    """
     score_with = require(inputs.layer_scorer, "a layer scorer", "ablationcam")  # type: ignore[arg-type]
     a = inputs.activations
     opts = inputs.options
@@ -149,5 +155,5 @@ def ablationcam(inputs: CamInputs) -> Tensor:
             ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
             ablated[torch.arange(len(idx)), idx] = 0
             drop = base - score_with(b, ablated, c)
-            weights[b, idx] = drop / base if base != 0 else drop
+            weights[b, idx] = drop / abs(base) if base != 0 else drop
     return weigh(weights, a.float())
