@@ -445,3 +445,40 @@ def test_guided_gradcam_is_saliency_times_upsampled_gradcam() -> None:
     raw_map = sal * coarse / coarse.max()  # conv2 keeps 8x8, so no resize here
     expected = (raw_map - raw_map.min()) / (raw_map.max() - raw_map.min())
     assert np.allclose(o.maps[0].cam, expected.detach().numpy(), atol=1e-5)
+
+
+def test_noise_is_drawn_on_the_cpu_whatever_the_device() -> None:
+    # The same seed must give the same noise on every device: draw_noise draws from a CPU generator
+    # and only then moves the values. A 'meta' destination has no values, but it still advances the
+    # CPU generator exactly as a CPU draw does, which a draw made on the device could not.
+    from camcli.methods.base import draw_noise, noise_generator
+
+    reference = torch.Generator().manual_seed(3)
+    first, second = torch.randn((2, 3), generator=reference), torch.randn((2, 3), generator=reference)
+    gen = noise_generator(3)
+    assert gen.device.type == "cpu"
+    assert torch.equal(draw_noise([gen], (2, 3), "cpu")[0], first)
+    assert torch.equal(draw_noise([gen], (2, 3), "cpu")[0], second)
+    meta_gen = noise_generator(3)
+    moved = draw_noise([meta_gen], (2, 3), "meta")
+    assert moved.device.type == "meta" and moved.shape == (1, 2, 3)
+    assert torch.equal(draw_noise([meta_gen], (2, 3), "cpu")[0], second)
+    # one tensor per generator: per-image generators with one seed give every image the same noise
+    both = draw_noise([noise_generator(3), noise_generator(3)], (2, 3), "cpu")
+    assert torch.equal(both[0], first) and torch.equal(both[1], first)
+
+
+def test_noisy_maps_on_cpu_are_unchanged_by_drawing_noise_on_the_cpu() -> None:
+    # Values recorded before the noise moved to draw_noise (seed 7): on the CPU the streams are the same.
+    from toymodels import tiny_cnn
+
+    ss = CamEngine(toy_scores_model(), ["feat"], [get_method("ss-cam")], signed=True,
+                   options=MethodOptions(smooth_sigma=0.5, smooth_samples=3, seed=7))
+    assert np.allclose(ss.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam, [[1.0, 0.0], [0.0, 0.9372602]], atol=1e-6)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    sg = CamEngine(tiny_cnn(), ["features.2"], [get_method("smoothgradcam++")], signed=True,
+                   options=MethodOptions(smooth_sigma=0.3, smooth_samples=3, seed=7))
+    first = sg.explain(x, [ClassIndex(1)])[0].maps[0].cam
+    assert np.allclose(first[0], [0.1569439, -0.0351094, 0.4510500, 0.8087826], atol=1e-5)
+    assert np.allclose(first[3], [0.3214593, 0.6373886, 0.0031556, 1.0000000], atol=1e-5)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
+import torch
 from torch import Tensor
 
 from camcli.errors import UsageError, suggest
@@ -159,6 +160,23 @@ class MethodOutput:
     cam: Tensor  # (B, h, w) or (B, K, h, w) weighted activations
     channels: Tensor | None = None  # (B, N, h, w)
     channel_ids: Tensor | None = None  # (B, N)
+
+
+def noise_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``; methods draw their noise from it with :func:`draw_noise`."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> Tensor:
+    """Standard normal noise, one tensor of ``shape`` per generator -> (len(generators), *shape) on ``device``.
+
+    Drawn on the CPU, then moved: CPU and CUDA generators give different streams for the same seed,
+    so drawing on the device would make the same seed give a different map on every kind of device.
+    """
+    for g in generators:
+        if g.device.type != "cpu":
+            raise ValueError(f"noise is drawn from CPU generators, not {g.device} (see noise_generator)")
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
 
 
 def require(value: Tensor | None, what: str, method: str) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, register, require, weigh
+from camcli.methods.base import CamInputs, draw_noise, noise_generator, register, require, weigh
 
 _EPS = 1e-12
 
@@ -129,13 +129,13 @@ def smoothgradcampp(inputs: CamInputs) -> Tensor:
     grad_at = require(inputs.gradient_fn, "a gradient function", "smoothgradcam++")  # type: ignore[arg-type]
     opts = inputs.options
     # Noise per image, from its own seeded generator and value range: a map never depends on its batch.
-    gens = [torch.Generator(device=x.device).manual_seed(opts.seed) for _ in range(x.shape[0])]
+    gens = [noise_generator(opts.seed) for _ in range(x.shape[0])]
     sigma = opts.smooth_sigma * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
     g1 = torch.zeros_like(a)
     g2 = torch.zeros_like(a)
     g3 = torch.zeros_like(a)
     for _ in range(opts.smooth_samples):
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device) for g in gens])
+        noise = draw_noise(gens, x.shape[1:], x.device)
         noisy = x + noise * sigma
         _, g = grad_at(noisy, inputs.targets)
         g1 += g

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, chunks, register, require, weigh
+from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, require, weigh
 
 
 def channel_subset(a: Tensor, n: int | None) -> Tensor:
@@ -86,8 +86,7 @@ def scorecam(inputs: CamInputs) -> Tensor:
 def sscam(inputs: CamInputs) -> Tensor:
     scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
     opts = inputs.options
-    x = require(inputs.inputs, "inputs", "ss-cam")
-    gen = torch.Generator(device=x.device)
+    gen = noise_generator(opts.seed)
     sigma = [0.0]
 
     def start(x1: Tensor) -> None:  # the same noise for an image whatever its batch
@@ -98,7 +97,7 @@ def sscam(inputs: CamInputs) -> Tensor:
         masked = x1 * masks[:, None]
         total = torch.zeros(masks.shape[0], device=x1.device)
         for _ in range(opts.smooth_samples):
-            noise = torch.randn(masked.shape, generator=gen, device=x1.device) * sigma[0]
+            noise = draw_noise([gen], masked.shape, x1.device)[0] * sigma[0]
             total += scorer(masked + noise, c)
         return total / opts.smooth_samples
 
