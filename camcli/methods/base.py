@@ -162,6 +162,13 @@ class MethodOutput:
     channel_ids: Tensor | None = None  # (B, N)
 
 
+def rescaled(maps: Tensor) -> Tensor:
+    """Each map (the last two dimensions) min-max rescaled to [0, 1]; a constant map becomes 0."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
 def noise_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``; methods draw their noise from it with :func:`draw_noise`."""
     return torch.Generator(device="cpu").manual_seed(seed)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, require, weigh
+from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, require, rescaled, weigh
 
 
 def channel_subset(a: Tensor, n: int | None) -> Tensor:
@@ -25,12 +25,7 @@ def channel_subset(a: Tensor, n: int | None) -> Tensor:
 
 def upsampled_masks(a: Tensor, size: tuple[int, int]) -> Tensor:
     """(n, h, w) activations -> (n, H, W) masks: bilinear upsampling, then min-max per channel."""
-    up = F.interpolate(a[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    flat = up.flatten(1)
-    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    masks = (up - lo[:, None, None]) / span[:, None, None]
-    return torch.where((hi > lo)[:, None, None], masks, torch.zeros_like(masks))
+    return rescaled(F.interpolate(a[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
 def _score_family(
