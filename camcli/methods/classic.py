@@ -1,4 +1,4 @@
-"""CAM (from the classifier's weights) and raw activation maps."""
+"""CAM (from the classifier's weights), raw activation maps, and FEM (a statistic of the activations)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,27 @@ def activations(inputs: CamInputs) -> Tensor | MethodOutput:
     ids = a.mean(dim=(2, 3)).topk(n, dim=1).indices  # strongest channels by mean activation
     chans = torch.gather(a, 1, ids[:, :, None, None].expand(-1, -1, *a.shape[2:]))
     return MethodOutput(cam=chans.mean(dim=1), channels=chans, channel_ids=ids)
+
+
+FEM_K = 2.0  # the k of the k-sigma rule
+
+
+@register(
+    "fem",
+    aliases=("feature-explanation",),
+    needs_target=False,
+    description="per channel, positions above mean + 2 std, weighted by the channel mean (class-agnostic)",
+    paper="Fuad et al. 2020, Features Understanding in 3D CNNs for Actions Recognition in Video (IPTA 2020)",
+)
+def fem(inputs: CamInputs) -> Tensor:
+    """FEM = sum_k mean(A_k) * [A_k > mean(A_k) + k std(A_k)], spatial mean and (population) std.
+
+    The paper keeps the binary mask of each channel's unusually strong positions and weights it by
+    the channel's mean. pytorch-grad-cam's FEM instead weights the raw activation A_k by the share of
+    positions in the mask (tests/test_newer_methods.py shows both).
+    """
+    a = inputs.activations.float()
+    mean = a.mean(dim=(2, 3), keepdim=True)
+    std = a.std(dim=(2, 3), keepdim=True, correction=0)
+    mask = (a > mean + FEM_K * std).to(a.dtype)
+    return weigh(mean.flatten(1), mask)

@@ -1,0 +1,88 @@
+"""FEM, KPCA-CAM, ShapleyCAM and FullGrad (issue 13): values worked out by hand on tiny models, and
+agreement with pytorch-grad-cam on small random-weight models. Where the peer deviates from the
+paper, the test says how."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_grad_cam as pgc
+import torch
+import torchvision
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+from typer.testing import CliRunner
+
+from camcli.engine import CamEngine
+from camcli.methods import CamInputs, get_method, parse_methods
+from camcli.sanity import pearson
+from camcli.targets import ClassIndex
+from test_gradcam_golden import GapLinear
+
+
+def raw(name: str, a: torch.Tensor) -> torch.Tensor:
+    out = get_method(name).fn(CamInputs(activations=a, targets=torch.zeros(a.shape[0], dtype=torch.long)))
+    return out.sum(dim=1) if out.dim() == 4 else out
+
+
+def peer_map(cls, model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int, **kw) -> np.ndarray:  # noqa: ANN001
+    with cls(model=model, target_layers=[layer], **kw) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * x.shape[0])
+
+
+def our_maps(model: nn.Module, layer: str, name: str, x: torch.Tensor, target: int, **kw) -> list[np.ndarray]:
+    """camcli's maps, upsampled to the input's size as pytorch-grad-cam returns them."""
+    outs = CamEngine(model, [layer], [get_method(name)], **kw).explain(x, [ClassIndex(target)])
+    h, w = x.shape[-2:]
+    return [cv2.resize(o.maps[0].cam, (w, h), interpolation=cv2.INTER_LINEAR) for o in outs]
+
+
+# -- FEM ----------------------------------------------------------------------------------------------
+
+# Two channels on a 3x3 grid. A 3x3 grid is the smallest square on which a value can exceed
+# mean + 2 std (with n positions the largest z-score is (n - 1) / sqrt(n)).
+FEM_A = torch.tensor(
+    [[[[9.0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1.0, 1, 1], [1, 1, 1], [1, 1, 3]]]]
+)
+
+
+def test_fem_by_hand_and_how_pytorch_grad_cam_differs() -> None:
+    """FEM as in the paper: sum_k mean(A_k) * [A_k > mean(A_k) + 2 std(A_k)].
+
+    Channel 1: mean 1, std sqrt(9 - 1) = 2.83, threshold 6.66: only the 9 passes; weight 1.
+    Channel 2: mean 11/9, std sqrt(17/9 - 121/81) = 0.63, threshold 2.48: only the 3 passes; weight 11/9.
+    Map = [[1, 0, 0], [0, 0, 0], [0, 0, 11/9]]: the peak is channel 2's strong position.
+
+    Deviation of pytorch-grad-cam's FEM: it weights the raw activations A_k (not the binary masks) by
+    the share of positions above the threshold (1/9 for both channels here): (A_1 + A_2) / 9, whose
+    peak is channel 1's 9 at (0, 0) and which keeps channel 2's uniform background.
+    """
+    expected = torch.tensor([[[1.0, 0, 0], [0, 0, 0], [0, 0, 11 / 9]]])
+    assert torch.allclose(raw("fem", FEM_A), expected, atol=1e-6)
+    model = GapLinear(torch.tensor([[1.0, 1.0]]))
+    ours = our_maps(model, "feat", "fem", FEM_A, 0)[0]
+    assert np.allclose(ours, (expected[0] / (11 / 9)).numpy(), atol=1e-6)
+    theirs = peer_map(pgc.FEM, model, model.feat, FEM_A, 0)[0]
+    shares = (FEM_A[0, 0] + FEM_A[0, 1]) / 9  # [[10, 1, 1], [1, 1, 1], [1, 1, 3]] / 9, min-max -> below
+    assert np.allclose(theirs, ((shares - shares.min()) / (shares.max() - shares.min())).numpy(), atol=1e-5)
+    assert np.unravel_index(theirs.argmax(), theirs.shape) == (0, 0) != np.unravel_index(ours.argmax(), ours.shape)
+
+
+def test_fem_agrees_with_pytorch_grad_cam_where_the_definitions_meet() -> None:
+    # When each channel is c_k times a sparse 0/1 pattern (share s_k < 0.2, so the threshold
+    # c_k (s_k + 2 sqrt(s_k (1 - s_k))) falls between 0 and c_k), the paper's mean(A_k) M_k and the
+    # peer's s_k A_k are both c_k s_k M_k: the two definitions give the same map.
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(2, 8, 10, 10, generator=gen) < 0.1).float()
+    masks[:, :, 0, 0] = 1.0  # no empty channel
+    a = masks * (0.5 + torch.rand(2, 8, 1, 1, generator=gen))
+    model = GapLinear(torch.randn(3, 8, generator=gen))
+    theirs = peer_map(pgc.FEM, model, model.feat, a, 1)
+    for ours, peer in zip(our_maps(model, "feat", "fem", a, 1), theirs):
+        assert pearson(ours, peer) > 0.98
+        assert np.allclose(ours, peer, atol=1e-5)
