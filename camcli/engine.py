@@ -261,6 +261,35 @@ class CamEngine:
 
         return guided
 
+    # -- second-order capability (ShapleyCAM), given only on request ------------------------------
+    def _capabilities(
+        self, method: MethodInfo, tap: LayerTap, logits: Tensor, targets: Tensor, a: Tensor
+    ) -> dict[str, Any]:
+        caps: dict[str, Any] = {}
+        if method.needs_hvp:
+            caps["hvp"] = self._hvp(logits, targets, a)
+        return caps
+
+    @staticmethod
+    def _hvp(logits: Tensor, targets: Tensor, a: Tensor) -> Callable[[Tensor], Tensor]:
+        """v -> H v, H the Hessian of the target scores w.r.t. the layer's leaf ``a``, from the retained
+        forward graph (no new forward pass).
+
+        The double-backward graph lives only inside the call: nothing that holds it is returned, so
+        memory stays flat over a long run.
+        """
+
+        def hvp(v: Tensor) -> Tensor:
+            with torch.enable_grad():
+                score = logits.gather(1, targets[:, None]).sum()
+                (g,) = torch.autograd.grad(score, a, retain_graph=True, create_graph=True)
+                if not g.requires_grad:  # the score is linear in a: H = 0
+                    return torch.zeros_like(a)
+                (hv,) = torch.autograd.grad(g, a, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(a) if hv is None else hv.detach()
+
+        return hvp
+
     # -- the main entry point -------------------------------------------------------------------
     def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:
         """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all."""
@@ -330,6 +359,7 @@ class CamEngine:
                             gradient_fn=self._gradient_fn(tap, name) if method.needs_gradient_fn else None,
                             guided_gradients=guided if method.pixel_space else None,
                             options=self.options,
+                            **self._capabilities(method, tap, logits, safe, a),
                         )
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))

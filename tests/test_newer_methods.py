@@ -141,3 +141,111 @@ def test_kpca_cam_matches_pytorch_grad_cams_kernel_pca_up_to_sign(resnet18: nn.M
         assert abs(r) > 0.98, r
         assert np.allclose(ours, np.sign(r) * theirs[b] / np.abs(theirs[b]).max(), atol=1e-3)
         assert pearson(ours, a[b].sum(dim=0).numpy()) > 0
+
+
+# -- ShapleyCAM ---------------------------------------------------------------------------------------
+
+A = torch.tensor([[[[1.0, 2.0], [3.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # mean A1 = 7/4, mean A2 = 1/2
+
+
+class QuadHead(nn.Module):
+    """y_c = sum_k w_ck mean(A_k^2) + v_ck mean(A_k): a head with a non-zero Hessian at the layer."""
+
+    def __init__(self, w: torch.Tensor, v: torch.Tensor) -> None:
+        super().__init__()
+        self.feat = nn.Identity()
+        self.register_buffer("w", w)
+        self.register_buffer("v", v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.feat(x)
+        return (a * a).mean(dim=(2, 3)) @ self.w.T + a.mean(dim=(2, 3)) @ self.v.T
+
+
+def test_shapleycam_by_hand() -> None:
+    # n = 4 positions. G_kij = (2 w_k A_kij + v_k) / n; H is diagonal with 2 w_k / n, so
+    # (H A)_kij = 2 w_k A_kij / n and G - H A / 2 = (w_k A_kij + v_k) / n.
+    # w = (1, -1), v = (0.5, 2): weights ((7/4 + 0.5) / 4, (-1/2 + 2) / 4) = (9/16, 3/8).
+    # Grad-CAM's weights mean(G) = ((3.5 + 0.5) / 4, (-1 + 2) / 4) = (1, 1/4) give another map.
+    model = QuadHead(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 2.0]]))
+    o = CamEngine(model, ["feat"], parse_methods("shapleycam,gradcam"), signed=True).explain(A, [ClassIndex(0)])[0]
+    shapley = 9 / 16 * A[0, 0] + 3 / 8 * A[0, 1]  # [[0.5625, 1.5], [2.0625, 0.5625]]
+    grad = 1.0 * A[0, 0] + 0.25 * A[0, 1]
+    assert np.allclose(o.maps[0].cam, (shapley / shapley.max()).numpy(), atol=1e-6)
+    assert np.allclose(o.maps[1].cam, (grad / grad.max()).numpy(), atol=1e-6)
+    assert not np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-2)
+
+
+def test_shapleycam_is_gradcam_when_the_score_is_linear_in_the_layer() -> None:
+    torch.manual_seed(5)
+    a = torch.rand(2, 3, 4, 5)
+    engine = CamEngine(GapLinear(torch.randn(2, 3)), ["feat"], parse_methods("gradcam,shapleycam"), signed=True)
+    for o in engine.explain(a, [ClassIndex(1)]):
+        assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
+
+
+class QuadNet(nn.Module):
+    """conv -> SiLU -> target conv, then y = fc(mean tanh(A)) + quad(mean A^2): a Hessian at the layer
+    large enough that ShapleyCAM and Grad-CAM part ways (on ReLU nets H = 0 and they are equal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.SiLU())
+        self.target = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+        self.quad = nn.Linear(8, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.target(self.stem(x))
+        return self.fc(torch.tanh(a).mean(dim=(2, 3))) + self.quad((a * a).mean(dim=(2, 3)))
+
+
+def quad_net() -> QuadNet:
+    torch.manual_seed(2)
+    return QuadNet().eval()
+
+
+class PeerShapleyRaw(pgc.ShapleyCAM):
+    """pytorch-grad-cam's ShapleyCAM, keeping its signed map sum_k w_k A_k before ReLU and resizing."""
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):  # noqa: ANN001, ANN201
+        w = super().get_cam_weights(input_tensor, target_layer, targets, activations, grads)
+        self.raw = (w[:, :, None, None] * activations.detach().numpy()).sum(axis=1)
+        return w
+
+
+def test_shapleycam_agrees_with_pytorch_grad_cam() -> None:
+    model = quad_net()
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 24, 24)
+    theirs = peer_map(pgc.ShapleyCAM, model, model.target, x, 3)
+    for ours, peer in zip(our_maps(model, "target", "shapleycam", x, 3), theirs):
+        assert pearson(ours, peer) > 0.98
+    # Signed, before ReLU: the same weights to float precision; Grad-CAM's are visibly different.
+    with PeerShapleyRaw(model=model, target_layers=[model.target]) as cam:
+        cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * 2)
+        raw_peer = cam.raw / np.abs(cam.raw).max(axis=(1, 2), keepdims=True)
+    shapley = CamEngine(model, ["target"], [get_method("shapleycam")], signed=True).explain(x, [ClassIndex(3)])
+    grad = CamEngine(model, ["target"], [get_method("gradcam")], signed=True).explain(x, [ClassIndex(3)])
+    for b in range(2):
+        assert np.allclose(shapley[b].maps[0].cam, raw_peer[b], atol=1e-5)
+        assert np.abs(grad[b].maps[0].cam - raw_peer[b]).max() > 0.05
+
+
+def test_shapleycam_memory_stays_flat_over_many_batches() -> None:
+    # pytorch-grad-cam kept the double-backward graph alive between calls. Here nothing that holds it
+    # outlives a batch: the number of live tensors is the same after the 2nd and the 6th batch.
+    model = quad_net()
+    engine = CamEngine(model, ["target"], [get_method("shapleycam")])
+    x = torch.randn(2, 3, 24, 24)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    engine.explain(x, [ClassIndex(0)])
+    engine.explain(x, [ClassIndex(0)])
+    before = live_tensors()
+    for _ in range(4):
+        engine.explain(x, [ClassIndex(0)])
+    assert live_tensors() == before

@@ -56,6 +56,8 @@ class CamInputs:
     gradient_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (x, targets) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
+    # Second-order capability (ShapleyCAM), given only on request:
+    hvp: Callable[[Tensor], Tensor] | None = None  # v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
@@ -76,6 +78,7 @@ class MethodInfo:
     needs_classifier: bool = False
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
+    needs_hvp: bool = False  # Hessian-vector products of the target score at the layer
 
 
 _REGISTRY: dict[str, MethodInfo] = {}

@@ -115,6 +115,23 @@ def counterfactual(inputs: CamInputs) -> Tensor:
 
 
 @register(
+    "shapleycam",
+    aliases=("shapley-cam",),
+    needs_gradients=True,
+    needs_hvp=True,
+    extra_forwards="0 (+ a second-order backward to the layer)",
+    description="weights = spatial mean of G - H.A / 2, H the Hessian of the score at the layer",
+    paper="Cai et al., CAMs as Shapley Value-based Explainers (ShapleyCAM, arXiv:2501.06261)",
+)
+def shapleycam(inputs: CamInputs) -> Tensor:
+    """w_k = mean_ij (G - 0.5 H A)_kij: the gradient with a second-order correction, H A the Hessian of
+    y^c w.r.t. A times A itself (the vector pytorch-grad-cam's ShapleyCAM also uses)."""
+    a, g = _ag(inputs, "shapleycam")
+    hvp = require(inputs.hvp, "Hessian-vector products", "shapleycam")  # type: ignore[arg-type]
+    return weigh((g - 0.5 * hvp(a)).mean(dim=(2, 3)), a)
+
+
+@register(
     "smoothgradcam++",
     aliases=("smoothgradcampp", "smooth-gradcam++", "smoothgradcam_pp"),
     needs_gradients=True,
