@@ -261,13 +261,16 @@ class CamEngine:
 
         return guided
 
-    # -- second-order capability (ShapleyCAM), given only on request ------------------------------
+    # -- second-order and whole-model capabilities (ShapleyCAM, FullGrad), given only on request ---
     def _capabilities(
         self, method: MethodInfo, tap: LayerTap, logits: Tensor, targets: Tensor, a: Tensor
     ) -> dict[str, Any]:
         caps: dict[str, Any] = {}
         if method.needs_hvp:
             caps["hvp"] = self._hvp(logits, targets, a)
+        if method.needs_model:
+            caps["model"] = self.model
+            caps["score_fn"] = self._score_fn(tap, targets)
         return caps
 
     @staticmethod
@@ -289,6 +292,20 @@ class CamEngine:
             return torch.zeros_like(a) if hv is None else hv.detach()
 
         return hvp
+
+    def _score_fn(self, tap: LayerTap, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """x -> (B,) target scores with gradients on and the layer hooks passive, so a method can take
+        gradients anywhere below the layer (FullGrad: at the input and every biased layer's output)."""
+
+        def score(x: Tensor) -> Tensor:
+            tap.enabled = False
+            try:
+                with torch.enable_grad():
+                    return self._forward(x).gather(1, targets[:, None])[:, 0]
+            finally:
+                tap.enabled = True
+
+        return score
 
     # -- the main entry point -------------------------------------------------------------------
     def explain(self, x: Tensor, specs: Sequence[tgt.TargetSpec]) -> list[ImageOutput]:

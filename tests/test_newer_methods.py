@@ -249,3 +249,100 @@ def test_shapleycam_memory_stays_flat_over_many_batches() -> None:
     for _ in range(4):
         engine.explain(x, [ClassIndex(0)])
     assert live_tensors() == before
+
+
+# -- FullGrad -----------------------------------------------------------------------------------------
+
+
+class BiasNet(nn.Module):
+    """1x1 conv (bias) -> BatchNorm (eps 0) -> in-place ReLU -> GAP -> linear, on a 1-channel 1x3 image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.bn = nn.BatchNorm2d(2, eps=0.0)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.bn.running_mean.copy_(torch.tensor([1.0, 0.0]))
+            self.bn.running_var.copy_(torch.tensor([4.0, 1.0]))
+            self.bn.weight.copy_(torch.tensor([2.0, 1.0]))
+            self.bn.bias.copy_(torch.tensor([0.0, -0.5]))
+            self.fc.weight.copy_(torch.tensor([[3.0, 2.0]]))
+            self.fc.bias.fill_(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_fullgrad_by_hand() -> None:
+    # x = [1, 2, -1]. conv: z1 = x, z2 = 1 - x = [0, -1, 2]. BN: n1 = (z1 - 1) / 2 * 2 = [0, 1, -2],
+    # n2 = z2 - 0.5 = [-0.5, -1.5, 1.5]; effective biases (0 - 1 * 2 / 2, -0.5 - 0) = (-1, -0.5).
+    # ReLU, GAP over 3, fc (3, 2): dy/dn = (1, 2/3) * [n > 0] = ch1 [0, 1, 0], ch2 [0, 0, 2/3].
+    #   BN terms |b_eff * dy/dn|: [0, 1, 0] and [0, 0, 1/3], each rescaled to [0, 1]: [0, 1, 0] + [0, 0, 1]
+    # dy/dz = dy/dn * gamma / sqrt(var) = ch1 [0, 1, 0], ch2 [0, 0, 2/3].
+    #   conv terms: b1 = 0 gives a constant (rescaled: 0); b2 = 1: [0, 0, 2/3] -> [0, 0, 1]
+    # dy/dx = 1 * dy/dz1 - 1 * dy/dz2 = [0, 1, -2/3]; |x * dy/dx| = [0, 2, 2/3] -> [0, 1, 1/3]
+    # fc's bias gradient has no spatial grid and is left out. Sum [0, 2, 7/3] -> normalised [0, 6/7, 1].
+    # The in-place ReLU after BN must not change the BN output whose gradient is taken.
+    model = BiasNet().eval()
+    x = torch.tensor([[[[1.0, 2.0, -1.0]]]])
+    for layer in ("conv", "bn"):  # the chosen layer plays no part
+        o = CamEngine(model, [layer], [get_method("fullgrad")]).explain(x, [ClassIndex(0)])[0]
+        assert o.maps[0].layer == "input"
+        assert np.allclose(o.maps[0].cam, [[0.0, 6 / 7, 1.0]], atol=1e-6)
+
+
+def test_fullgrad_takes_one_backward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(outputs, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(len(inputs) if isinstance(inputs, (list, tuple)) else 1)
+        return real(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    CamEngine(BiasNet().eval(), ["bn"], [get_method("fullgrad")]).explain(torch.randn(1, 1, 1, 3), [ClassIndex(0)])
+    assert calls == [4]  # input, conv, BN and fc outputs, all in one call (fc's term is then left out)
+
+
+@pytest.mark.parametrize("which", ["resnet18", "tiny_cnn"])
+def test_fullgrad_agrees_with_pytorch_grad_cam(which: str, resnet18: nn.Module) -> None:
+    # ResNet-18 (random weights, random BN statistics: biases only in BN, in-place ReLUs after them)
+    # and TinyCNN (conv biases). pytorch-grad-cam rescales per channel after |.| as camcli does. Its
+    # layer set is exactly Conv2d and BatchNorm2d; camcli also takes ConvTranspose2d and linear
+    # layers with a (B, h, w, C) output, which neither model has, so the maps must agree.
+    from toymodels import tiny_cnn
+
+    model = resnet18 if which == "resnet18" else tiny_cnn().eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32)
+    with pgc.FullGrad(model=model, target_layers=[]) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 2)
+    ours = our_maps(model, "layer4" if which == "resnet18" else "features", "fullgrad", x, 1)
+    for b in range(2):
+        assert ours[b].shape == theirs[b].shape == (32, 32)
+        r = pearson(ours[b], theirs[b])
+        assert r > 0.98, r
+
+
+# -- registry -----------------------------------------------------------------------------------------
+
+
+def test_new_methods_are_listed_with_their_costs() -> None:
+    from camcli.cli import app
+
+    r = CliRunner().invoke(app, ["methods", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert {"fem", "kpca-cam", "shapleycam", "fullgrad"} <= set(rows)
+    assert not rows["fem"]["needs_gradients"] and not rows["fem"]["class_specific"]
+    assert not rows["kpca-cam"]["needs_gradients"] and rows["kpca-cam"]["extra_forwards_per_image"] == "0"
+    assert rows["shapleycam"]["needs_gradients"] and "second-order" in rows["shapleycam"]["extra_forwards_per_image"]
+    assert rows["fullgrad"]["extra_forwards_per_image"] == "1 (+ full backward)"
+    assert "not the chosen layer" in rows["fullgrad"]["description"]
+    assert all(rows[n]["paper"] for n in ("fem", "kpca-cam", "shapleycam", "fullgrad"))
+    assert get_method("shapleycam").needs_hvp and get_method("fullgrad").needs_model
+    assert get_method("fullgrad").pixel_space

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from camcli.errors import UsageError, suggest
 
@@ -56,8 +56,10 @@ class CamInputs:
     gradient_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (x, targets) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
-    # Second-order capability (ShapleyCAM), given only on request:
+    # Second-order and whole-model capabilities (ShapleyCAM, FullGrad), each given only on request:
     hvp: Callable[[Tensor], Tensor] | None = None  # v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)
+    model: nn.Module | None = None  # the model, in eval mode with frozen parameters (needs_model)
+    score_fn: Callable[[Tensor], Tensor] | None = None  # x -> (B,) y^c, differentiable, hooks passive (needs_model)
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
@@ -79,6 +81,7 @@ class MethodInfo:
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
     needs_hvp: bool = False  # Hessian-vector products of the target score at the layer
+    needs_model: bool = False  # the model itself and a differentiable target score of any input
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
