@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from camcli.hooks import LayerTap
 from camcli.methods import CamInputs, MethodInfo, MethodOptions
@@ -26,11 +26,16 @@ Forward = Callable[[Tensor], Tensor]  # preprocessed batch -> logits
 class ModelAccess:
     """Model calls for one batch ``x`` and one ``target``, with the layer taps handled."""
 
-    def __init__(self, forward: Forward, tap: LayerTap, x: Tensor, target: Target) -> None:
+    def __init__(
+        self, forward: Forward, tap: LayerTap, x: Tensor, target: Target, *,
+        model: nn.Module | None = None, logits: Tensor | None = None,
+    ) -> None:
         self.forward = forward
         self.tap = tap
         self.x = x
         self.target = target
+        self.model = model  # frozen, in eval mode (FullGrad)
+        self.logits = logits  # the batch's forward output, its graph retained (Hessian-vector products)
         self._guided: Tensor | None = None
 
     def _rows(self, n: int, image_index: int | None = None) -> Tensor:
@@ -77,6 +82,31 @@ class ModelAccess:
             self._guided = g
         return self._guided
 
+    def hvp(self, layer: str) -> Callable[[Tensor], Tensor]:
+        """v -> H v, H the Hessian of the target score w.r.t. ``layer``'s activation, from the batch's
+        retained forward graph (no new forward). The double-backward graph lives only inside the call,
+        so nothing that holds it outlives it and memory stays flat over a long run."""
+        a = self.tap.activations[layer]
+
+        def hv(v: Tensor) -> Tensor:
+            if self.logits is None:
+                raise RuntimeError("engine bug: Hessian-vector products need the batch's logits")
+            with torch.enable_grad():
+                score = self.target.score(self.logits, self._rows(self.logits.shape[0])).sum()
+                (g,) = torch.autograd.grad(score, a, retain_graph=True, create_graph=True)
+                if not g.requires_grad:  # the score is linear in the activation: H = 0
+                    return torch.zeros_like(a)
+                (out,) = torch.autograd.grad(g, a, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(a) if out is None else out.detach()
+
+        return hv
+
+    def score_fn(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) -> (B,) target scores with gradients on and the taps paused, so a method can
+        take gradients anywhere below the layer (FullGrad: the input and every biased layer)."""
+        with self.tap.paused(), torch.enable_grad():
+            return self.target.score(self.forward(x), self._rows(x.shape[0]))
+
     def inputs_for(
         self,
         method: MethodInfo,
@@ -98,4 +128,7 @@ class ModelAccess:
             gradient_fn=self.gradient_fn(layer) if method.needs_gradient_fn else None,
             guided_gradients=self.guided if method.pixel_space else None,
             options=options,
+            hvp=self.hvp(layer) if method.needs_hvp else None,
+            model=self.model if method.needs_model else None,
+            score_fn=self.score_fn if method.needs_model else None,
         )

@@ -257,14 +257,14 @@ class CamEngine:
                 grads: Sequence[Tensor | None] = [None] * len(acts)
                 if grad_mode:
                     grads = torch.autograd.grad(target.score(logits, rows).sum(), acts, retain_graph=True)
-                access = ModelAccess(self._forward, tap, x, target)
+                access = ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
                     m_grads, m_access = grads, access
                     if method.retarget is not None:  # the method explains another scalar (a contrast)
                         other = method.retarget(target, scores, self.options)
-                        m_access = ModelAccess(self._forward, tap, x, other)
+                        m_access = ModelAccess(self._forward, tap, x, other, model=self.model, logits=logits)
                         if grad_mode and method.needs_gradients:
                             m_grads = torch.autograd.grad(other.score(logits, rows).sum(), acts, retain_graph=True)
                     results = []

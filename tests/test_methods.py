@@ -108,6 +108,32 @@ def test_ablationcam_by_hand() -> None:
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
 
 
+def test_ablationcam_divides_by_abs_score_when_the_logit_is_negative() -> None:
+    """Deliberate deviation from the paper and pytorch-grad-cam, which divide by y itself.
+
+    Class 0 weights (1, -2), bias 0.3, mean A = (0.25, 0.5): y = 0.25 - 1.0 + 0.3 = -0.45. Zeroing channel 1 gives -0.7
+    (channel 1 supports the class), zeroing channel 2 gives 0.55 (channel 2 argues against it).
+    w_k = (y - y_k) / |y|: w1 = 0.25 / 0.45 = 5/9, w2 = -1.0 / 0.45 = -20/9; map = w1 A1 + w2 A2.
+    The literal (y - y_k) / y negates both weights and would highlight channel 2 instead.
+    """
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = GapLinear(torch.tensor([[1.0, -2.0], [0.0, 1.0]]))
+    with torch.no_grad():
+        assert float(model(A_TOY)[0, 0]) == pytest.approx(-0.45)
+    w1, w2 = 5 / 9, -20 / 9
+    signed = CamEngine(model, ["feat"], [get_method("ablationcam")], signed=True).explain(A_TOY, [ClassIndex(0)])
+    expected = torch.tensor([[w1, 0.0], [0.0, 2 * w2]])
+    assert np.allclose(signed[0].maps[0].cam, (expected / expected.abs().max()).numpy(), atol=1e-6)
+    plain = CamEngine(model, ["feat"], [get_method("ablationcam")]).explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    assert np.allclose(plain, [[1.0, 0.0], [0.0, 0.0]], atol=1e-6)  # the supporting channel
+    # pytorch-grad-cam's literal division by y highlights the opposing channel instead
+    with AblationCAM(model=model, target_layers=[model.feat]) as peer:
+        theirs = peer(input_tensor=A_TOY, targets=[ClassifierOutputTarget(0)])[0]
+    assert np.allclose(theirs, [[0.0, 0.0], [0.0, 1.0]], atol=1e-5)
+
+
 def test_eigencam_by_hand_and_sign_fixed() -> None:
     # A_k = v_k * P (rank one). Centred rows (P - mean P) v^T: the first component is v/|v| and the
     # projection is (P - mean P) |v| = [[2,0],[-1,-1]] * 5 for v = (3, 4), P = [[3,1],[0,0]].
@@ -419,3 +445,40 @@ def test_guided_gradcam_is_saliency_times_upsampled_gradcam() -> None:
     raw_map = sal * coarse / coarse.max()  # conv2 keeps 8x8, so no resize here
     expected = (raw_map - raw_map.min()) / (raw_map.max() - raw_map.min())
     assert np.allclose(o.maps[0].cam, expected.detach().numpy(), atol=1e-5)
+
+
+def test_noise_is_drawn_on_the_cpu_whatever_the_device() -> None:
+    # The same seed must give the same noise on every device: draw_noise draws from a CPU generator
+    # and only then moves the values. A 'meta' destination has no values, but it still advances the
+    # CPU generator exactly as a CPU draw does, which a draw made on the device could not.
+    from camcli.methods.base import draw_noise, noise_generator
+
+    reference = torch.Generator().manual_seed(3)
+    first, second = torch.randn((2, 3), generator=reference), torch.randn((2, 3), generator=reference)
+    gen = noise_generator(3)
+    assert gen.device.type == "cpu"
+    assert torch.equal(draw_noise([gen], (2, 3), "cpu")[0], first)
+    assert torch.equal(draw_noise([gen], (2, 3), "cpu")[0], second)
+    meta_gen = noise_generator(3)
+    moved = draw_noise([meta_gen], (2, 3), "meta")
+    assert moved.device.type == "meta" and moved.shape == (1, 2, 3)
+    assert torch.equal(draw_noise([meta_gen], (2, 3), "cpu")[0], second)
+    # one tensor per generator: per-image generators with one seed give every image the same noise
+    both = draw_noise([noise_generator(3), noise_generator(3)], (2, 3), "cpu")
+    assert torch.equal(both[0], first) and torch.equal(both[1], first)
+
+
+def test_noisy_maps_on_cpu_are_unchanged_by_drawing_noise_on_the_cpu() -> None:
+    # Values recorded before the noise moved to draw_noise (seed 7): on the CPU the streams are the same.
+    from toymodels import tiny_cnn
+
+    ss = CamEngine(toy_scores_model(), ["feat"], [get_method("ss-cam")], signed=True,
+                   options=MethodOptions(smooth_sigma=0.5, smooth_samples=3, seed=7))
+    assert np.allclose(ss.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam, [[1.0, 0.0], [0.0, 0.9372602]], atol=1e-6)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    sg = CamEngine(tiny_cnn(), ["features.2"], [get_method("smoothgradcam++")], signed=True,
+                   options=MethodOptions(smooth_sigma=0.3, smooth_samples=3, seed=7))
+    first = sg.explain(x, [ClassIndex(1)])[0].maps[0].cam
+    assert np.allclose(first[0], [0.1569439, -0.0351094, 0.4510500, 0.8087826], atol=1e-5)
+    assert np.allclose(first[3], [0.3214593, 0.6373886, 0.0031556, 1.0000000], atol=1e-5)

@@ -10,7 +10,8 @@ from camcli.methods.base import (
     parse_methods,
     register,
 )
-from camcli.methods import gradient, classic, perturbation, eigen, guided, contrast  # noqa: F401, I001  (registers, in this order)
+# registers, in this order
+from camcli.methods import gradient, classic, perturbation, eigen, guided, fullgrad, contrast  # noqa: F401, I001
 
 __all__ = [
     "CamInputs",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from camcli.errors import UsageError, suggest
 
@@ -59,6 +60,10 @@ class CamInputs:
     gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x' (a modified batch) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
+    # Second-order and whole-model capabilities (ShapleyCAM, FullGrad), each given only on request:
+    hvp: Callable[[Tensor], Tensor] | None = None  # v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)
+    model: nn.Module | None = None  # the model, in eval mode with frozen parameters (needs_model)
+    score_fn: Callable[[Tensor], Tensor] | None = None  # x -> (B,) y^c, differentiable, hooks passive (needs_model)
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
@@ -88,6 +93,8 @@ class MethodInfo:
     # The method is a family: the options pick the concrete method (Finer-CAM's base method).
     derive: Callable[["MethodOptions"], "MethodInfo"] | None = None
     needs_relu: bool = False  # guided methods: meaningless without ReLU-like units
+    needs_hvp: bool = False  # Hessian-vector products of the target score at the layer
+    needs_model: bool = False  # the model itself and a differentiable target score of any input
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -180,6 +187,30 @@ class MethodOutput:
     cam: Tensor  # (B, h, w) or (B, K, h, w) weighted activations
     channels: Tensor | None = None  # (B, N, h, w)
     channel_ids: Tensor | None = None  # (B, N)
+
+
+def rescaled(maps: Tensor) -> Tensor:
+    """Each map (the last two dimensions) min-max rescaled to [0, 1]; a constant map becomes 0."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def noise_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``; methods draw their noise from it with :func:`draw_noise`."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> Tensor:
+    """Standard normal noise, one tensor of ``shape`` per generator -> (len(generators), *shape) on ``device``.
+
+    Drawn on the CPU, then moved: CPU and CUDA generators give different streams for the same seed,
+    so drawing on the device would make the same seed give a different map on every kind of device.
+    """
+    for g in generators:
+        if g.device.type != "cpu":
+            raise ValueError(f"noise is drawn from CPU generators, not {g.device} (see noise_generator)")
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
 
 
 def require(value: Tensor | None, what: str, method: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""CAM (from the classifier's weights) and raw activation maps."""
+"""CAM (from the classifier's weights), raw activation maps, and FEM (a statistic of the activations)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,28 @@ def activations(inputs: CamInputs) -> Tensor | MethodOutput:
     ids = a.mean(dim=(2, 3)).topk(n, dim=1).indices  # strongest channels by mean activation
     chans = torch.gather(a, 1, ids[:, :, None, None].expand(-1, -1, *a.shape[2:]))
     return MethodOutput(cam=chans.mean(dim=1), channels=chans, channel_ids=ids)
+
+
+FEM_K = 2.0  # the k of the k-sigma rule
+
+
+@register(
+    "fem",
+    aliases=("feature-explanation",),
+    needs_target=False,
+    description="channel weight = share of its positions above mean + 2 std (class-agnostic)",
+    paper="Fuad et al. 2020, Features Understanding in 3D CNNs for Actions Recognition in Video (IPTA 2020)",
+)
+def fem(inputs: CamInputs) -> Tensor:
+    """w_k = share of positions where A_k > mean(A_k) + k std(A_k) (k = 2, population std); map
+    sum_k w_k A_k. A channel matters by how often it fires unusually strongly.
+
+    This is the definition camcli's issue #13 gives and pytorch-grad-cam implements. Some
+    descriptions of the paper (xplique's) instead weight each channel's binary mask by its mean;
+    tests/test_newer_methods.py shows where the two differ.
+    """
+    a = inputs.activations.float()
+    mean = a.mean(dim=(2, 3), keepdim=True)
+    std = a.std(dim=(2, 3), keepdim=True, correction=0)
+    share = (a > mean + FEM_K * std).to(a.dtype).mean(dim=(2, 3))
+    return weigh(share, a)

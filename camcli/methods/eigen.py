@@ -1,4 +1,4 @@
-"""Principal-component maps: EigenCAM, EigenGradCAM, and the projection --eigen-smooth uses."""
+"""Principal-component maps: EigenCAM, EigenGradCAM, KPCA-CAM, and the projection --eigen-smooth uses."""
 
 from __future__ import annotations
 
@@ -26,11 +26,40 @@ def first_component(x: Tensor) -> Tensor:
     else:
         _, vecs = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
         proj = torch.einsum("bpk,bk->bp", centred, vecs[:, :, -1])
+    return oriented(proj, m).reshape(b, h, w)
+
+
+def oriented(proj: Tensor, m: Tensor) -> Tensor:
+    """Flip each projection (B, P) whose sign disagrees with the data (B, P, K): the result correlates
+    positively with the channel sum of ``m`` over the P positions (kept as is when uncorrelated)."""
     ref = m.sum(dim=2)
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (proj * sign[:, None]).reshape(b, h, w)
+    return proj * sign[:, None]
+
+
+def kernel_first_component(x: Tensor, gamma: float | None = None) -> Tensor:
+    """Kernel PCA of (B, K, h, w) with an RBF kernel: the first component's scores -> (B, h, w).
+
+    Positions are the samples, channels the features. k(p, q) = exp(-gamma |a_p - a_q|^2), gamma
+    defaults to 1 / K (scikit-learn's default). The kernel matrix is centred in feature space; the
+    scores of the top eigenpair (lambda, u) are sqrt(lambda) * u, as scikit-learn's KernelPCA
+    returns them. The sign is fixed as for Eigen-CAM.
+    """
+    b, k, h, w = x.shape
+    m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
+    g = 1.0 / k if gamma is None else gamma
+    kern = torch.exp(-g * torch.cdist(m, m).square())
+    centred = (
+        kern
+        - kern.mean(dim=1, keepdim=True)
+        - kern.mean(dim=2, keepdim=True)
+        + kern.mean(dim=(1, 2), keepdim=True)
+    )
+    vals, vecs = torch.linalg.eigh(centred)
+    proj = vecs[:, :, -1] * vals[:, -1:].clamp(min=0).sqrt()
+    return oriented(proj, m).reshape(b, h, w)
 
 
 @register(
@@ -54,3 +83,14 @@ def eigencam(inputs: CamInputs) -> Tensor:
 def eigengradcam(inputs: CamInputs) -> Tensor:
     g = require(inputs.gradients, "gradients", "eigengradcam")
     return first_component(g * inputs.activations)
+
+
+@register(
+    "kpca-cam",
+    aliases=("kpcacam", "kpca_cam"),
+    needs_target=False,
+    description="first kernel principal component (RBF, gamma = 1/K) of the activations (class-agnostic)",
+    paper="Karmani et al. 2024, KPCA-CAM (arXiv:2410.00267)",
+)
+def kpcacam(inputs: CamInputs) -> Tensor:
+    return kernel_first_component(inputs.activations)

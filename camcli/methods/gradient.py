@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, register, require, weigh
+from camcli.methods.base import CamInputs, draw_noise, noise_generator, register, require, weigh
 
 _EPS = 1e-12
 
@@ -115,6 +115,23 @@ def counterfactual(inputs: CamInputs) -> Tensor:
 
 
 @register(
+    "shapleycam",
+    aliases=("shapley-cam",),
+    needs_gradients=True,
+    needs_hvp=True,
+    extra_forwards="0 (+ a second-order backward to the layer)",
+    description="weights = spatial mean of G - H.A / 2, H the Hessian of the score at the layer",
+    paper="Cai et al., CAMs as Shapley Value-based Explainers (ShapleyCAM, arXiv:2501.06261)",
+)
+def shapleycam(inputs: CamInputs) -> Tensor:
+    """w_k = mean_ij (G - 0.5 H A)_kij: the gradient with a second-order correction, H A the Hessian of
+    y^c w.r.t. A times A itself (the vector pytorch-grad-cam's ShapleyCAM also uses)."""
+    a, g = _ag(inputs, "shapleycam")
+    hvp = require(inputs.hvp, "Hessian-vector products", "shapleycam")  # type: ignore[arg-type]
+    return weigh((g - 0.5 * hvp(a)).mean(dim=(2, 3)), a)
+
+
+@register(
     "smoothgradcam++",
     aliases=("smoothgradcampp", "smooth-gradcam++", "smoothgradcam_pp"),
     needs_gradients=True,
@@ -129,13 +146,13 @@ def smoothgradcampp(inputs: CamInputs) -> Tensor:
     grad_at = require(inputs.gradient_fn, "a gradient function", "smoothgradcam++")  # type: ignore[arg-type]
     opts = inputs.options
     # Noise per image, from its own seeded generator and value range: a map never depends on its batch.
-    gens = [torch.Generator(device=x.device).manual_seed(opts.seed) for _ in range(x.shape[0])]
+    gens = [noise_generator(opts.seed) for _ in range(x.shape[0])]
     sigma = opts.smooth_sigma * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
     g1 = torch.zeros_like(a)
     g2 = torch.zeros_like(a)
     g3 = torch.zeros_like(a)
     for _ in range(opts.smooth_samples):
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device) for g in gens])
+        noise = draw_noise(gens, x.shape[1:], x.device)
         noisy = x + noise * sigma
         _, g = grad_at(noisy)
         g1 += g

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, chunks, register, require, weigh
+from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, require, rescaled, weigh
 
 
 def channel_subset(a: Tensor, n: int | None) -> Tensor:
@@ -25,12 +25,7 @@ def channel_subset(a: Tensor, n: int | None) -> Tensor:
 
 def upsampled_masks(a: Tensor, size: tuple[int, int]) -> Tensor:
     """(n, h, w) activations -> (n, H, W) masks: bilinear upsampling, then min-max per channel."""
-    up = F.interpolate(a[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    flat = up.flatten(1)
-    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    masks = (up - lo[:, None, None]) / span[:, None, None]
-    return torch.where((hi > lo)[:, None, None], masks, torch.zeros_like(masks))
+    return rescaled(F.interpolate(a[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
 def _score_family(
@@ -86,8 +81,7 @@ def scorecam(inputs: CamInputs) -> Tensor:
 def sscam(inputs: CamInputs) -> Tensor:
     scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
     opts = inputs.options
-    x = require(inputs.inputs, "inputs", "ss-cam")
-    gen = torch.Generator(device=x.device)
+    gen = noise_generator(opts.seed)
     sigma = [0.0]
 
     def start(x1: Tensor) -> None:  # the same noise for an image whatever its batch
@@ -98,7 +92,7 @@ def sscam(inputs: CamInputs) -> Tensor:
         masked = x1 * masks[:, None]
         total = torch.zeros(masks.shape[0], device=x1.device)
         for _ in range(opts.smooth_samples):
-            noise = torch.randn(masked.shape, generator=gen, device=x1.device) * sigma[0]
+            noise = draw_noise([gen], masked.shape, x1.device)[0] * sigma[0]
             total += scorer(masked + noise, c)
         return total / opts.smooth_samples
 
@@ -131,10 +125,16 @@ def iscam(inputs: CamInputs) -> Tensor:
     aliases=("ablation-cam",),
     needs_layer_scorer=True,
     extra_forwards="K",
-    description="weight = relative drop of the target score when the channel is zeroed",
+    description="weight = drop of the target score when the channel is zeroed, divided by |score|",
     paper="Desai & Ramaswamy 2020, Ablation-CAM (WACV 2020)",
 )
 def ablationcam(inputs: CamInputs) -> Tensor:
+    """w_k = (y - y_k) / |y|, y the target score and y_k the score with channel k zeroed.
+
+    The paper divides by y itself (pytorch-grad-cam too). When the target logit is negative that
+    flips every weight, and the map shows what argues *against* the class; |y| keeps the meaning
+    of the sign: a channel whose removal lowers the score supports the class.
+    """
     score_with = require(inputs.layer_scorer, "a layer scorer", "ablationcam")  # type: ignore[arg-type]
     a = inputs.activations
     opts = inputs.options
@@ -148,5 +148,5 @@ def ablationcam(inputs: CamInputs) -> Tensor:
             ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
             ablated[torch.arange(len(idx)), idx] = 0
             drop = base - score_with(b, ablated)
-            weights[b, idx] = drop / base if base != 0 else drop
+            weights[b, idx] = drop / abs(base) if base != 0 else drop
     return weigh(weights, a.float())
