@@ -342,3 +342,17 @@ def test_new_methods_are_listed_with_their_costs() -> None:
     assert all(rows[n]["paper"] for n in ("fem", "kpca-cam", "shapleycam", "fullgrad"))
     assert get_method("shapleycam").needs_hvp and get_method("fullgrad").needs_model
     assert get_method("fullgrad").pixel_space
+
+
+def test_kpca_cam_on_a_large_layer_pools_first() -> None:
+    """A 96x120 layer would need an 11,520^2 kernel matrix per image: it is pooled to at most
+    KPCA_MAX_POSITIONS positions and upsampled back, with the map of the pooled activations."""
+    from camcli.methods.eigen import KPCA_MAX_POSITIONS, kernel_first_component
+
+    a = torch.rand(1, 4, 96, 120)
+    out = kernel_first_component(a)
+    assert out.shape == (1, 96, 120)
+    gh, gw = int(96 * (KPCA_MAX_POSITIONS / (96 * 120)) ** 0.5), int(120 * (KPCA_MAX_POSITIONS / (96 * 120)) ** 0.5)
+    coarse = kernel_first_component(torch.nn.functional.adaptive_avg_pool2d(a, (gh, gw)))
+    back = torch.nn.functional.interpolate(coarse[:, None], size=(96, 120), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(out, back, atol=1e-6)

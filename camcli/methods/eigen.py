@@ -39,15 +39,28 @@ def oriented(proj: Tensor, m: Tensor) -> Tensor:
     return proj * sign[:, None]
 
 
+# The kernel matrix has (h w)^2 entries per image and its eigendecomposition costs (h w)^3: above
+# this many positions the activations are average-pooled to a grid of at most this size first, and
+# the map is upsampled back (a 224x336 layer would otherwise need 22 GB for one image).
+KPCA_MAX_POSITIONS = 1024
+
+
 def kernel_first_component(x: Tensor, gamma: float | None = None) -> Tensor:
     """Kernel PCA of (B, K, h, w) with an RBF kernel: the first component's scores -> (B, h, w).
 
     Positions are the samples, channels the features. k(p, q) = exp(-gamma |a_p - a_q|^2), gamma
     defaults to 1 / K (scikit-learn's default). The kernel matrix is centred in feature space; the
     scores of the top eigenpair (lambda, u) are sqrt(lambda) * u, as scikit-learn's KernelPCA
-    returns them. The sign is fixed as for Eigen-CAM.
+    returns them. The sign is fixed as for Eigen-CAM. Layers larger than KPCA_MAX_POSITIONS are
+    pooled first and the map upsampled back to (h, w).
     """
     b, k, h, w = x.shape
+    if h * w > KPCA_MAX_POSITIONS:
+        scale = (KPCA_MAX_POSITIONS / (h * w)) ** 0.5
+        gh, gw = max(1, int(h * scale)), max(1, int(w * scale))
+        small = torch.nn.functional.adaptive_avg_pool2d(x.detach().float(), (gh, gw))
+        coarse = kernel_first_component(small, gamma)
+        return torch.nn.functional.interpolate(coarse[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
     g = 1.0 / k if gamma is None else gamma
     kern = torch.exp(-g * torch.cdist(m, m).square())
