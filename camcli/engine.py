@@ -8,7 +8,7 @@ gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
+from camcli.layouts import LayerLayouts, Layout
 from camcli.methods import CamInputs, MethodInfo, MethodOptions, MethodOutput
 from camcli.methods.eigen import first_component
 from camcli.methods.guided import GuidedReLUMode
@@ -161,6 +162,7 @@ class CamEngine:
         eigen_smooth: bool = False,
         channels_last: bool = False,
         top_k: int = 5,
+        layout: Layout | str | Mapping[str, Layout | str] | None = None,
     ) -> None:
         if not layers:
             raise UsageError("no target layer given")
@@ -178,6 +180,8 @@ class CamEngine:
         self.channels_last = channels_last  # feed inputs as NHWC (the caller converted the model)
         self.top_k = top_k
         self._classifier: dict[str, Tensor] = {}
+        # Layer outputs -> (B, C, h, w) before any method sees them (tokens, NHWC); None: found from the model.
+        self.layouts = LayerLayouts(model, self.layers, layout)
 
     @property
     def needs_gradients(self) -> bool:
@@ -193,12 +197,10 @@ class CamEngine:
         with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
             logits = self._forward(example)
             for layer in self.layers:
-                a = tap.activations.get(layer)
-                if a is None or a.dim() != 4:
-                    shape = None if a is None else tuple(a.shape)
-                    raise UsageError(
-                        f"layer {layer!r} outputs {shape}; methods need a (B, C, h, w) feature map (see `camcli layers`)"
-                    )
+                raw = tap.activations.get(layer)
+                if raw is None:
+                    raise UsageError(f"layer {layer!r} was not called during the forward pass; choose another layer")
+                a = self.layouts.to_nchw(layer, raw, example)  # UsageError naming the layer when no layout fits
                 if any(m.needs_classifier for m in self.methods):
                     self._classifier[layer] = find_classifier(self.model, a, logits, layer)
                 if any(m.name == "activations" for m in self.methods):
@@ -218,11 +220,16 @@ class CamEngine:
 
         return score
 
-    def _layer_scorer(self, tap: LayerTap, x: Tensor, layer: str) -> Callable[[int, Tensor, int], Tensor]:
+    def _layer_scorer(
+        self, tap: LayerTap, x: Tensor, layer: str, raw: Tensor
+    ) -> Callable[[int, Tensor, int], Tensor]:
+        layout = self.layouts.bind(layer, raw, x)
+
         def score(image_index: int, activations: Tensor, target: int) -> Tensor:
             n = activations.shape[0]
             tap.enabled = False
-            tap.replace[layer] = activations
+            # back to the layer's own layout; prefix tokens come from the image's original output
+            tap.replace[layer] = layout.from_nchw(activations, raw[image_index : image_index + 1])
             try:
                 with torch.inference_mode():
                     batch = x[image_index : image_index + 1].expand(n, *x.shape[1:])
@@ -239,7 +246,8 @@ class CamEngine:
                 logits = self._forward(x)
                 a = tap.activations[layer]
                 (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), a)
-            return a.detach(), g
+            layout = self.layouts.bind(layer, a, x)
+            return layout.to_nchw(a.detach()), layout.to_nchw(g)
 
         return grad_at
 
@@ -285,12 +293,8 @@ class CamEngine:
             missing = [n for n in self.layers if n not in tap.activations]
             if missing:
                 raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
-            acts = [tap.activations[n] for n in self.layers]
-            for name, a in zip(self.layers, acts):
-                if a.dim() != 4:
-                    raise UsageError(
-                        f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map"
-                    )
+            raws = [tap.activations[n] for n in self.layers]
+            acts = [self.layouts.to_nchw(n, r.detach(), x) for n, r in zip(self.layers, raws)]
             scores = logits.detach().float()
             probs = scores.softmax(dim=1)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
@@ -312,20 +316,24 @@ class CamEngine:
                 grads: Sequence[Tensor | None] = [None] * len(acts)
                 if grad_mode:
                     score = logits.gather(1, safe[:, None]).sum()
-                    grads = torch.autograd.grad(score, acts, retain_graph=True)
+                    raw_grads = torch.autograd.grad(score, raws, retain_graph=True)
+                    # d score / d raw output, put in (B, C, h, w) by the same layout (a pure reshape)
+                    grads = [self.layouts.to_nchw(n, g, x) for n, g in zip(self.layers, raw_grads)]
                 guided = self._guided(tap, x, safe)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
                     results = []
-                    for name, a, g in zip(self.layers, acts, grads):
+                    for name, raw, a, g in zip(self.layers, raws, acts, grads):
                         inputs = CamInputs(
                             activations=a.detach(),
                             targets=safe,
                             gradients=None if g is None else g.detach(),
                             inputs=x,
                             scorer=self._scorer(tap) if method.needs_scorer else None,
-                            layer_scorer=self._layer_scorer(tap, x, name) if method.needs_layer_scorer else None,
+                            layer_scorer=(
+                                self._layer_scorer(tap, x, name, raw.detach()) if method.needs_layer_scorer else None
+                            ),
                             classifier_weights=self._classifier_weights(method, name, a, logits),
                             gradient_fn=self._gradient_fn(tap, name) if method.needs_gradient_fn else None,
                             guided_gradients=guided if method.pixel_space else None,
