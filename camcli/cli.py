@@ -339,13 +339,13 @@ def layers(
         infos = trace_layers(lm.module, torch.zeros(1, 3, lm.input_size, lm.input_size))
         default = default_layer(infos)
         table = Table(title=f"{lm.name}: layers (input 1x3x{lm.input_size}x{lm.input_size})")
-        for col in ("layer", "type", "output shape", ""):
+        for col in ("layer", "type", "output shape", "layout", ""):
             table.add_column(col)
         for i in infos:
             if not all_layers and not i.spatial and i.name != default:
                 continue
             shape = "x".join(map(str, i.shape)) if i.shape else "-"
-            table.add_row(i.name, i.type, shape, "default" if i.name == default else "")
+            table.add_row(i.name, i.type, shape, i.layout_text, "default" if i.name == default else "")
         _stdout().print(table)
 
     _run(go)
