@@ -14,7 +14,7 @@ import pickle
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -269,6 +269,35 @@ def _timm(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict
     return module, meta
 
 
+def module_meta(module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessing a module carries itself, over the defaults in ``meta``: timm's ``pretrained_cfg``
+    (mean, std, input_size) and patch-embedding size, a Hugging Face ``config.image_size``, an
+    ``image_size`` attribute (torchvision ViT), then explicit ``mean``/``std``/``input_size`` attributes."""
+    out = dict(meta)
+    cfg = getattr(module, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        for key in ("mean", "std"):
+            if cfg.get(key) is not None and len(cfg[key]) == 3:
+                out[key] = tuple(float(v) for v in cfg[key])
+        if cfg.get("input_size"):
+            out["size"] = int(cfg["input_size"][-1])
+    sizes = [
+        getattr(getattr(module, "patch_embed", None), "img_size", None),
+        getattr(getattr(module, "config", None), "image_size", None),
+        getattr(module, "image_size", None),
+        getattr(module, "input_size", None),
+    ]
+    for size in sizes:
+        if isinstance(size, int) and size > 0:
+            out["size"] = size
+        elif isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1] and int(size[0]) > 0:
+            out["size"] = int(size[0])
+    for key in ("mean", "std"):
+        if hasattr(module, key):
+            out[key] = tuple(getattr(module, key))
+    return out
+
+
 def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]]:
     mod_name, _, attr = spec.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -290,12 +319,44 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
         sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
         load_into(module, sd, weights, spec)
         meta.update(weights=weights, sha=file_sha256(weights))
-    for key in ("mean", "std"):
-        if hasattr(module, key):
-            meta[key] = tuple(getattr(module, key))
-    if hasattr(module, "input_size"):
-        meta["size"] = int(getattr(module, "input_size"))
-    return module, meta
+    return module, module_meta(module, meta)
+
+
+def _normalisation(value: Sequence[float] | str, flag: str) -> tuple[float, float, float]:
+    """``--mean``/``--std``: three numbers (a sequence or "a,b,c"); std values must be positive."""
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise UsageError(f"--{flag} {value!r}: expected three numbers (red, green, blue), e.g. 0.485,0.456,0.406")
+    if flag == "std" and min(out) <= 0:
+        raise UsageError(f"--std {value!r}: every value must be greater than 0")
+    return out  # type: ignore[return-value]
+
+
+def size_multiple(module: nn.Module, size: int, device: torch.device) -> int:
+    """What a flexible transformer's input sides must be a multiple of; 1 for everything else.
+
+    ViT-like: the patch size. Swin-like (patch merging between stages): the stride of the default
+    layer's grid, e.g. 32 for 4x4 patches and three merges, so the last stage's grid covers the input.
+    """
+    from camcli.layers import default_layer, trace_layers
+    from camcli.layouts import model_hints
+
+    hints = model_hints(module)
+    if hints.family is None:
+        return 1
+    patch = max(hints.patch) if hints.patch else 1
+    if hints.family == "vit" and hints.patch:
+        return patch
+    try:
+        infos = trace_layers(module, torch.zeros(1, 3, size, size, device=device))
+        grid = next(i.grid for i in infos if i.name == default_layer(infos))
+    except Exception:  # noqa: BLE001 - the probe that follows reports a model that cannot run
+        return patch
+    return size // grid[0] if grid and size % grid[0] == 0 and grid[0] == grid[1] else patch
 
 
 def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
@@ -308,8 +369,10 @@ def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
     return obj
 
 
-def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, bool]:
-    """(number of classes, whether the model accepts a non-square input of another size)."""
+def _probe(module: nn.Module, size: int, device: torch.device, step: int = 16) -> tuple[int, bool]:
+    """(number of classes, whether the model accepts a non-square input of another size).
+
+    The other size differs by 2 and 6 ``step``s: a multiple of the patch size for transformers."""
     from camcli.engine import pick_logits
 
     with torch.inference_mode():
@@ -326,7 +389,7 @@ def _probe(module: nn.Module, size: int, device: torch.device) -> tuple[int, boo
         except UsageError:
             n = -1  # reported by the engine with the --output-key hint
         try:
-            other = module(torch.zeros(1, 3, size + 32, size + 96, device=device))
+            other = module(torch.zeros(1, 3, size + 2 * step, size + 6 * step, device=device))
             flexible = pick_logits(other).shape == pick_logits(out).shape
         except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
             flexible = False
@@ -341,8 +404,13 @@ def load_model(
     unsafe_load: bool = False,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
 ) -> LoadedModel:
-    """Load a model by name, file or ``module:callable``; never touches the network."""
+    """Load a model by name, file or ``module:callable``; never touches the network.
+
+    ``mean``/``std`` replace the normalisation the model's source gives (three numbers, RGB).
+    """
     name = name or DEFAULT_MODEL
     dev = torch.device(device)
     if name.lower() in (DEFAULT_MODEL, "default"):
@@ -365,6 +433,7 @@ def load_model(
             meta["size"] = example_size or meta["size"]
         else:
             module, source = _pickled_module(p, name, unsafe_load), "file"
+            meta = module_meta(module, meta)
     elif ":" in name:
 
         module, meta = _callable(name, weights, unsafe_load)
@@ -385,12 +454,19 @@ def load_model(
                 "timm architecture name, or module:callable; see `camcli models`)"
             )
         module, meta = found
+    if mean is not None:
+        meta["mean"] = _normalisation(mean, "mean")
+    if std is not None:
+        meta["std"] = _normalisation(std, "std")
     module = module.to(dev).eval()
+    multiple = size_multiple(module, int(meta["size"]), dev)
     size = int(image_size or meta["size"])
     if size < 16:
         raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
+    if size % multiple:
+        size = max(multiple, round(size / multiple) * multiple)  # the token grid must cover the input
     try:
-        n, flexible = _probe(module, size, dev)
+        n, flexible = _probe(module, size, dev, multiple if multiple > 1 else 16)
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
@@ -416,4 +492,5 @@ def load_model(
         labels=label_list,
         weights=meta.get("weights_label", meta.get("weights")),
         weights_sha256=meta.get("sha"),
+        size_multiple=multiple,
     )
