@@ -1,14 +1,17 @@
 """Turn ``--model`` / ``--weights`` / ``--labels`` into a LoadedModel, offline.
 
 Accepted model names: the bundled ``efficientnet-lite0`` (default), torchvision and timm
-architecture names, and ``module:callable`` returning an ``nn.Module``. Weights never come from
-the network: a file (``--weights FILE``), a library's local cache, the bundled file, or ``random``.
+architecture names, ``module:callable`` returning an ``nn.Module``, model files (pickled modules,
+``torch.export`` archives) and Hugging Face ``save_pretrained`` folders. Weights never come from
+the network: a file (``--weights FILE``), a library's local cache, the bundled file, a local
+Hugging Face folder, or ``random``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import sys
@@ -322,6 +325,83 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
     return module, module_meta(module, meta)
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _hf_preprocessing(folder: Path) -> dict[str, Any]:
+    """mean/std/size from a ``preprocessor_config.json`` (image processors of ViT, DeiT, ConvNeXt, ...)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{str(path)!r} is not readable JSON ({e})") from None
+    out: dict[str, Any] = {}
+    if data.get("do_normalize", True) is False:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        for key, field in (("mean", "image_mean"), ("std", "image_std")):
+            v = data.get(field)
+            if isinstance(v, (list, tuple)) and len(v) == 3:
+                out[key] = tuple(float(x) for x in v)
+    crop, size = data.get("crop_size"), data.get("size")
+    chosen = crop if data.get("do_center_crop") and crop else size
+    if isinstance(chosen, dict):
+        chosen = chosen.get("height") or chosen.get("shortest_edge")
+    if isinstance(chosen, int) and chosen > 0:
+        out["size"] = chosen
+    return out
+
+
+def _hf_labels(config: Any) -> list[str] | None:
+    """Class names from ``id2label``, unless they are the generated LABEL_0, LABEL_1, ..."""
+    id2label = getattr(config, "id2label", None) or {}
+    try:
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    if not labels or all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
+        return None
+    return labels
+
+
+def _huggingface(folder: Path, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``save_pretrained`` folder, read with local files only: the network is never asked."""
+    if weights is not None:
+        raise UsageError(f"--weights is for architectures; the Hugging Face folder {str(folder)!r} holds its weights")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(
+            f"--model {str(folder)!r} is a Hugging Face folder; reading it needs the transformers package: "
+            "pip install camcli[hf]"
+        ) from None
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # camcli's stderr is for camcli's messages
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = next((a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)), None)
+        cls = getattr(transformers, arch) if arch else transformers.AutoModelForImageClassification
+        module = cls.from_pretrained(folder, config=config, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"--model {str(folder)!r}: not a loadable Hugging Face image classifier folder "
+            f"(config.json + model.safetensors from save_pretrained): {first}"
+        ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    weight_file = next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
+    meta = module_meta(module, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224})
+    meta.update(_hf_preprocessing(folder))
+    meta.update(weights=str(folder), sha=file_sha256(weight_file) if weight_file else None, labels=_hf_labels(config))
+    return module, meta
+
+
 def _normalisation(value: Sequence[float] | str, flag: str) -> tuple[float, float, float]:
     """``--mean``/``--std``: three numbers (a sequence or "a,b,c"); std values must be positive."""
     parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
@@ -407,7 +487,7 @@ def load_model(
     mean: Sequence[float] | str | None = None,
     std: Sequence[float] | str | None = None,
 ) -> LoadedModel:
-    """Load a model by name, file or ``module:callable``; never touches the network.
+    """Load a model by name, file, Hugging Face folder or ``module:callable``; never touches the network.
 
     ``mean``/``std`` replace the normalisation the model's source gives (three numbers, RGB).
     """
@@ -418,6 +498,14 @@ def load_model(
             raise UsageError(f"--weights is for your own models; {DEFAULT_MODEL} ships its weights")
         module, meta = _bundled()
         source = "bundled"
+    elif Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise UsageError(
+                f"--model {name!r} is a folder without config.json; camcli reads folders written by a Hugging Face "
+                "model's save_pretrained (config.json + model.safetensors)"
+            )
+        module, meta = _huggingface(Path(name), weights)
+        source = "huggingface"
     elif Path(name).is_file():
         p = Path(name)
         if _is_torchscript(p):
@@ -476,6 +564,8 @@ def load_model(
         label_list = load_labels(labels)
         if n > 0 and len(label_list) != n:
             raise UsageError(f"--labels {labels!r} has {len(label_list)} labels, the model has {n} classes")
+    elif meta.get("labels") is not None and len(meta["labels"]) == n:
+        label_list = list(meta["labels"])
     elif n == 1000:
         label_list = list(imagenet_labels())
     else:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 class LoadedModel:
     name: str
     module: nn.Module
-    source: str  # bundled | torchvision | timm | callable | file | torch.export
+    source: str  # bundled | torchvision | timm | callable | file | torch.export | huggingface
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int  # the shorter side (flexible models) or the square side (fixed models)
