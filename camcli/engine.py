@@ -207,6 +207,9 @@ class CamEngine:
                     from camcli.methods.classic import parse_channels
 
                     parse_channels(self.options.channels, a.shape[1])
+            for method in self.methods:  # methods that cannot work on this model say so before any work
+                if method.check is not None:
+                    method.check(self.model, example)
 
     # -- closures handed to methods ---------------------------------------------------------------
     def _scorer(self, tap: LayerTap) -> Callable[[Tensor, int], Tensor]:

@@ -75,6 +75,9 @@ class MethodInfo:
     needs_classifier: bool = False
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
+    # (model, example input) -> None, or UsageError saying why the method cannot work on this model;
+    # the engine calls it once, before any work
+    check: Callable[[Any, Tensor], None] | None = None
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
