@@ -341,6 +341,8 @@ class CamEngine:
                             gradient_fn=self._gradient_fn(tap, name) if method.needs_gradient_fn else None,
                             guided_gradients=guided if method.pixel_space else None,
                             options=self.options,
+                            model=self.model,
+                            forward=self._forward,
                         )
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))

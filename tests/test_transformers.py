@@ -19,7 +19,7 @@ import toymodels
 from camcli.engine import CamEngine
 from camcli.errors import ModelError, UsageError
 from camcli.layers import choose_layers, default_layer, trace_layers
-from camcli.methods import MethodOptions, available_methods, get_method
+from camcli.methods import CamInputs, MethodOptions, available_methods, get_method
 from camcli.models import load_model
 from camcli.sanity import pearson
 from camcli.targets import ClassIndex
@@ -69,12 +69,12 @@ def test_gradcam_on_a_trained_vit_lands_on_the_class_square(reg_tokens: int) -> 
         assert (model(x).argmax(1) == y).float().mean() > 0.9  # it learned the task
     layers = choose_layers(model, None, "vit", x[:1])
     assert layers == ["blocks.1.norm1"]  # the first norm of the last block
-    engine = CamEngine(model, layers, [get_method("gradcam")])
+    engine = CamEngine(model, layers, [get_method("gradcam"), get_method("chefer")])
     engine.prepare(x[:1])
     for c in range(3):
         idx = (y == c).nonzero().flatten()[:16]
         outs = engine.explain(x[idx], [ClassIndex(c)])
-        for k, method in enumerate(("gradcam",)):
+        for k, method in enumerate(("gradcam", "chefer")):
             assert outs[0].maps[k].method == method and outs[0].maps[k].cam.shape == (4, 4)
             hits = [int(np.argmax(o.maps[k].cam)) == int(cell[i]) for o, i in zip(outs, idx)]
             assert sum(hits) >= 0.8 * len(hits), f"{method}, class {c}: peaks on its square in {sum(hits)}/{len(hits)}"
@@ -227,3 +227,63 @@ def test_every_method_works_on_a_token_layer_or_says_why(name: str) -> None:
     maps = [o.maps[0] for o in engine.explain(x, [ClassIndex(1)])]
     assert all(m.cam.shape == (4, 4) and np.isfinite(m.cam).all() for m in maps)
     assert any(not m.empty for m in maps)
+
+
+# -- attention methods: timm's fused attention read back as explicit matrices ----------------------
+def explicit_attention(model: nn.Module, x: torch.Tensor, target: int) -> tuple[list, list]:
+    """Attention matrices and their gradients from timm's own unfused code path (fused_attn=False),
+    caught where it applies attention dropout to the softmax output."""
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    caught: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        caught.append(out)
+
+    hooks = [b.attn.attn_drop.register_forward_hook(grab) for b in model.blocks]
+    try:
+        model(x.clone().requires_grad_(True))[:, target].sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a.detach() for a in caught], [a.grad for a in caught]
+
+
+def test_attention_methods_match_explicit_attention_by_hand() -> None:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    attn, grads = explicit_attention(toymodels.tiny_vit().eval(), x, target=1)
+    assert len(attn) == 2 and attn[0].shape == (2, 2, 17, 17)  # blocks x (B, heads, 1 + 16, 1 + 16)
+    eye = torch.eye(17)
+    rolled, relevance = eye.expand(2, 17, 17), eye.expand(2, 17, 17)
+    for a, g in zip(attn, grads):
+        half = 0.5 * a.mean(dim=1) + 0.5 * eye
+        rolled = (half / half.sum(dim=-1, keepdim=True)) @ rolled
+        relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance
+    fused = toymodels.tiny_vit().eval()  # same weights; timm's default fused kernel
+    assert fused.blocks[0].attn.fused_attn
+    for name, expected in (("attention-rollout", rolled), ("chefer", relevance)):
+        got = get_method(name).fn(
+            CamInputs(activations=torch.zeros(2, 1, 4, 4), targets=torch.tensor([1, 1]), inputs=x, model=fused, forward=fused)
+        )
+        assert torch.allclose(got, expected[:, 0, 1:].reshape(2, 4, 4), atol=1e-6), name
+
+
+def test_attention_methods_on_torchvision_and_their_refusals() -> None:
+    model = toymodels.tv_vit().eval()  # nn.MultiheadAttention inside
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    engine = CamEngine(model, ["encoder.layers.encoder_layer_1.ln_1"], [get_method("rollout"), get_method("chefer")])
+    engine.prepare(x)
+    with torch.no_grad():
+        before = model(x)
+    maps = engine.explain(x, [ClassIndex(2)])[0].maps
+    assert [m.method for m in maps] == ["attention-rollout", "chefer"]
+    assert all(m.cam.shape == (8, 8) and not m.empty for m in maps)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the hooks are gone
+    swin = toymodels.dynamic_swin().eval()  # windowed attention: no matrix over the whole image
+    with pytest.raises(UsageError, match="chefer reads the attention matrices.*Use gradcam"):
+        CamEngine(swin, ["norm"], [get_method("chefer")]).prepare(torch.randn(1, 3, 224, 224))
+    gap = toymodels.tiny_vit(class_token=False, global_pool="avg").eval()
+    with pytest.raises(UsageError, match="reads the class token's row"):
+        CamEngine(gap, ["blocks.1.norm1"], [get_method("rollout")]).explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])

@@ -10,7 +10,7 @@ from camcli.methods.base import (
     parse_methods,
     register,
 )
-from camcli.methods import gradient, classic, perturbation, eigen, guided  # noqa: F401, I001  (registers, in this order)
+from camcli.methods import gradient, classic, perturbation, eigen, guided, attention  # noqa: F401, I001  (registers, in this order)
 
 __all__ = [
     "CamInputs",

@@ -55,6 +55,8 @@ class CamInputs:
     gradient_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (x, targets) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
+    model: Any = None  # the nn.Module, for methods that read inside the model (attention maps)
+    forward: Callable[[Tensor], Tensor] | None = None  # inputs -> (B, classes) logits, as the engine runs it
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
