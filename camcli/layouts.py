@@ -305,16 +305,20 @@ def detect(shape: Sequence[int], input_hw: Grid, hints: ModelHints | None = None
     """The layout of an output of ``shape`` on an input of ``input_hw``, bound; None if none fits.
 
     4-D: NCHW (as always), unless only the channels-last reading gives a grid of the input (or the
-    model is channels-last and both do). 3-D: tokens with the model's prefix count (or none, for the
+    model is channels-last and both do); in a transformer, only a reading that is a grid of the input. 3-D: tokens with the model's prefix count (or none, for the
     patch embedding's own output); without hints, the one prefix count 0..16 that leaves a grid whose
     integer stride divides the input exactly. A first axis other than the batch, or a single channel, is no feature map.
     """
     hints = hints or ModelHints()
     if len(shape) == 4:
-        nchw_ok = fits((shape[2], shape[3]), input_hw)
+        # In a ViT the only (B, C, h, w) map is the patch projection, exactly input / patch: the
+        # per-head (B, heads, N, head_dim) tensors inside attention must not pass for a grid.
+        nchw_ok = fits((shape[2], shape[3]), input_hw, strict=hints.family == "vit")
         nhwc_ok = fits((shape[1], shape[2]), input_hw, strict=not hints.channels_last)
         if nhwc_ok and (hints.channels_last or not nchw_ok):
             return NHWC()
+        if hints.family is not None and not nchw_ok:
+            return None  # a transformer's 4-D tensor that is no grid of the input
         return NCHW()
     if len(shape) != 3 or shape[2] < 2:
         return None

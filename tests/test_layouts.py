@@ -69,6 +69,10 @@ def test_detect_layouts_from_shapes_and_hints() -> None:
     assert detect((1, 768, 7, 7), (224, 224)) == NCHW()
     assert detect((1, 7, 7, 7), (224, 224)) == NCHW()  # both readings fit: NCHW unless the model is NHWC
     assert detect((1, 7, 7, 7), (224, 224), ModelHints(channels_last=True)) == NHWC()
+    # per-head queries (B, heads, N, head_dim) in a ViT are no grid; a CNN's 4-D output stays NCHW
+    vit = ModelHints(prefix=1, patch=(8, 8), family="vit")
+    assert detect((1, 2, 17, 16), (32, 32), vit) is None and detect((1, 32, 4, 4), (32, 32), vit) == NCHW()
+    assert detect((1, 2, 17, 16), (32, 32)) == NCHW()
     # DeiT: 2 prefix tokens from the model; its patch embedding's output has none
     deit = ModelHints(prefix=2, patch=(16, 16))
     assert detect((1, 198, 192), (224, 224), deit) == Tokens(2, (14, 14), (16, 16))
