@@ -33,7 +33,7 @@ class LayerInfo:
         if layout is None:
             return None
         try:
-            return layout.grid(self.shape)
+            return layout.grid_of(self.shape)
         except LayoutError:
             return None
 

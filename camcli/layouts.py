@@ -44,7 +44,7 @@ class Layout:
     def bind(self, shape: Sequence[int], input_hw: Grid) -> Layout:
         raise NotImplementedError
 
-    def grid(self, shape: Sequence[int]) -> Grid:
+    def grid_of(self, shape: Sequence[int]) -> Grid:
         """The (h, w) feature grid of a tensor of this shape."""
         raise NotImplementedError
 
@@ -57,7 +57,7 @@ class Layout:
         raise NotImplementedError
 
     def describe(self, shape: Sequence[int]) -> str:
-        h, w = self.grid(shape)
+        h, w = self.grid_of(shape)
         return f"{self.spec} {h}x{w}"
 
     def __str__(self) -> str:
@@ -81,7 +81,7 @@ class NCHW(Layout):
         _need_dims(shape, 4, self.spec)
         return self
 
-    def grid(self, shape: Sequence[int]) -> Grid:
+    def grid_of(self, shape: Sequence[int]) -> Grid:
         return int(shape[2]), int(shape[3])
 
     def to_nchw(self, t: Tensor) -> Tensor:
@@ -103,7 +103,7 @@ class NHWC(Layout):
         _need_dims(shape, 4, self.spec)
         return self
 
-    def grid(self, shape: Sequence[int]) -> Grid:
+    def grid_of(self, shape: Sequence[int]) -> Grid:
         return int(shape[1]), int(shape[2])
 
     def to_nchw(self, t: Tensor) -> Tensor:
@@ -122,7 +122,7 @@ class Tokens(Layout):
     """
 
     prefix: int = 0
-    grid_hw: Grid | None = None
+    grid: Grid | None = None
     patch: Grid | None = None
 
     def __post_init__(self) -> None:
@@ -138,11 +138,11 @@ class Tokens(Layout):
         n = int(shape[1]) - self.prefix
         if n < 1:
             raise LayoutError(f"{shape[1]} tokens leave no patch grid after {self.prefix} prefix tokens")
-        if self.grid_hw is not None:
-            if self.grid_hw[0] * self.grid_hw[1] != n:
+        if self.grid is not None:
+            if self.grid[0] * self.grid[1] != n:
                 raise LayoutError(
-                    f"{n} patch tokens do not fill the {self.grid_hw[0]}x{self.grid_hw[1]} grid "
-                    f"({self.grid_hw[0] * self.grid_hw[1]} tokens)"
+                    f"{n} patch tokens do not fill the {self.grid[0]}x{self.grid[1]} grid "
+                    f"({self.grid[0] * self.grid[1]} tokens)"
                 )
             return self
         grid = patch_grid(n, input_hw, self.patch) or infer_grid(n, input_hw)
@@ -153,9 +153,9 @@ class Tokens(Layout):
             )
         return Tokens(self.prefix, grid, self.patch)
 
-    def grid(self, shape: Sequence[int]) -> Grid:
-        if self.grid_hw is not None:
-            return self.grid_hw
+    def grid_of(self, shape: Sequence[int]) -> Grid:
+        if self.grid is not None:
+            return self.grid
         n = int(shape[1]) - self.prefix
         side = math.isqrt(max(n, 0))
         if side * side != n or n == 0:
@@ -163,7 +163,7 @@ class Tokens(Layout):
         return side, side
 
     def to_nchw(self, t: Tensor) -> Tensor:
-        gh, gw = self.grid(t.shape)
+        gh, gw = self.grid_of(t.shape)
         b, _, c = t.shape
         return t[:, self.prefix :].reshape(b, gh, gw, c).permute(0, 3, 1, 2).contiguous()
 
@@ -190,8 +190,9 @@ def parse_layout(spec: str) -> Layout:
     m = re.fullmatch(r"tokens:(\d+)", s)
     if m:
         return Tokens(prefix=int(m.group(1)))
-    hint = " (say how many prefix tokens come before the patch grid: tokens:0 for none, tokens:1 for a class token)" \
-        if s.startswith("tokens") else ""
+    hint = ""
+    if s.startswith("tokens"):
+        hint = " (say how many prefix tokens come before the patch grid: tokens:0 for none, tokens:1 for a class token)"
     raise UsageError(f"--layout {spec!r} is not a layout{hint}; accepted: {LAYOUT_CHOICES}")
 
 
@@ -305,9 +306,10 @@ def detect(shape: Sequence[int], input_hw: Grid, hints: ModelHints | None = None
     """The layout of an output of ``shape`` on an input of ``input_hw``, bound; None if none fits.
 
     4-D: NCHW (as always), unless only the channels-last reading gives a grid of the input (or the
-    model is channels-last and both do); in a transformer, only a reading that is a grid of the input. 3-D: tokens with the model's prefix count (or none, for the
-    patch embedding's own output); without hints, the one prefix count 0..16 that leaves a grid whose
-    integer stride divides the input exactly. A first axis other than the batch, or a single channel, is no feature map.
+    model is channels-last and both do); in a transformer, only a reading that is a grid of the input.
+    3-D: tokens with the model's prefix count (or none, for the patch embedding's own output);
+    without hints, the one prefix count 0..16 that leaves a grid whose integer stride divides the
+    input exactly. A single channel is no token map. (Callers check that the first axis is the batch.)
     """
     hints = hints or ModelHints()
     if len(shape) == 4:

@@ -57,8 +57,8 @@ def test_grid_follows_the_input_aspect_ratio() -> None:
     assert Tokens(1).bind((1, 7, 4), (32, 48)) == Tokens(1, (2, 3))
     assert Tokens(1).bind((1, 7, 4), (48, 32)) == Tokens(1, (3, 2))
     # from the patch size: floor (no padding) or ceil (padded) of input / patch
-    assert Tokens(1, patch=(16, 16)).bind((1, 1 + 14 * 21, 8), (224, 336)).grid_hw == (14, 21)
-    assert Tokens(0, patch=(16, 16)).bind((1, 14 * 22, 8), (224, 337)).grid_hw == (14, 22)
+    assert Tokens(1, patch=(16, 16)).bind((1, 1 + 14 * 21, 8), (224, 336)).grid == (14, 21)
+    assert Tokens(0, patch=(16, 16)).bind((1, 14 * 22, 8), (224, 337)).grid == (14, 22)
     assert infer_grid(50, (224, 224)) is None  # 5x10 or 10x5 disagree with a square input
 
 
