@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.hooks import LayerTap
+from camcli.layouts import NCHW, LayerLayouts, Layout
 from camcli.methods import CamInputs, MethodInfo, MethodOptions
 from camcli.methods.guided import GuidedReLUMode
 from camcli.targets import Target
@@ -28,7 +29,7 @@ class ModelAccess:
 
     def __init__(
         self, forward: Forward, tap: LayerTap, x: Tensor, target: Target, *,
-        model: nn.Module | None = None, logits: Tensor | None = None,
+        model: nn.Module | None = None, logits: Tensor | None = None, layouts: LayerLayouts | None = None,
     ) -> None:
         self.forward = forward
         self.tap = tap
@@ -36,7 +37,11 @@ class ModelAccess:
         self.target = target
         self.model = model  # frozen, in eval mode (FullGrad)
         self.logits = logits  # the batch's forward output, its graph retained (Hessian-vector products)
+        self.layouts = layouts  # each layer's layout: methods see (B, C, h, w), the model its own shape
         self._guided: Tensor | None = None
+
+    def _layout(self, layer: str, raw: Tensor) -> Layout:
+        return NCHW() if self.layouts is None else self.layouts.bind(layer, raw, self.x)
 
     def _rows(self, n: int, image_index: int | None = None) -> Tensor:
         if image_index is None:
@@ -51,9 +56,14 @@ class ModelAccess:
     def layer_scorer(self, layer: str) -> Callable[[int, Tensor], Tensor]:
         """(image_index, activations (N, K, h, w)) -> target scores (N,) with ``layer``'s output replaced."""
 
+        raw = self.tap.activations[layer].detach()
+        layout = self._layout(layer, raw)
+
         def score(image_index: int, activations: Tensor) -> Tensor:
             n = activations.shape[0]
-            with self.tap.paused({layer: activations}), torch.inference_mode():
+            # back to the layer's own layout; prefix tokens come from the image's original output
+            own = layout.from_nchw(activations, raw[image_index : image_index + 1])
+            with self.tap.paused({layer: own}), torch.inference_mode():
                 batch = self.x[image_index : image_index + 1].expand(n, *self.x.shape[1:])
                 return self.target.score(self.forward(batch), self._rows(n, image_index)).float()
 
@@ -67,7 +77,8 @@ class ModelAccess:
                 out = self.forward(x)
                 a = self.tap.activations[layer]
                 (g,) = torch.autograd.grad(self.target.score(out, self._rows(x.shape[0])).sum(), a)
-            return a.detach(), g
+            layout = self._layout(layer, a)
+            return layout.to_nchw(a.detach()), layout.to_nchw(g)
 
         return grad_at
 
@@ -87,6 +98,7 @@ class ModelAccess:
         retained forward graph (no new forward). The double-backward graph lives only inside the call,
         so nothing that holds it outlives it and memory stays flat over a long run."""
         a = self.tap.activations[layer]
+        layout = self._layout(layer, a)
 
         def hv(v: Tensor) -> Tensor:
             if self.logits is None:
@@ -95,11 +107,17 @@ class ModelAccess:
                 score = self.target.score(self.logits, self._rows(self.logits.shape[0])).sum()
                 (g,) = torch.autograd.grad(score, a, retain_graph=True, create_graph=True)
                 if not g.requires_grad:  # the score is linear in the activation: H = 0
-                    return torch.zeros_like(a)
-                (out,) = torch.autograd.grad(g, a, grad_outputs=v, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(a) if out is None else out.detach()
+                    return torch.zeros_like(v)
+                own = layout.from_nchw(v, a.detach())
+                (out,) = torch.autograd.grad(g, a, grad_outputs=own, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if out is None else layout.to_nchw(out.detach())
 
         return hv
+
+    def paused_forward(self, x: Tensor) -> Tensor:
+        """The model's scores for ``x`` with the taps paused (the batch's recorded activations stay)."""
+        with self.tap.paused():
+            return self.forward(x)
 
     def score_fn(self, x: Tensor) -> Tensor:
         """x (B, 3, H, W) -> (B,) target scores with gradients on and the taps paused, so a method can
@@ -129,6 +147,7 @@ class ModelAccess:
             guided_gradients=self.guided if method.pixel_space else None,
             options=options,
             hvp=self.hvp(layer) if method.needs_hvp else None,
-            model=self.model if method.needs_model else None,
+            model=self.model,
             score_fn=self.score_fn if method.needs_model else None,
+            forward=self.paused_forward,
         )

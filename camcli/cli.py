@@ -285,16 +285,16 @@ def layers(
         # Shapes do not depend on weights: library architectures are inspected untrained.
         lm = load_model(opts.model, opts.weights or architecture_weights(opts.model), unsafe_load=bool(opts.unsafe_load),
                         image_size=opts.image_size)
-        infos = trace_layers(lm.module, torch.zeros(1, 3, lm.input_size, lm.input_size))
+        infos = trace_layers(lm.module, torch.zeros(1, 3, lm.input_size, lm.input_size), opts.layout)
         default = default_layer(infos, lm.num_classes if lm.task == "segmentation" else None)
         table = Table(title=f"{lm.name}: layers (input 1x3x{lm.input_size}x{lm.input_size})")
-        for col in ("layer", "type", "output shape", ""):
+        for col in ("layer", "type", "output shape", "layout", ""):
             table.add_column(col)
         for i in infos:
             if not all_layers and not i.spatial and i.name != default:
                 continue
             shape = "x".join(map(str, i.shape)) if i.shape else "-"
-            table.add_row(i.name, i.type, shape, "default" if i.name == default else "")
+            table.add_row(i.name, i.type, shape, i.layout_text, "default" if i.name == default else "")
         _stdout().print(table)
 
     _run(go)

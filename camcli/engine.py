@@ -8,7 +8,7 @@ gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ from camcli import targets as tgt
 from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
+from camcli.layouts import LayerLayouts, Layout
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
 from camcli.methods.eigen import first_component
-from camcli.methods.guided import GuidedReLUMode
 from camcli.models.outputs import pick_logits
 
 # Why a map came out blank: codes here; the words users read live in camcli.stats.NOTES.
@@ -134,6 +134,7 @@ class CamEngine:
         channels_last: bool = False,
         top_k: int = 5,
         region: tgt.Region | None = None,
+        layout: Layout | str | Mapping[str, Layout | str] | None = None,
     ) -> None:
         if not layers:
             raise UsageError("no target layer given")
@@ -152,6 +153,8 @@ class CamEngine:
         self.top_k = top_k
         self.region = region  # segmentation models: explain this region instead of the predicted pixels
         self._classifier: dict[str, Tensor] = {}
+        # Layer outputs -> (B, C, h, w) before any method sees them (tokens, NHWC); None: found from the model.
+        self.layouts = LayerLayouts(model, self.layers, layout)
 
     @property
     def needs_gradients(self) -> bool:
@@ -162,33 +165,34 @@ class CamEngine:
             x = x.contiguous(memory_format=torch.channels_last)
         return pick_logits(self.model(x), self.output_key)
 
-    def _activations(self, tap: LayerTap) -> list[Tensor]:
+    def _activations(self, tap: LayerTap, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(raw layer outputs as tapped, the same put in (B, C, h, w) by each layer's layout)."""
         missing = [n for n in self.layers if n not in tap.activations]
         if missing:
             raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
-        acts = [tap.activations[n] for n in self.layers]
-        for name, a in zip(self.layers, acts):
-            if a.dim() != 4:
-                raise UsageError(f"layer {name!r} outputs shape {tuple(a.shape)}; methods need a (B, C, h, w) feature map")
-        return acts
+        raws = [tap.activations[n] for n in self.layers]
+        return raws, [self.layouts.to_nchw(n, r.detach(), x) for n, r in zip(self.layers, raws)]
 
     def prepare(self, example: Tensor) -> None:
         """Checks that need a forward pass (layer shapes, the CAM head, each method's own) before real work."""
         with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
             logits = self._forward(example)
-            for layer, a in zip(self.layers, self._activations(tap)):
+            for layer, a in zip(self.layers, self._activations(tap, example)[1]):
                 if any(m.needs_classifier for m in self.methods):
                     self._classifier[layer] = find_classifier(self.model, a, logits, layer)
                 for m in self.methods:
                     if m.prepare is not None:
                         m.prepare(self.options, a)
+        for m in self.methods:  # methods that cannot work on this model say so before any work
+            if m.check is not None:
+                m.check(self.model, example)
 
     def unfit(self, example: Tensor) -> dict[str, str]:
         """Methods that cannot work on this model, each with a one-line reason (``--method all``)."""
         reasons: dict[str, str] = {}
         with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
             logits = self._forward(example)
-            acts = self._activations(tap)
+            acts = self._activations(tap, example)[1]
         for m in self.methods:
             if m.needs_classifier:
                 try:
@@ -196,14 +200,13 @@ class CamEngine:
                         find_classifier(self.model, a, logits, layer)
                 except UsageError:
                     reasons[m.name] = "the layer does not feed global-average-pool -> linear directly"
-            if m.needs_relu and not self._has_relus(example):
-                reasons[m.name] = "the model has no ReLU-like units for guided backprop to gate"
+            if m.check is not None:
+                try:
+                    with frozen(self.model):
+                        m.check(self.model, example)
+                except UsageError as e:
+                    reasons[m.name] = str(e).split(". ")[0]
         return reasons
-
-    def _has_relus(self, example: Tensor) -> bool:
-        with frozen(self.model), torch.inference_mode(), GuidedReLUMode() as mode:
-            self._forward(example)
-        return mode.calls > 0
 
     # -- the main entry point -------------------------------------------------------------------
     def explain(
@@ -235,7 +238,7 @@ class CamEngine:
                 else:
                     with torch.inference_mode():
                         logits = self._forward(x)
-            acts = self._activations(tap)
+            raws, acts = self._activations(tap, x)
             scores = logits.detach().float()
             # Per class and image: the softmax probability, or for segmentation the pixel share.
             probs = tgt.pixel_shares(scores) if scores.dim() == 4 else scores.softmax(dim=1)
@@ -256,17 +259,19 @@ class CamEngine:
                     continue
                 grads: Sequence[Tensor | None] = [None] * len(acts)
                 if grad_mode:
-                    grads = torch.autograd.grad(target.score(logits, rows).sum(), acts, retain_graph=True)
-                access = ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits)
+                    grads = self._gradients(target.score(logits, rows).sum(), raws, x)
+                access = ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits,
+                                     layouts=self.layouts)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
                     m_grads, m_access = grads, access
                     if method.retarget is not None:  # the method explains another scalar (a contrast)
                         other = method.retarget(target, scores, self.options)
-                        m_access = ModelAccess(self._forward, tap, x, other, model=self.model, logits=logits)
+                        m_access = ModelAccess(self._forward, tap, x, other, model=self.model, logits=logits,
+                                               layouts=self.layouts)
                         if grad_mode and method.needs_gradients:
-                            m_grads = torch.autograd.grad(other.score(logits, rows).sum(), acts, retain_graph=True)
+                            m_grads = self._gradients(other.score(logits, rows).sum(), raws, x)
                     results = []
                     for name, a, g in zip(self.layers, acts, m_grads):
                         classifier = self._classifier_weights(method, name, a, logits)
@@ -278,6 +283,11 @@ class CamEngine:
                     self._collect(outputs, method, target, scores, probs, results)
                 agnostic_done = True
         return outputs, targets
+
+    def _gradients(self, score: Tensor, raws: Sequence[Tensor], x: Tensor) -> list[Tensor]:
+        """d score / d each raw layer output, put in (B, C, h, w) by the same layout (a pure reshape)."""
+        grads = torch.autograd.grad(score, list(raws), retain_graph=True)
+        return [self.layouts.to_nchw(n, g, x) for n, g in zip(self.layers, grads)]
 
     def _reduce(self, raw: Tensor | MethodOutput) -> MethodOutput:
         """(B, K, h, w) weighted activations -> (B, h, w): channel sum, or first component (--eigen-smooth)."""

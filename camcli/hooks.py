@@ -32,7 +32,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-class _Hooks(ABC):
+class Hooks(ABC):
     """Owns hook handles; removes them all on close, on exit and when registering fails midway."""
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class _Hooks(ABC):
         self._handles.clear()
 
 
-class LayerTap(_Hooks):
+class LayerTap(Hooks):
     """Forward hooks on named layers that record their outputs.
 
     With gradients enabled, the first tapped output in the graph becomes a leaf that requires grad,
@@ -142,7 +142,7 @@ def saturated(module: nn.Module, out: Tensor) -> Tensor:
     return sat
 
 
-class SaturationMeter(_Hooks):
+class SaturationMeter(Hooks):
     """Counts saturated units of bounded activation modules at or after the target layers.
 
     "At or after" means: run once the first target layer has started its forward (its own

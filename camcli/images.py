@@ -115,12 +115,15 @@ class Preprocess:
 
     flexible=True: the shorter side becomes ``size`` and the aspect ratio is kept (models with global
     pooling). flexible=False: exactly size x size (models that need a fixed input).
+    multiple: with flexible=True, both sides are rounded to a multiple of it (the patch size of a
+    transformer that takes any size, so its token grid covers the whole image).
     """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     flexible: bool = True
+    multiple: int = 1
 
     @property
     def policy(self) -> str:
@@ -129,9 +132,14 @@ class Preprocess:
     def input_hw(self, h: int, w: int) -> tuple[int, int]:
         if not self.flexible:
             return self.size, self.size
+        m = max(1, self.multiple)
+
+        def snap(v: float) -> int:
+            return max(m, round(v / m) * m)
+
         if h <= w:
-            return self.size, max(1, round(w * self.size / h))
-        return max(1, round(h * self.size / w)), self.size
+            return snap(self.size), snap(w * self.size / h)
+        return snap(h * self.size / w), snap(self.size)
 
     def resize(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats)."""

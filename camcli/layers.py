@@ -1,13 +1,14 @@
-"""Layer names: trace output shapes, choose a default, resolve ``--layer`` with suggestions."""
+"""Layer names: trace output shapes and layouts, choose a default, resolve ``--layer`` with suggestions."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError, suggest
+from camcli.layouts import NCHW, Grid, Layout, LayoutError, Tokens, as_layout, detect, model_hints
 
 
 @dataclass(frozen=True)
@@ -16,14 +17,64 @@ class LayerInfo:
     type: str
     shape: tuple[int, ...] | None  # output shape for a batch of one, None when not a tensor / not run
     finished: int  # order in which its forward finished (-1: not called)
+    layout: Layout | None = None  # how the output lies on the input (None: no feature map camcli can read)
+    norm: bool = False  # a normalisation layer (LayerNorm, RMSNorm, ...)
+    block: str | None = None  # the repeated block it belongs to (an item of a ModuleList/Sequential)
+    preferred: bool = False  # the layer the model family's rule picks as default (transformers)
+
+    @property
+    def grid(self) -> Grid | None:
+        """The (h, w) feature grid of the output, None when it has none."""
+        if self.shape is None:
+            return None
+        layout = self.layout
+        if layout is None and len(self.shape) == 4:
+            layout = NCHW()  # LayerInfo built by hand: the old (B, C, h, w) reading
+        if layout is None:
+            return None
+        try:
+            return layout.grid_of(self.shape)
+        except LayoutError:
+            return None
 
     @property
     def spatial(self) -> bool:
-        return self.shape is not None and len(self.shape) == 4 and (self.shape[2] > 1 or self.shape[3] > 1)
+        g = self.grid
+        return g is not None and (g[0] > 1 or g[1] > 1)
+
+    @property
+    def layout_text(self) -> str:
+        """'nchw 7x7', 'nhwc 7x7', 'tokens:1 14x14', or '-'."""
+        g = self.grid
+        return "-" if g is None or self.layout is None else f"{self.layout.spec} {g[0]}x{g[1]}"
 
 
-def trace_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
-    """Every named module with its output shape on ``example``, in module-tree order."""
+def _is_norm(mod: nn.Module) -> bool:
+    return not isinstance(mod, nn.Identity) and "norm" in type(mod).__name__.lower()
+
+
+def _blocks(model: nn.Module) -> dict[str, str]:
+    """Module name -> its nearest ancestor-or-self that is an item of a ModuleList / Sequential."""
+    mods = dict(model.named_modules())
+    items = {n for n in mods if n and isinstance(mods[n.rsplit(".", 1)[0] if "." in n else ""], (nn.ModuleList, nn.Sequential))}
+    out: dict[str, str] = {}
+    for name in mods:
+        parts = name.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            anc = ".".join(parts[:k])
+            if anc in items:
+                out[name] = anc
+                break
+    return out
+
+
+def trace_layers(model: nn.Module, example: Tensor, layout: Layout | str | None = None) -> list[LayerInfo]:
+    """Every named module with its output shape and layout on ``example``, in module-tree order.
+
+    Layouts are detected from the model (``camcli.layouts.detect``), or ``layout`` where it fits.
+    One layer may be marked ``preferred``: the default the model family's rule picks (see
+    ``family_default``); ``default_layer`` returns it.
+    """
     shapes: dict[str, tuple[int, ...] | None] = {}
     order: dict[str, int] = {}
     counter = [0]
@@ -46,25 +97,82 @@ def trace_layers(model: nn.Module, example: Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-    return [
-        LayerInfo(name, type(mod).__name__, shapes.get(name), order.get(name, -1))
+    hints = model_hints(model)
+    forced = as_layout(layout)
+    hw = (int(example.shape[-2]), int(example.shape[-1]))
+    blocks = _blocks(model)
+
+    def layout_of(shape: tuple[int, ...] | None) -> Layout | None:
+        if shape is None or not shape or shape[0] != example.shape[0]:
+            return None  # not a tensor, or its first axis is not the batch (attention windows)
+        if forced is None:
+            return detect(shape, hw, hints)
+        try:
+            return forced.bind(shape, hw)
+        except LayoutError:
+            return None
+
+    infos = [
+        LayerInfo(
+            name, type(mod).__name__, shapes.get(name), order.get(name, -1), layout_of(shapes.get(name)),
+            _is_norm(mod), blocks.get(name),
+        )
         for name, mod in model.named_modules()
         if name
     ]
+    pick = family_default(infos, hints.family)
+    return [replace(i, preferred=True) if i.name == pick else i for i in infos]
+
+
+def family_default(infos: list[LayerInfo], family: str | None = None) -> str | None:
+    """The default layer of a transformer, None for a CNN (whose default is the last spatial layer).
+
+    ViT-like (the head reads prefix tokens): the first norm of the last block, because the last
+    block's output reaches the head only through its class token, so its patch tokens get no
+    gradient. Swin-like (the head pools the grid): the last norm with a spatial output, i.e. the
+    final norm after the last stage. ``family`` comes from the model; without it, a model whose last
+    spatial output is tokens (with prefix: ViT-like) or NHWC (Swin-like) counts as a transformer.
+    """
+    spatial = [i for i in infos if i.spatial and i.finished >= 0]
+    if not spatial:
+        return None
+    last = max(spatial, key=lambda i: i.finished)
+    if family is None:
+        if isinstance(last.layout, Tokens):
+            family = "vit" if last.layout.prefix > 0 else "swin"
+        elif last.layout is not None and not isinstance(last.layout, NCHW):
+            family = "swin"
+        else:
+            return None
+    norms = [i for i in spatial if i.norm]
+    if family == "vit":
+        in_blocks = [i for i in norms if isinstance(i.layout, Tokens) and i.block is not None]
+        if not in_blocks:
+            return None
+        last_block = max(in_blocks, key=lambda i: i.finished).block
+        return min((i for i in in_blocks if i.block == last_block), key=lambda i: i.finished).name
+    return max(norms, key=lambda i: i.finished).name if norms else None
 
 
 def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:
-    """The last layer (by when its forward finished) whose output is a spatial (B, C, h, w) map.
+    """The family rule's layer for transformers (``preferred``), else the last layer (by when its
+    forward finished) whose output is a spatial map.
 
     ``score_channels``: a segmentation model's class count; layers with that many channels are its
     score maps, not features, and are passed over when a feature layer exists.
     """
+    for i in infos:
+        if i.preferred:
+            return i.name
     spatial = [i for i in infos if i.spatial and i.finished >= 0]
     if score_channels is not None:
         features = [i for i in spatial if i.shape is not None and i.shape[1] != score_channels]
         spatial = features or spatial
     if not spatial:
-        raise UsageError("no layer of this model outputs a spatial (B, C, h, w) map; pass --layer")
+        raise UsageError(
+            "no layer of this model outputs a spatial map camcli can read ((B, C, h, w), channels-last, or tokens "
+            "on the input's patch grid); pass --layer, and --layout nchw|nhwc|tokens:P to say how it lies"
+        )
     return max(spatial, key=lambda i: i.finished).name
 
 
@@ -88,9 +196,14 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
 
 
 def choose_layers(
-    model: nn.Module, spec: str | list[str] | None, model_name: str, example: Tensor, score_channels: int | None = None
+    model: nn.Module,
+    spec: str | list[str] | None,
+    model_name: str,
+    example: Tensor,
+    layout: Layout | str | None = None,
+    score_channels: int | None = None,
 ) -> list[str]:
     """``--layer`` resolved, or the default layer traced on ``example`` when none was given."""
     if spec:
         return resolve_layers(model, spec, model_name)
-    return [default_layer(trace_layers(model, example), score_channels)]
+    return [default_layer(trace_layers(model, example, layout), score_channels)]

@@ -115,6 +115,14 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return k, n
 
 
+def _triple(v: Any) -> str | None:  # noqa: ANN401
+    try:
+        parts = [float(p) for p in str(v).split(",")]
+    except ValueError:
+        parts = []
+    return None if len(parts) == 3 else "is not three numbers R,G,B (for example 0.5,0.5,0.5)"
+
+
 def _not_empty(v: Any) -> str | None:  # noqa: ANN401
     return "must not be empty" if isinstance(v, str) and not v.strip() else None
 
@@ -157,6 +165,18 @@ OPTIONS: tuple[Option, ...] = (
            "Model input size: the shorter side (flexible models) or the fixed square side.",
            frozenset({_E, _V, _C, _L}), shapes_output=True, check=_at_least(16), group="model",
            default_text="the model's own", example=96),
+    Option("mean", ("--mean",), Kind.STR, None,
+           "Normalisation mean, three numbers R,G,B (0..1), replacing the model's own.",
+           frozenset({_E, _V, _C}), shapes_output=True, group="model", check=_triple, default_text="the model's own",
+           example="0.5,0.5,0.5"),
+    Option("std", ("--std",), Kind.STR, None,
+           "Normalisation std, three numbers R,G,B, replacing the model's own.",
+           frozenset({_E, _V, _C}), shapes_output=True, group="model", check=_triple, default_text="the model's own",
+           example="0.25,0.25,0.25"),
+    Option("layout", ("--layout",), Kind.STR, None,
+           "How the layer's output lies on the image: nchw, nhwc or tokens:P (P prefix tokens).",
+           frozenset({_E, _V, _C, _L}), shapes_output=True, check=_not_empty, default_text="found from the model",
+           example="nchw"),
     Option("device", ("--device",), Kind.STR, "auto", "auto, cpu, cuda, cuda:N or mps.",
            frozenset({_E, _V, _C}), check=_device, example="cpu"),
     # -- what to explain -----------------------------------------------------------------------

@@ -96,19 +96,21 @@ class Session:
         lm = model or load_model(
             O.get(opts, "model"), O.get(opts, "weights"), O.get(opts, "labels"),
             unsafe_load=bool(O.get(opts, "unsafe_load")), image_size=O.get(opts, "image_size"), device=device,
-            output_key=output_key,
+            output_key=output_key, mean=O.get(opts, "mean"), std=O.get(opts, "std"),
         )
+        layout = O.get(opts, "layout")
         # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
         lm.module.to(device=device, memory_format=torch.channels_last)
         # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         seg_classes = lm.num_classes if lm.task == "segmentation" else None
-        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, seg_classes)
+        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes)
         engine = CamEngine(
             lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
             aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
             channels_last=True, region=tgt.parse_region(O.get(opts, "region"), O.get(opts, "region_mask")),
+            layout=layout,
         )
         if lm.task == "segmentation" and engine.aug_smooth:
             raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
@@ -130,7 +132,7 @@ class Session:
         specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
         return cls(
             options=opts, model=lm, device=device,
-            preprocess=Preprocess(lm.input_size, lm.mean, lm.std, lm.flexible_size),
+            preprocess=lm.preprocess(),
             layers=layers, specs=specs, methods=methods, engine=engine,
             warn=warn,
         )
@@ -150,7 +152,7 @@ class Session:
         return CamEngine(
             module, self.layers, self.methods, options=e.options, signed=e.signed, output_key=e.output_key,
             per_layer=e.per_layer, aug_smooth=e.aug_smooth, eigen_smooth=e.eigen_smooth, channels_last=True,
-            region=e.region,
+            region=e.region, layout=e.layouts.forced or None,
         )
 
     def explain(

@@ -108,3 +108,45 @@ class TinySeg(nn.Module):
 
 def tiny_seg() -> nn.Module:
     return TinySeg()
+
+
+# -- transformers (random weights, tiny dims) -------------------------------------------------------
+def tiny_vit(**kw: object) -> nn.Module:
+    """timm ViT: 32x32 input, 8x8 patches (a 4x4 grid), a class token, GELU."""
+    from timm.models import VisionTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=4)
+    return VisionTransformer(**{**args, **kw})  # type: ignore[arg-type]
+
+
+def dynamic_vit() -> nn.Module:
+    """timm ViT that takes any size divisible by its 16-pixel patches (timm's pretrained_cfg: mean 0.5)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2, num_classes=3, reg_tokens=2,
+        dynamic_img_size=True,
+    )
+
+
+def dynamic_swin() -> nn.Module:
+    """timm Swin that pads any input size: 4x4 patches, three patch mergings (grid stride 32)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2),
+        num_classes=3, strict_img_size=False,
+    )
+
+
+def tv_vit() -> nn.Module:
+    """torchvision VisionTransformer with small dims: fixed 64x64 input, 8x8 patches."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero: all logits 0
+    return model

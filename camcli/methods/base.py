@@ -60,10 +60,11 @@ class CamInputs:
     gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x' (a modified batch) -> (A, G)
     guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
     options: MethodOptions = field(default_factory=MethodOptions)
-    # Second-order and whole-model capabilities (ShapleyCAM, FullGrad), each given only on request:
+    # Second-order and whole-model capabilities (ShapleyCAM, FullGrad, attention methods):
     hvp: Callable[[Tensor], Tensor] | None = None  # v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)
-    model: nn.Module | None = None  # the model, in eval mode with frozen parameters (needs_model)
+    model: nn.Module | None = None  # the model, in eval mode with frozen parameters
     score_fn: Callable[[Tensor], Tensor] | None = None  # x -> (B,) y^c, differentiable, hooks passive (needs_model)
+    forward: Callable[[Tensor], Tensor] | None = None  # inputs -> model scores, as the engine runs it
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
@@ -87,14 +88,16 @@ class MethodInfo:
     # Checks of the method's options against the layer's activations (1, K, h, w), run once before
     # any work starts; raise UsageError.
     prepare: Callable[["MethodOptions", Tensor], None] | None = None
+    # (model, example input) -> None, or UsageError saying why the method cannot work on this model;
+    # run once before any work (and by --method all to skip the method with that reason)
+    check: Callable[[Any, Tensor], None] | None = None
     # The method explains another scalar than the target's: (target, logits, options) -> target.
     # The engine takes gradients and scores for that target instead (Finer-CAM's contrast).
     retarget: Callable[[Any, Tensor, "MethodOptions"], Any] | None = None
     # The method is a family: the options pick the concrete method (Finer-CAM's base method).
     derive: Callable[["MethodOptions"], "MethodInfo"] | None = None
-    needs_relu: bool = False  # guided methods: meaningless without ReLU-like units
     needs_hvp: bool = False  # Hessian-vector products of the target score at the layer
-    needs_model: bool = False  # the model itself and a differentiable target score of any input
+    needs_model: bool = False  # a differentiable target score of any input (score_fn)
 
 
 _REGISTRY: dict[str, MethodInfo] = {}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camcli.hooks import _Hooks
+from camcli.hooks import Hooks
 from camcli.methods.base import CamInputs, register, require, rescaled
 
 CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)  # outputs (B, C, h, w)
@@ -37,7 +37,7 @@ def effective_bias(module: nn.Module) -> Tensor | None:
     return None
 
 
-class OutputRecorder(_Hooks):
+class OutputRecorder(Hooks):
     """Forward hooks that keep each call's output, graph included, in call order.
 
     Downstream layers get a clone, so an in-place op after the module (``ReLU(inplace=True)`` after a

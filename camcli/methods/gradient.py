@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from camcli.errors import UsageError
 from camcli.methods.base import CamInputs, draw_noise, noise_generator, register, require, weigh
 
 _EPS = 1e-12
@@ -114,11 +117,35 @@ def counterfactual(inputs: CamInputs) -> Tensor:
     return weigh(-g.mean(dim=(2, 3)), a)
 
 
+def second_order(model: Any, example: Tensor) -> None:  # noqa: ANN401
+    """MethodInfo.check for ShapleyCAM: the model must have second derivatives. Fused kernels (the
+    flash attention of a CPU ViT, say) implement only the first, which would fail mid-run."""
+    x = example.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            first = next((o for o in ([out] if isinstance(out, Tensor) else
+                                      (out.values() if isinstance(out, dict) else out)) if isinstance(o, Tensor)), None)
+            if first is None:
+                return
+            (g,) = torch.autograd.grad(first.float().square().sum(), x, create_graph=True)
+            if g.requires_grad:
+                torch.autograd.grad(g.square().sum(), x, allow_unused=True)
+    except RuntimeError as e:
+        if "not implemented" in str(e):
+            raise UsageError(
+                "shapleycam needs second derivatives, and this model uses an operation that has none "
+                f"({str(e).splitlines()[0]}); use gradcam, layercam or another first-order method"
+            ) from None
+        raise
+
+
 @register(
     "shapleycam",
     aliases=("shapley-cam",),
     needs_gradients=True,
     needs_hvp=True,
+    check=second_order,
     extra_forwards="0 (+ a second-order backward to the layer)",
     description="weights = spatial mean of G - H.A / 2, H the Hessian of the score at the layer",
     paper="Cai et al., CAMs as Shapley Value-based Explainers (ShapleyCAM, arXiv:2501.06261)",

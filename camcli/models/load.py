@@ -1,20 +1,23 @@
 """Turn ``--model`` / ``--weights`` / ``--labels`` into a LoadedModel, offline.
 
 Accepted model names: the bundled ``efficientnet-lite0`` (default), torchvision and timm
-architecture names, and ``module:callable`` returning an ``nn.Module``. Weights never come from
-the network: a file (``--weights FILE``), a library's local cache, the bundled file, or ``random``.
+architecture names, ``module:callable`` returning an ``nn.Module``, model files (pickled modules,
+``torch.export`` archives) and Hugging Face ``save_pretrained`` folders. Weights never come from
+the network: a file (``--weights FILE``), a library's local cache, the bundled file, a local
+Hugging Face folder, or ``random``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pickle
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -284,6 +287,35 @@ def _timm(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict
     return module, meta
 
 
+def module_meta(module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Preprocessing a module carries itself, over the defaults in ``meta``: timm's ``pretrained_cfg``
+    (mean, std, input_size) and patch-embedding size, a Hugging Face ``config.image_size``, an
+    ``image_size`` attribute (torchvision ViT), then explicit ``mean``/``std``/``input_size`` attributes."""
+    out = dict(meta)
+    cfg = getattr(module, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        for key in ("mean", "std"):
+            if cfg.get(key) is not None and len(cfg[key]) == 3:
+                out[key] = tuple(float(v) for v in cfg[key])
+        if cfg.get("input_size"):
+            out["size"] = int(cfg["input_size"][-1])
+    sizes = [
+        getattr(getattr(module, "patch_embed", None), "img_size", None),
+        getattr(getattr(module, "config", None), "image_size", None),
+        getattr(module, "image_size", None),
+        getattr(module, "input_size", None),
+    ]
+    for size in sizes:
+        if isinstance(size, int) and size > 0:
+            out["size"] = size
+        elif isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1] and int(size[0]) > 0:
+            out["size"] = int(size[0])
+    for key in ("mean", "std"):
+        if hasattr(module, key):
+            out[key] = tuple(getattr(module, key))
+    return out
+
+
 def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]]:
     mod_name, _, attr = spec.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:
@@ -305,12 +337,121 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
         sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
         load_into(module, sd, weights, spec)
         meta.update(weights=weights, sha=file_sha256(weights))
-    for key in ("mean", "std"):
-        if hasattr(module, key):
-            meta[key] = tuple(getattr(module, key))
-    if hasattr(module, "input_size"):
-        meta["size"] = int(getattr(module, "input_size"))
+    return module, module_meta(module, meta)
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _hf_preprocessing(folder: Path) -> dict[str, Any]:
+    """mean/std/size from a ``preprocessor_config.json`` (image processors of ViT, DeiT, ConvNeXt, ...)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{str(path)!r} is not readable JSON ({e})") from None
+    out: dict[str, Any] = {}
+    if data.get("do_normalize", True) is False:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        for key, field in (("mean", "image_mean"), ("std", "image_std")):
+            v = data.get(field)
+            if isinstance(v, (list, tuple)) and len(v) == 3:
+                out[key] = tuple(float(x) for x in v)
+    crop, size = data.get("crop_size"), data.get("size")
+    chosen = crop if data.get("do_center_crop") and crop else size
+    if isinstance(chosen, dict):
+        chosen = chosen.get("height") or chosen.get("shortest_edge")
+    if isinstance(chosen, int) and chosen > 0:
+        out["size"] = chosen
+    return out
+
+
+def _hf_labels(config: Any) -> list[str] | None:
+    """Class names from ``id2label``, unless they are the generated LABEL_0, LABEL_1, ..."""
+    id2label = getattr(config, "id2label", None) or {}
+    try:
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    if not labels or all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
+        return None
+    return labels
+
+
+def _huggingface(folder: Path, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``save_pretrained`` folder, read with local files only: the network is never asked."""
+    if weights is not None:
+        raise UsageError(f"--weights is for architectures; the Hugging Face folder {str(folder)!r} holds its weights")
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(
+            f"--model {str(folder)!r} is a Hugging Face folder; reading it needs the transformers package: "
+            "pip install camcli[hf]"
+        ) from None
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # camcli's stderr is for camcli's messages
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = next((a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)), None)
+        cls = getattr(transformers, arch) if arch else transformers.AutoModelForImageClassification
+        module = cls.from_pretrained(folder, config=config, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"--model {str(folder)!r}: not a loadable Hugging Face image classifier folder "
+            f"(config.json + model.safetensors from save_pretrained): {first}"
+        ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    weight_file = next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
+    meta = module_meta(module, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224})
+    meta.update(_hf_preprocessing(folder))
+    meta.update(weights=str(folder), sha=file_sha256(weight_file) if weight_file else None, labels=_hf_labels(config))
     return module, meta
+
+
+def _normalisation(value: Sequence[float] | str, flag: str) -> tuple[float, float, float]:
+    """``--mean``/``--std``: three numbers (a sequence or "a,b,c"); std values must be positive."""
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise UsageError(f"--{flag} {value!r}: expected three numbers (red, green, blue), e.g. 0.485,0.456,0.406")
+    if flag == "std" and min(out) <= 0:
+        raise UsageError(f"--std {value!r}: every value must be greater than 0")
+    return out  # type: ignore[return-value]
+
+
+def size_multiple(module: nn.Module, size: int, device: torch.device) -> int:
+    """What a flexible transformer's input sides must be a multiple of; 1 for everything else.
+
+    ViT-like: the patch size. Swin-like (patch merging between stages): the stride of the default
+    layer's grid, e.g. 32 for 4x4 patches and three merges, so the last stage's grid covers the input.
+    """
+    from camcli.layers import default_layer, trace_layers
+    from camcli.layouts import model_hints
+
+    hints = model_hints(module)
+    if hints.family is None:
+        return 1
+    patch = max(hints.patch) if hints.patch else 1
+    if hints.family == "vit" and hints.patch:
+        return patch
+    try:
+        infos = trace_layers(module, torch.zeros(1, 3, size, size, device=device))
+        grid = next(i.grid for i in infos if i.name == default_layer(infos))
+    except Exception:  # noqa: BLE001 - the probe that follows reports a model that cannot run
+        return patch
+    return size // grid[0] if grid and size % grid[0] == 0 and grid[0] == grid[1] else patch
 
 
 def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
@@ -324,9 +465,11 @@ def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
 
 
 def _probe(
-    module: nn.Module, size: int, device: torch.device, output_key: str | None = None
+    module: nn.Module, size: int, device: torch.device, output_key: str | None = None, step: int = 16
 ) -> tuple[int, bool, str]:
-    """(number of classes, whether the model accepts a non-square input of another size, task)."""
+    """(number of classes, whether the model accepts a non-square input of another size, task).
+
+    The other size differs by 2 and 6 ``step``s: a multiple of the patch size for transformers."""
     from camcli.models.outputs import pick_logits
 
     with torch.inference_mode():
@@ -346,7 +489,7 @@ def _probe(
                 raise
             n, task = -1, "classification"  # reported by the engine with the --output-key hint
         try:
-            other = module(torch.zeros(1, 3, size + 32, size + 96, device=device))
+            other = module(torch.zeros(1, 3, size + 2 * step, size + 6 * step, device=device))
             flexible = pick_logits(other, output_key).shape[:2] == pick_logits(out, output_key).shape[:2]
         except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
             flexible = False
@@ -362,8 +505,13 @@ def load_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     output_key: str | None = None,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
 ) -> LoadedModel:
-    """Load a model by name, file or ``module:callable``; never touches the network."""
+    """Load a model by name, file, Hugging Face folder or ``module:callable``; never touches the network.
+
+    ``mean``/``std`` replace the normalisation the model's source gives (three numbers, RGB).
+    """
     name = name or DEFAULT_MODEL
     dev = torch.device(device)
     if name.lower() in (DEFAULT_MODEL, "default"):
@@ -371,6 +519,14 @@ def load_model(
             raise UsageError(f"--weights is for your own models; {DEFAULT_MODEL} ships its weights")
         module, meta = _bundled()
         source = "bundled"
+    elif Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise UsageError(
+                f"--model {name!r} is a folder without config.json; camcli reads folders written by a Hugging Face "
+                "model's save_pretrained (config.json + model.safetensors)"
+            )
+        module, meta = _huggingface(Path(name), weights)
+        source = "huggingface"
     elif Path(name).is_file():
         p = Path(name)
         if _is_torchscript(p):
@@ -386,6 +542,7 @@ def load_model(
             meta["size"] = example_size or meta["size"]
         else:
             module, source = _pickled_module(p, name, unsafe_load), "file"
+            meta = module_meta(module, meta)
     elif ":" in name:
 
         module, meta = _callable(name, weights, unsafe_load)
@@ -406,12 +563,19 @@ def load_model(
                 "timm architecture name, or module:callable; see `camcli models`)"
             )
         module, meta = found
+    if mean is not None:
+        meta["mean"] = _normalisation(mean, "mean")
+    if std is not None:
+        meta["std"] = _normalisation(std, "std")
     module = module.to(dev).eval()
+    multiple = size_multiple(module, int(meta["size"]), dev)
     size = int(image_size or meta["size"])
     if size < 16:
         raise UsageError(f"--image-size {size} is too small (at least 16 pixels)")
+    if size % multiple:
+        size = max(multiple, round(size / multiple) * multiple)  # the token grid must cover the input
     try:
-        n, flexible, task = _probe(module, size, dev, output_key)
+        n, flexible, task = _probe(module, size, dev, output_key, multiple if multiple > 1 else 16)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
@@ -421,6 +585,8 @@ def load_model(
         label_list = load_labels(labels)
         if n > 0 and len(label_list) != n:
             raise UsageError(f"--labels {labels!r} has {len(label_list)} labels, the model has {n} classes")
+    elif meta.get("labels") is not None and len(meta["labels"]) == n:
+        label_list = list(meta["labels"])
     elif n > 0 and len(meta.get("categories") or ()) == n:
         label_list = list(meta["categories"])
     elif n == 1000:
@@ -440,4 +606,5 @@ def load_model(
         labels=label_list,
         weights=meta.get("weights_label", meta.get("weights")),
         weights_sha256=meta.get("sha"),
+        size_multiple=multiple,
     )
