@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ from camcli.errors import ExitCode, UsageError
 from camcli.images import ImageDataset, ImageSource, collate, discover
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
+from camcli.outdir import check_writable, locked, shard_suffix
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
 from camcli.report import build_summary, prediction_entries, write_summary
-from camcli.session import Session, resolve_device  # noqa: F401  (resolve_device: public, used by callers)
+from camcli.session import Session, resolve_device, stderr_warning  # noqa: F401  (resolve_device: public, used by callers)
 from camcli.stats import map_stats, note_text
 from camcli.writer import WriterPool, npy_bytes, write_atomic
 
@@ -62,15 +62,6 @@ def select_shard(sources: Sequence[ImageSource], spec: str | None) -> list[Image
         return list(sources)
     k, n = parse_shard(spec)
     return [s for s in sources if shard_of(s.rel, n) == k]
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".camcli-write-test-"):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
 
 
 def output_stems(sources: Sequence[ImageSource]) -> list[Path]:
@@ -229,12 +220,32 @@ def explain(
     out_dir = Path(opts.out)
     sources = select_shard(discover(inputs, opts.recursive, exclude=out_dir), opts.shard)
     check_writable(out_dir)
+    shard = parse_shard(opts.shard) if opts.shard is not None else None
+    lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
+    try:
+        return _explain_locked(opts, sources, out_dir, cmap, shard, model=model, progress=progress, on_start=on_start)
+    finally:
+        lock.release()
+
+
+def _explain_locked(
+    opts: ExplainOptions,
+    sources: list[ImageSource],
+    out_dir: Path,
+    cmap: int | np.ndarray,
+    shard: tuple[int, int] | None,
+    *,
+    model: LoadedModel | None,
+    progress: Callable[[int], None] | None,
+    on_start: Callable[[int], None] | None,
+) -> RunResult:
+    """The run itself, while this process holds the output folder."""
     session = Session.open(opts, model=model)
     lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
     class_suffix = not tgt.is_default(specs)
     fused_layer = session.layer_name if len(layers) > 1 else None
     stems = output_stems(sources)
-    suffix = "" if opts.shard is None else ".shard-{}-of-{}".format(*parse_shard(opts.shard))
+    suffix = shard_suffix(shard)
     journal = Journal(out_dir / f".camcli-journal{suffix}.jsonl", session.fingerprint())
 
     records: list[dict[str, Any] | None] = [None] * len(sources)

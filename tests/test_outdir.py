@@ -1,0 +1,120 @@
+"""The output folder: one run at a time, stale locks taken over, shards side by side."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from camcli import outdir
+from camcli.cli import app
+from camcli.errors import UsageError
+from camcli.outdir import LOCK_NAME, OutputLock
+
+runner = CliRunner()
+TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0"]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    p = tmp_path / "in" / "img.png"
+    p.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+HOLD = (
+    "import sys, time; from camcli.outdir import OutputLock\n"
+    "OutputLock(sys.argv[1], 'camcli explain').acquire(); print('held', flush=True); time.sleep(60)\n"
+)
+
+
+def test_a_second_run_exits_2_naming_the_first_and_a_dead_runs_lock_is_taken_over(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        r = runner.invoke(app, ["explain", str(image), "--out", str(out), *TINY])
+        assert r.exit_code == 2, r.output
+        assert f"is in use by another camcli run (pid {holder.pid} on {socket.gethostname()}, started " in r.stderr
+        assert time.strftime("%Y-%m-%d") in r.stderr and "Traceback" not in r.output
+        assert not (out / "summary.json").exists() and not list(out.glob("*.png"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed without releasing: its record stays, the kernel dropped its flock; the next run takes over
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == holder.pid
+    r = runner.invoke(app, ["explain", str(image), "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    assert f"took over '{out / LOCK_NAME}' from a run that ended without releasing it (pid {holder.pid}" in r.stderr
+    assert (out / "summary.json").is_file() and not (out / LOCK_NAME).exists(), "released on the way out"
+
+
+def test_the_lock_is_released_on_every_path(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["explain", str(image), "--out", str(out), "--layer", "nope", *TINY])
+    assert r.exit_code == 2 and not (out / LOCK_NAME).exists()
+    r = runner.invoke(app, ["explain", str(image), "--out", str(out), "-q", *TINY])
+    assert r.exit_code == 0 and not (out / LOCK_NAME).exists()
+
+
+def test_evaluate_and_check_hold_their_out_folder(image: Path, tmp_path: Path) -> None:
+    from camcli.check import run_check
+    from camcli.evaluate import evaluate
+    from camcli.options import EvaluateOptions
+
+    out = tmp_path / "busy"
+    with OutputLock(out, "camcli explain"):
+        with pytest.raises(UsageError, match=rf"--out '{out}' is in use by another camcli run \(pid {os.getpid()} "):
+            evaluate([image], EvaluateOptions(model="toymodels:tiny_cnn", out=str(out), quiet=True))
+        f = tmp_path / "check.yaml"
+        f.write_text(f"model: toymodels:tiny_cnn\ncases: [{{image: {image}, expect: {{top_k: 4}}}}]\n")
+        with pytest.raises(UsageError, match="is in use by another camcli run"):
+            run_check(f, out=out)
+        assert run_check(f, out=tmp_path / "free").passed
+
+
+def test_shards_share_a_folder_but_not_a_shard(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out, "camcli explain", (1, 2)), OutputLock(out, "camcli explain", (2, 2)):
+        with pytest.raises(UsageError, match=rf"in use by another camcli run \(pid {os.getpid()} .*explain\)"):
+            OutputLock(out, "camcli explain", (2, 2)).acquire()
+        with pytest.raises(UsageError, match=r"pid \d+ .*; pid \d+ "):  # a whole-folder run names both shards
+            OutputLock(out, "camcli merge").acquire()
+    assert not list(out.glob(".camcli*.lock"))
+    with OutputLock(out, "camcli merge"):
+        pass
+
+
+def test_without_flock_the_record_decides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outdir.fcntl, "flock", no_flock)
+    out = tmp_path / "nfs"
+    out.mkdir()
+    live = {"pid": os.getppid(), "host": socket.gethostname(), "started": time.time(), "command": "camcli explain"}
+    (out / LOCK_NAME).write_text(json.dumps(live))
+    with pytest.raises(UsageError, match=f"pid {os.getppid()} on "):
+        OutputLock(out, "camcli explain").acquire()
+    other_host = {**live, "host": "elsewhere", "pid": 1}
+    (out / LOCK_NAME).write_text(json.dumps(other_host))
+    with pytest.raises(UsageError, match="pid 1 on elsewhere"):
+        OutputLock(out, "camcli explain").acquire()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(json.dumps({**live, "pid": int(dead.stdout)}))
+    lock = OutputLock(out, "camcli explain").acquire()
+    assert lock.previous is not None and lock.previous["pid"] == int(dead.stdout)
+    lock.release()
+    assert not (out / LOCK_NAME).exists()
