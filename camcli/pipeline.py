@@ -251,6 +251,7 @@ def _explain_locked(
     records: list[dict[str, Any] | None] = [None] * len(sources)
     keys = [source_key(s) for s in sources]
     carried: dict[str, dict[str, Any]] = {}
+    finished = [False] * len(sources)  # a record is finished when every file it lists is on disk
     if opts.skip_existing:
         done = journal.completed()
         for i, key in enumerate(keys):
@@ -258,6 +259,7 @@ def _explain_locked(
             if rec is not None and outputs_exist(rec, out_dir):
                 records[i] = rec
                 carried[key] = rec
+                finished[i] = True
     todo = [i for i, r in enumerate(records) if r is None]
     if on_start is not None:
         on_start(len(todo))
@@ -278,8 +280,10 @@ def _explain_locked(
             rec["explanations"] = render(rgb, out, stems[i])
         except OSError as e:
             rec.update(status="error", error=f"writing outputs failed: {e}")
+            finished[i] = True
             return
         journal.add(keys[i], rec)
+        finished[i] = True
 
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
@@ -293,6 +297,7 @@ def _explain_locked(
                     "path": str(sources[g["index"]].path), "status": "error",
                     "error": f"model failed on this image: {str(e).splitlines()[0]}",
                 }
+                finished[g["index"]] = True
             return not opts.fail_fast
         for g, o in zip(group, outs):
             i, rgb = g["index"], g["image"]
@@ -320,7 +325,24 @@ def _explain_locked(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
+    summary_path = out_dir / f"summary{suffix}.json"
+
+    def summarize(interrupted: bool) -> dict[str, Any]:
+        """The summary of what finished: an interrupted run lists only images whose files are all on disk."""
+        images = [r for r, done in zip(records, finished) if r is not None and done]
+        summary = build_summary(
+            model=lm, layers=layers, device=str(device), options=session.record(), input_policy=pre.policy,
+            images=images,
+        )
+        summary["counts"]["reused"] = len(carried)
+        if len(images) < len(records):
+            summary["counts"]["not_processed"] = len(records) - len(images)
+        summary["interrupted"] = interrupted
+        write_summary(summary, summary_path)
+        return summary
+
     journal.open(carried)
+    summary_path.unlink(missing_ok=True)  # from here on, an older run's summary would describe another run
     try:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
@@ -331,6 +353,7 @@ def _explain_locked(
                     i = item["index"]
                     if item["error"] is not None:
                         records[i] = {"path": str(sources[i].path), "status": "error", "error": item["error"]}
+                        finished[i] = True
                         if progress is not None:
                             progress(1)
                         running = running and not opts.fail_fast
@@ -349,19 +372,14 @@ def _explain_locked(
                     break
                 running = run_group(pending.pop(shape), pool)
             pool.drain()
-    finally:
-        journal.close()
-    images = [r for r in records if r is not None]
-    skipped = len(records) - len(images)
-    summary = build_summary(
-        model=lm, layers=layers, device=str(device), options=session.record(), input_policy=pre.policy, images=images
-    )
-    summary["counts"]["reused"] = len(carried)
-    if skipped:
-        summary["counts"]["not_processed"] = skipped
-    summary_path = out_dir / f"summary{suffix}.json"
-    write_summary(summary, summary_path)
-    failed = any(r["status"] != "ok" for r in images) or skipped > 0
+    except BaseException:
+        journal.close()  # writes still running have finished: the pool waited for them
+        summarize(interrupted=True)
+        raise
+    journal.close()
+    summary = summarize(interrupted=False)
+    c = summary["counts"]
+    failed = c["error"] > 0 or c.get("not_processed", 0) > 0
     return RunResult(summary=summary, exit_code=ExitCode.PARTIAL if failed else ExitCode.OK, summary_path=summary_path)
 
 

@@ -20,9 +20,11 @@ from camcli import outdir
 from camcli.cli import app
 from camcli.errors import UsageError
 from camcli.outdir import LOCK_NAME, OutputLock
+from camcli.pipeline import ExplainOptions, explain
 
 runner = CliRunner()
 TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0"]
+TINY_OPTS = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
 
 
 @pytest.fixture
@@ -117,4 +119,44 @@ def test_without_flock_the_record_decides(tmp_path: Path, monkeypatch: pytest.Mo
     lock = OutputLock(out, "camcli explain").acquire()
     assert lock.previous is not None and lock.previous["pid"] == int(dead.stdout)
     lock.release()
+    assert not (out / LOCK_NAME).exists()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+    return d
+
+
+def interrupt_after(n: int):  # noqa: ANN201
+    """A progress callback that raises KeyboardInterrupt (Ctrl-C in the main thread) after n images."""
+    seen = [0]
+
+    def progress(k: int) -> None:
+        seen[0] += k
+        if seen[0] >= n:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def listed_files(summary: dict) -> set[str]:
+    return {e[k] for im in summary["images"] for e in im.get("explanations", []) for k in ("overlay", "raw") if e.get(k)}
+
+
+def test_an_interrupted_run_leaves_a_summary_of_itself_not_of_the_run_before(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert explain([folder], ExplainOptions(out=str(out), **TINY_OPTS)).summary["counts"]["ok"] == 12
+    with pytest.raises(KeyboardInterrupt):
+        explain([folder], ExplainOptions(out=str(out), method="layercam", batch_size=4, **TINY_OPTS),
+                progress=interrupt_after(8))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["options"]["method"] == ["layercam"]
+    assert 0 < s["counts"]["images"] <= 8 and s["counts"]["images"] + s["counts"]["not_processed"] == 12
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*.layercam.png")}
+    assert listed_files(s) == on_disk, "the summary lists exactly the finished images' files"
     assert not (out / LOCK_NAME).exists()
