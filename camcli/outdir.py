@@ -153,12 +153,15 @@ class OutputLock:
         )
 
     def acquire(self) -> "OutputLock":
-        self.out.mkdir(parents=True, exist_ok=True)
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
             self._take(self.out / LOCK_NAME, exclusive=self.shard is None)
             if self.shard is not None:
                 self._take(self.record_path, exclusive=True)
             self._write_record(self._held[-1])
+        except OSError as e:
+            self.release()
+            raise UsageError(f"--out {str(self.out)!r} cannot be locked: {e.strerror or e}") from None
         except BaseException:
             self.release()
             raise

@@ -22,7 +22,7 @@ import torch
 
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
-from camcli.errors import ExitCode, UsageError
+from camcli.errors import ExitCode, OutputError, UsageError
 from camcli.images import ImageDataset, ImageSource, collate, discover
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
@@ -31,7 +31,8 @@ from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, u
 from camcli.report import build_summary, prediction_entries, write_summary
 from camcli.session import Session, resolve_device, stderr_warning  # noqa: F401  (resolve_device: public, used by callers)
 from camcli.stats import map_stats, note_text
-from camcli.writer import WriterPool, npy_bytes, write_atomic
+from camcli.writer import WriterPool, cannot_write, npy_bytes
+from camcli.writer import write_atomic as _write_atomic
 
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
 
@@ -94,7 +95,48 @@ def render_outputs(
     class_suffix: bool,
     fused_layer: str | None,
 ) -> list[dict[str, Any]]:
-    """Upsample each map to the image, write overlay (and raw) atomically, return summary entries."""
+    """Upsample each map to the image, write overlay (and raw) atomically, return summary entries.
+
+    All or nothing: when a write fails (OutputError), the files this image already wrote are removed,
+    so no complete output of an image the summary does not list stays behind.
+    """
+    written: list[Path] = []
+
+    def write_atomic(path: Path, data: bytes) -> None:
+        _write_atomic(path, data)
+        written.append(path)
+
+    try:
+        return _render(rgb, out, stem, write_atomic, out_dir=out_dir, model=model, colormap=colormap, alpha=alpha,
+                       signed=signed, save_raw=save_raw, class_suffix=class_suffix, fused_layer=fused_layer)
+    except BaseException:
+        remove_files(written)
+        raise
+
+
+def remove_files(paths: Sequence[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _render(
+    rgb: np.ndarray,
+    out: ImageOutput,
+    stem: Path,
+    write_atomic: Callable[[Path, bytes], None],
+    *,
+    out_dir: Path,
+    model: LoadedModel,
+    colormap: int | np.ndarray,
+    alpha: float,
+    signed: bool,
+    save_raw: bool,
+    class_suffix: bool,
+    fused_layer: str | None,
+) -> list[dict[str, Any]]:
     h, w = rgb.shape[:2]
     entries = []
     for m in out.maps:
@@ -169,23 +211,33 @@ class Journal:
         return done
 
     def open(self, carried: dict[str, dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
-        self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        for key, rec in carried.items():
-            self._file.write(json.dumps({"key": key, "record": rec}) + "\n")
-        self._file.flush()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")
+            self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            for key, rec in carried.items():
+                self._file.write(json.dumps({"key": key, "record": rec}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            self.close()
+            raise cannot_write(self.path, e) from None
 
     def add(self, key: str, record: dict[str, Any]) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.write(json.dumps({"key": key, "record": record}) + "\n")
-                self._file.flush()
+                try:
+                    self._file.write(json.dumps({"key": key, "record": record}) + "\n")
+                    self._file.flush()
+                except OSError as e:
+                    raise cannot_write(self.path, e) from None
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError:
+                    pass  # a line that did not reach the disk: --skip-existing stops reading before it
                 self._file = None
 
 
@@ -194,10 +246,20 @@ def source_key(src: ImageSource) -> str:
     return f"{src.rel.as_posix()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def output_files(record: dict[str, Any]) -> list[str]:
+    """Every file a record lists, relative to the output folder."""
+    files = []
+    for e in record.get("explanations", []):
+        files.extend(e[k] for k in ("overlay", "raw") if e.get(k))
+        if e.get("channels"):
+            files.append(e["channels"]["grid"])
+    return files
+
+
 def outputs_exist(record: dict[str, Any], out_dir: Path) -> bool:
     if record.get("status") != "ok":
         return False
-    files = [e[k] for e in record.get("explanations", []) for k in ("overlay", "raw") if e.get(k)]
+    files = output_files(record)
     return bool(files) and all((out_dir / f).is_file() for f in files)
 
 
@@ -276,17 +338,17 @@ def _explain_locked(
         """In a writer thread: render and write, then complete the record and journal it."""
         rec = records[i]
         assert rec is not None
+        rec["explanations"] = render(rgb, out, stems[i])  # OutputError: nothing of this image stays
         try:
-            rec["explanations"] = render(rgb, out, stems[i])
-        except OSError as e:
-            rec.update(status="error", error=f"writing outputs failed: {e}")
-            finished[i] = True
-            return
-        journal.add(keys[i], rec)
+            journal.add(keys[i], rec)
+        except OutputError:
+            remove_files([out_dir / f for f in output_files(rec)])
+            raise
         finished[i] = True
 
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
+        pool.check()  # a write failed: stop now
         try:
             outs = session.explain(torch.stack([g["tensor"] for g in group]))
         except UsageError:
@@ -327,7 +389,7 @@ def _explain_locked(
     )
     summary_path = out_dir / f"summary{suffix}.json"
 
-    def summarize(interrupted: bool) -> dict[str, Any]:
+    def summarize(interrupted: bool, error: str | None = None) -> dict[str, Any]:
         """The summary of what finished: an interrupted run lists only images whose files are all on disk."""
         images = [r for r, done in zip(records, finished) if r is not None and done]
         summary = build_summary(
@@ -338,6 +400,7 @@ def _explain_locked(
         if len(images) < len(records):
             summary["counts"]["not_processed"] = len(records) - len(images)
         summary["interrupted"] = interrupted
+        summary["error"] = error
         write_summary(summary, summary_path)
         return summary
 
@@ -372,9 +435,16 @@ def _explain_locked(
                     break
                 running = run_group(pending.pop(shape), pool)
             pool.drain()
-    except BaseException:
+    except BaseException as e:
         journal.close()  # writes still running have finished: the pool waited for them
-        summarize(interrupted=True)
+        try:
+            summarize(interrupted=True, error=str(e) if isinstance(e, OutputError) else None)
+            wrote = f"{summary_path} lists them"
+        except OutputError:  # the disk is full: no summary (the old one is gone) rather than a wrong one
+            wrote = "no summary could be written"
+        if isinstance(e, OutputError):
+            raise OutputError(f"{e}; stopped after {sum(finished)} of {len(sources)} images ({wrote}); "
+                              "make room and rerun with --skip-existing to do the rest") from None
         raise
     journal.close()
     summary = summarize(interrupted=False)

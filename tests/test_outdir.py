@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from camcli.pipeline import ExplainOptions, explain
 runner = CliRunner()
 TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0"]
 TINY_OPTS = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
+JOURNAL = ".camcli-journal.jsonl"
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture
@@ -154,9 +160,68 @@ def test_an_interrupted_run_leaves_a_summary_of_itself_not_of_the_run_before(fol
     with pytest.raises(KeyboardInterrupt):
         explain([folder], ExplainOptions(out=str(out), method="layercam", batch_size=4, **TINY_OPTS),
                 progress=interrupt_after(8))
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     assert s["interrupted"] is True and s["options"]["method"] == ["layercam"]
     assert 0 < s["counts"]["images"] <= 8 and s["counts"]["images"] + s["counts"]["not_processed"] == 12
     on_disk = {p.relative_to(out).as_posix() for p in out.glob("*.layercam.png")}
     assert listed_files(s) == on_disk, "the summary lists exactly the finished images' files"
     assert not (out / LOCK_NAME).exists()
+
+
+def disk_full_after(monkeypatch: pytest.MonkeyPatch, n: int, *, images_only: bool) -> None:
+    """Every write after the first n fails with ENOSPC (only image files with ``images_only``)."""
+    from camcli import writer
+
+    real, count, guard = writer._write_all, [0], threading.Lock()
+
+    def write(f: object, data: bytes) -> None:
+        if not images_only or data[:6] in (b"\x89PNG\r\n", b"\x93NUMPY"):
+            with guard:
+                count[0] += 1
+                if count[0] > n:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_write_all", write)
+
+
+def output_files_on_disk(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".png", ".npy")}
+
+
+def test_a_full_disk_stops_the_run_with_exit_4_and_the_summary_matches_the_disk(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    disk_full_after(monkeypatch, 7, images_only=True)  # overlay + raw per image: the 4th image fails half-way
+    r = runner.invoke(app, ["explain", str(folder), "--out", str(out), "--save-raw", "-b", "4", "-q", *TINY])
+    assert r.exit_code == 4, r.output
+    assert "cannot write '" in r.stderr and "No space left on device" in r.stderr and "Traceback" not in r.output
+    assert "rerun with --skip-existing" in r.stderr
+    s = read_summary(out)
+    assert s["interrupted"] is True and "No space left on device" in s["error"]
+    assert 0 < s["counts"]["images"] < 12
+    assert listed_files(s) == output_files_on_disk(out), "every listed file exists, every file is listed"
+    assert not list(out.rglob("*.part")) and not (out / LOCK_NAME).exists()
+    monkeypatch.undo()
+    res = explain([folder], ExplainOptions(out=str(out), save_raw=True, skip_existing=True, **TINY_OPTS))
+    assert res.exit_code == 0 and res.summary["counts"]["reused"] == s["counts"]["images"]
+
+
+def test_when_not_even_the_summary_fits_no_stale_summary_stays(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    explain([folder], ExplainOptions(out=str(out), **TINY_OPTS))
+    disk_full_after(monkeypatch, 3, images_only=False)
+    r = runner.invoke(app, ["explain", str(folder), "--out", str(out), "--method", "layercam", "-q", *TINY])
+    assert r.exit_code == 4 and "no summary could be written" in r.stderr, r.output
+    assert not (out / "summary.json").exists(), "the older run's summary must not describe this one"
+
+
+def test_an_output_folder_that_fails_at_the_journal_exits_4_without_a_traceback(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / JOURNAL).mkdir(parents=True)  # cannot be opened as a file
+    r = runner.invoke(app, ["explain", str(image), "--out", str(out), *TINY])
+    assert r.exit_code == 4, r.output
+    assert f"cannot write '{out / JOURNAL}'" in r.stderr and "Traceback" not in r.output
