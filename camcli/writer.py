@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -23,10 +24,50 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
     f.write(data)
 
 
+_mode_lock = threading.Lock()
+_mode: int | None = None
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask (0o644 under umask 022), read once per process.
+
+    mkstemp creates files 0600 whatever the umask; outputs are chmod-ed to this before the rename,
+    like any file the user writes. ``reset_file_mode()`` makes the next call read the umask again.
+    """
+    global _mode
+    with _mode_lock:
+        if _mode is None:
+            mask = _proc_umask()
+            if mask is None:  # no /proc: set and restore, once, under the lock
+                mask = os.umask(0o022)
+                os.umask(mask)
+            _mode = 0o666 & ~mask
+        return _mode
+
+
+def reset_file_mode() -> None:
+    global _mode
+    with _mode_lock:
+        _mode = None
+
+
+def _proc_umask() -> int | None:
+    """Linux reports the umask in /proc/self/status without changing it (no race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file.
 
-    Any OSError (a full disk, a folder gone read-only) becomes an OutputError naming the path.
+    The file gets the umask's mode (see file_mode). Any OSError (a full disk, a folder gone
+    read-only) becomes an OutputError naming the path.
     """
     p = Path(path)
     try:
@@ -36,6 +77,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise cannot_write(p, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             _write_all(f, data)
         os.replace(tmp, p)
     except BaseException as e:

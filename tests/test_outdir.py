@@ -225,3 +225,20 @@ def test_an_output_folder_that_fails_at_the_journal_exits_4_without_a_traceback(
     r = runner.invoke(app, ["explain", str(image), "--out", str(out), *TINY])
     assert r.exit_code == 4, r.output
     assert f"cannot write '{out / JOURNAL}'" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_the_umask(umask: int, mode: int, image: Path, tmp_path: Path) -> None:
+    from camcli.writer import reset_file_mode, write_atomic
+
+    old = os.umask(umask)
+    reset_file_mode()
+    try:
+        out = tmp_path / "out"
+        explain([image], ExplainOptions(out=str(out), save_raw=True, **TINY_OPTS))
+        write_atomic(tmp_path / "report.json", b"{}")  # reports and baselines go through the same function
+        files = [out / "img.gradcam.png", out / "img.gradcam.npy", out / "summary.json", tmp_path / "report.json"]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(mode) for f in files}
+    finally:
+        os.umask(old)
+        reset_file_mode()
