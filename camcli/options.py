@@ -293,12 +293,23 @@ def record(opts: Any) -> dict[str, Any]:  # noqa: ANN401
     return {o.key: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.record}
 
 
+def shaping(opts: Any, **resolved: Any) -> dict[str, Any]:  # noqa: ANN401
+    """Everything that shapes the outputs, as JSON values: declared options plus resolved facts
+    (the model's weights hash, the layers and classes actually used). Records headers keep it, so
+    `camcli merge` can name the option in which two shards differ."""
+    values = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
+    values.update(resolved)
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def digest(shaping_values: Mapping[str, Any]) -> str:
+    """The fingerprint of a :func:`shaping` mapping: a short hash."""
+    return hashlib.sha256(json.dumps(shaping_values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(opts: Any, **resolved: Any) -> str:  # noqa: ANN401
-    """A short hash of everything that shapes the outputs: declared options plus resolved facts
-    (the model's weights hash, the layers and classes actually used)."""
-    shaping = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
-    shaping.update(resolved)
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of everything that shapes the outputs (see :func:`shaping`)."""
+    return digest(shaping(opts, **resolved))
 
 
 # -- files ---------------------------------------------------------------------------------------

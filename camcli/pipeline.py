@@ -1,37 +1,41 @@
-"""`explain` as a plain function: inputs -> overlays, raw maps and summary.json.
+"""`explain` as a plain function: inputs -> overlays, raw maps, records.jsonl and summary.json.
 
 Decoding runs in DataLoader workers, the engine computes a batch at a time, and a writer pool
-upsamples, renders and writes while the next batch computes. Nothing is kept between batches but
-the small per-image summary records.
+upsamples, renders and writes while the next batch computes. Each finished image's record is
+appended to records.jsonl and counted; nothing of it is kept in memory, so memory stays flat
+however many images a run has.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, OutputError, UsageError
 from camcli.images import ImageDataset, ImageSource, collate, discover
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
-from camcli.outdir import check_writable, locked, shard_suffix
+from camcli.outdir import check_writable, locked
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
-from camcli.report import build_summary, prediction_entries, write_summary
+from camcli.records import (
+    RecordStream, build_summary, iter_records, output_files, plan_name, read_header, records_name, sorted_records,
+    summary_name, with_records, write_plan, write_summary,
+)
+from camcli.report import prediction_entries, run_header
 from camcli.session import Session, resolve_device, stderr_warning  # noqa: F401  (resolve_device: public, used by callers)
 from camcli.stats import map_stats, note_text
-from camcli.writer import WriterPool, cannot_write, npy_bytes
+from camcli.writer import WriterPool, npy_bytes
 from camcli.writer import write_atomic as _write_atomic
 
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
@@ -41,9 +45,29 @@ __all__ = ["ExplainOptions", "RunResult", "explain"]
 
 @dataclass
 class RunResult:
+    """What a run wrote. ``summary`` is summary.json as written: header, counts and aggregates.
+    The per-image records are in ``records_path`` (records.jsonl): ``records()`` streams them,
+    ``images`` lists them all, ``with_records()`` is the summary with them (what ``--json`` prints)."""
+
     summary: dict[str, Any]
     exit_code: ExitCode
     summary_path: Path
+    records_path: Path
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """This run's records in the order they finished, read from records.jsonl (constant memory)."""
+        header = read_header(self.records_path)
+        if header.get("run_id") != self.summary.get("run_id"):
+            raise UsageError(f"{self.records_path} now holds the records of another run ({header.get('run_id')})")
+        return iter_records(self.records_path)
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Every record of this run, ordered by relative path."""
+        return sorted_records(self.records())
+
+    def with_records(self) -> dict[str, Any]:
+        return with_records(self.summary, self.records())
 
 
 def auto_workers() -> int:
@@ -178,82 +202,9 @@ def _render(
     return entries
 
 
-class Journal:
-    """Completed image records, appended as they finish: lets --skip-existing resume a run.
-
-    First line: {"fingerprint": ...} of the options that shape the outputs; then one record a line.
-    """
-
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = path
-        self.fingerprint = fingerprint
-        self._lock = threading.Lock()
-        self._file: Any = None
-
-    def completed(self) -> dict[str, dict[str, Any]]:
-        """Records of an earlier run with the same fingerprint, by source key."""
-        if not self.path.is_file():
-            return {}
-        done: dict[str, dict[str, Any]] = {}
-        with open(self.path, encoding="utf-8") as f:
-            try:
-                header = json.loads(f.readline() or "{}")
-            except json.JSONDecodeError:
-                return {}
-            if header.get("fingerprint") != self.fingerprint:
-                return {}
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by an interruption: everything before it stands
-                done[entry["key"]] = entry["record"]
-        return done
-
-    def open(self, carried: dict[str, dict[str, Any]]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")
-            self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            for key, rec in carried.items():
-                self._file.write(json.dumps({"key": key, "record": rec}) + "\n")
-            self._file.flush()
-        except OSError as e:
-            self.close()
-            raise cannot_write(self.path, e) from None
-
-    def add(self, key: str, record: dict[str, Any]) -> None:
-        with self._lock:
-            if self._file is not None:
-                try:
-                    self._file.write(json.dumps({"key": key, "record": record}) + "\n")
-                    self._file.flush()
-                except OSError as e:
-                    raise cannot_write(self.path, e) from None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                try:
-                    self._file.close()
-                except OSError:
-                    pass  # a line that did not reach the disk: --skip-existing stops reading before it
-                self._file = None
-
-
 def source_key(src: ImageSource) -> str:
     st = src.path.stat()
     return f"{src.rel.as_posix()}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def output_files(record: dict[str, Any]) -> list[str]:
-    """Every file a record lists, relative to the output folder."""
-    files = []
-    for e in record.get("explanations", []):
-        files.extend(e[k] for k in ("overlay", "raw") if e.get(k))
-        if e.get("channels"):
-            files.append(e["channels"]["grid"])
-    return files
 
 
 def outputs_exist(record: dict[str, Any], out_dir: Path) -> bool:
@@ -271,62 +222,93 @@ def explain(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Explain every image under ``inputs``; writes overlays and summary.json under ``options.out``.
+    """Explain every image under ``inputs``; writes overlays, records.jsonl and summary.json under ``options.out``.
 
     Everything that can be checked before work starts is checked first (UsageError, exit 2).
-    Per-image failures are recorded in the summary and give exit code 3.
+    Per-image failures are recorded and give exit code 3; a write that fails stops the run (exit 4).
     """
     opts = options or ExplainOptions()
     opts.validate()
     cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
     out_dir = Path(opts.out)
-    sources = select_shard(discover(inputs, opts.recursive, exclude=out_dir), opts.shard)
+    found = discover(inputs, opts.recursive, exclude=out_dir)
+    sources = select_shard(found, opts.shard)
     check_writable(out_dir)
     shard = parse_shard(opts.shard) if opts.shard is not None else None
     lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
     try:
-        return _explain_locked(opts, sources, out_dir, cmap, shard, model=model, progress=progress, on_start=on_start)
+        session = Session.open(opts, model=model)
+        plan = Plan(sources, len(found), shard)
+        return _run(session, plan, out_dir, cmap, progress=progress, on_start=on_start)
     finally:
         lock.release()
 
 
-def _explain_locked(
-    opts: ExplainOptions,
-    sources: list[ImageSource],
+@dataclass
+class Plan:
+    """The inputs of one run (one shard's share of those found), and where its records go."""
+
+    sources: list[ImageSource]
+    total: int  # inputs found before sharding
+    shard: tuple[int, int] | None = None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The header's ``inputs``."""
+        return {
+            "total": self.total, "selected": len(self.sources), "plan": plan_name(self.shard),
+            "shard": None if self.shard is None else "{}/{}".format(*self.shard),
+        }
+
+
+def open_records(session: Session, plan: Plan, out_dir: Path, keys: Sequence[str]) -> tuple[RecordStream, set[str]]:
+    """Write the plan, start the records stream (reusing an earlier run's records with
+    --skip-existing) and remove the summary an earlier run left; returns the stream and the keys reused."""
+    lm = session.model
+    header = run_header(
+        model=lm, layers=session.layers, device=str(session.device), options=session.record(),
+        input_policy=session.preprocess.policy, shaping=session.shaping(), fingerprint=session.fingerprint(),
+        inputs=plan.inputs,
+    )
+    write_plan(out_dir / plan_name(plan.shard), (s.rel.as_posix() for s in plan.sources))
+    stream = RecordStream(out_dir / records_name(plan.shard), header)
+    reuse = None
+    if O.get(session.options, "skip_existing"):
+        wanted = set(keys)
+
+        def reuse(rec: dict[str, Any]) -> bool:
+            return rec.get("key") in wanted and outputs_exist(rec, out_dir)
+
+    summary_path = out_dir / summary_name(plan.shard)
+    # from the swap on, an older run's summary would describe another run
+    reused = stream.open(reuse, before_swap=lambda: summary_path.unlink(missing_ok=True))
+    return stream, reused
+
+
+def _run(
+    session: Session,
+    plan: Plan,
     out_dir: Path,
     cmap: int | np.ndarray,
-    shard: tuple[int, int] | None,
     *,
-    model: LoadedModel | None,
     progress: Callable[[int], None] | None,
     on_start: Callable[[int], None] | None,
 ) -> RunResult:
     """The run itself, while this process holds the output folder."""
-    session = Session.open(opts, model=model)
+    opts = session.options
+    sources = plan.sources
     lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
     class_suffix = not tgt.is_default(specs)
     fused_layer = session.layer_name if len(layers) > 1 else None
     stems = output_stems(sources)
-    suffix = shard_suffix(shard)
-    journal = Journal(out_dir / f".camcli-journal{suffix}.jsonl", session.fingerprint())
-
-    records: list[dict[str, Any] | None] = [None] * len(sources)
     keys = [source_key(s) for s in sources]
-    carried: dict[str, dict[str, Any]] = {}
-    finished = [False] * len(sources)  # a record is finished when every file it lists is on disk
-    if opts.skip_existing:
-        done = journal.completed()
-        for i, key in enumerate(keys):
-            rec = done.get(key)
-            if rec is not None and outputs_exist(rec, out_dir):
-                records[i] = rec
-                carried[key] = rec
-                finished[i] = True
-    todo = [i for i, r in enumerate(records) if r is None]
+    summary_path = out_dir / summary_name(plan.shard)
+    stream, reused = open_records(session, plan, out_dir, keys)
+    todo = [i for i, k in enumerate(keys) if k not in reused]
     if on_start is not None:
         on_start(len(todo))
-    if len(todo) < len(sources):
-        session.warn(f"--skip-existing: {len(sources) - len(todo)} of {len(sources)} images already done")
+    if reused:
+        session.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
 
     warned: set[str] = set()
     render = partial(
@@ -334,17 +316,18 @@ def _explain_locked(
         save_raw=opts.save_raw, class_suffix=class_suffix, fused_layer=fused_layer,
     )
 
-    def write_one(i: int, rgb: np.ndarray, out: ImageOutput) -> None:
-        """In a writer thread: render and write, then complete the record and journal it."""
-        rec = records[i]
-        assert rec is not None
+    def failed(i: int, error: str) -> None:
+        stream.add({"path": str(sources[i].path), "rel": sources[i].rel.as_posix(), "key": keys[i],
+                    "status": "error", "error": error})
+
+    def write_one(i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
+        """In a writer thread: render and write, then append the finished record."""
         rec["explanations"] = render(rgb, out, stems[i])  # OutputError: nothing of this image stays
         try:
-            journal.add(keys[i], rec)
+            stream.add(rec)
         except OutputError:
             remove_files([out_dir / f for f in output_files(rec)])
             raise
-        finished[i] = True
 
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
@@ -355,17 +338,15 @@ def _explain_locked(
             raise
         except (RuntimeError, ValueError) as e:
             for g in group:
-                records[g["index"]] = {
-                    "path": str(sources[g["index"]].path), "status": "error",
-                    "error": f"model failed on this image: {str(e).splitlines()[0]}",
-                }
-                finished[g["index"]] = True
+                failed(g["index"], f"model failed on this image: {str(e).splitlines()[0]}")
             return not opts.fail_fast
         for g, o in zip(group, outs):
             i, rgb = g["index"], g["image"]
             _diagnose(sources[i].path, o, layers, warned, session.warn)
-            records[i] = {
+            rec = {
                 "path": str(sources[i].path),
+                "rel": sources[i].rel.as_posix(),
+                "key": keys[i],
                 "width": int(rgb.shape[1]),
                 "height": int(rgb.shape[0]),
                 "status": "ok",
@@ -375,7 +356,7 @@ def _explain_locked(
                 "saturation": o.saturation,
                 "explanations": [],
             }
-            pool.submit(write_one, i, rgb, o)
+            pool.submit(write_one, i, rec, rgb, o)
         if progress is not None:
             progress(len(group))
         return True
@@ -387,25 +368,14 @@ def _explain_locked(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    summary_path = out_dir / f"summary{suffix}.json"
 
     def summarize(interrupted: bool, error: str | None = None) -> dict[str, Any]:
-        """The summary of what finished: an interrupted run lists only images whose files are all on disk."""
-        images = [r for r, done in zip(records, finished) if r is not None and done]
-        summary = build_summary(
-            model=lm, layers=layers, device=str(device), options=session.record(), input_policy=pre.policy,
-            images=images,
-        )
-        summary["counts"]["reused"] = len(carried)
-        if len(images) < len(records):
-            summary["counts"]["not_processed"] = len(records) - len(images)
-        summary["interrupted"] = interrupted
-        summary["error"] = error
+        """The summary of what finished: the records stream holds only images whose files are all on disk."""
+        summary = build_summary(stream.header, stream.tally, records=stream.path.name, interrupted=interrupted,
+                                error=error)
         write_summary(summary, summary_path)
         return summary
 
-    journal.open(carried)
-    summary_path.unlink(missing_ok=True)  # from here on, an older run's summary would describe another run
     try:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
@@ -415,8 +385,7 @@ def _explain_locked(
                 for item in items:
                     i = item["index"]
                     if item["error"] is not None:
-                        records[i] = {"path": str(sources[i].path), "status": "error", "error": item["error"]}
-                        finished[i] = True
+                        failed(i, item["error"])
                         if progress is not None:
                             progress(1)
                         running = running and not opts.fail_fast
@@ -436,21 +405,22 @@ def _explain_locked(
                 running = run_group(pending.pop(shape), pool)
             pool.drain()
     except BaseException as e:
-        journal.close()  # writes still running have finished: the pool waited for them
+        stream.close()  # writes still running have finished: the pool waited for them
         try:
             summarize(interrupted=True, error=str(e) if isinstance(e, OutputError) else None)
-            wrote = f"{summary_path} lists them"
+            wrote = f"{summary_path} counts them"
         except OutputError:  # the disk is full: no summary (the old one is gone) rather than a wrong one
-            wrote = "no summary could be written"
+            wrote = f"no summary could be written; `camcli summary {out_dir}` rebuilds it from {stream.path.name}"
         if isinstance(e, OutputError):
-            raise OutputError(f"{e}; stopped after {sum(finished)} of {len(sources)} images ({wrote}); "
-                              "make room and rerun with --skip-existing to do the rest") from None
+            raise OutputError(f"{e}; stopped after {stream.tally.images} of {len(sources)} images "
+                              f"({stream.path} lists them, {wrote}); make room and rerun with --skip-existing "
+                              "to do the rest") from None
         raise
-    journal.close()
+    stream.close()
     summary = summarize(interrupted=False)
     c = summary["counts"]
-    failed = c["error"] > 0 or c.get("not_processed", 0) > 0
-    return RunResult(summary=summary, exit_code=ExitCode.PARTIAL if failed else ExitCode.OK, summary_path=summary_path)
+    code = ExitCode.PARTIAL if c["error"] > 0 or c.get("not_processed", 0) > 0 else ExitCode.OK
+    return RunResult(summary=summary, exit_code=code, summary_path=summary_path, records_path=stream.path)
 
 
 def _diagnose(path: Path, out: ImageOutput, layers: list[str], warned: set[str], warn: Callable[[str], None]) -> None:

@@ -295,7 +295,7 @@ def test_perturbation_and_batch_size_change_forward_calls_not_maps(tmp_path: Pat
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         res = explain([small_images], ExplainOptions(out=str(out), method="scorecam", save_raw=True, quiet=True,
                                                      workers=0, **kw), model=lm)
-        maps = [np.load(out / e["raw"]) for im in res.summary["images"] for e in im["explanations"]]
+        maps = [np.load(out / e["raw"]) for im in res.images for e in im["explanations"]]
         return maps, calls[0]
 
     m1, c1 = run(perturbation_batch=1, batch_size=1)

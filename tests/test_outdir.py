@@ -22,15 +22,16 @@ from camcli.cli import app
 from camcli.errors import UsageError
 from camcli.outdir import LOCK_NAME, OutputLock
 from camcli.pipeline import ExplainOptions, explain
+from camcli.records import load_run
 
 runner = CliRunner()
 TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0"]
 TINY_OPTS = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
-JOURNAL = ".camcli-journal.jsonl"
+JOURNAL = "records.jsonl"
 
 
 def read_summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+    return load_run(out)
 
 
 @pytest.fixture

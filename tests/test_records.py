@@ -1,0 +1,104 @@
+"""The records stream (records.jsonl), summaries rebuilt from it, and merging shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from camcli.cli import app
+from camcli.pipeline import ExplainOptions, explain
+from camcli.records import load_run
+
+runner = CliRunner()
+TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
+TINY_FLAGS = ["--model", "toymodels:tiny_cnn", "--workers", "0", "-q"]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        where = d / "sub" if i % 3 == 0 else d
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(where / f"img{i}.png")
+    (d / "broken.png").write_text("not an image")
+    return d
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_records_stream_one_line_per_image_and_the_summary_holds_counts_not_records(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = explain([folder], ExplainOptions(out=str(out), recursive=True, method="gradcam,layercam", **TINY))
+    assert res.exit_code == 3  # broken.png
+    header, *records = lines(out / "records.jsonl")
+    assert header["schema_version"] == 2 and header["fingerprint"] == res.summary["fingerprint"]
+    assert header["shaping"]["method"] == "gradcam,layercam" and header["shaping"]["methods"] == ["gradcam", "layercam"]
+    assert header["inputs"] == {"total": 7, "selected": 7, "plan": ".camcli-plan.txt", "shard": None}
+    assert sorted(r["rel"] for r in records) == ["broken.png", "img1.png", "img2.png", "img4.png", "img5.png",
+                                                 "sub/img0.png", "sub/img3.png"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert "images" not in on_disk and on_disk == res.summary and on_disk["records"] == "records.jsonl"
+    assert on_disk["counts"] == {"images": 7, "ok": 6, "error": 1, "reused": 0}
+    agg = on_disk["aggregate"]["methods"]
+    assert set(agg) == {"gradcam", "layercam"} and agg["gradcam"]["features"]["maps"] == 6
+    assert sum(t["images"] for t in on_disk["aggregate"]["top1_classes"]) == 6
+    assert res.images == sorted(records, key=lambda r: r["rel"])
+    # --json prints one document: the summary with every record
+    r = runner.invoke(app, ["explain", str(folder), "-r", "--out", str(tmp_path / "j"), "--json", *TINY_FLAGS])
+    doc = json.loads(r.stdout)
+    assert doc["counts"]["images"] == 7 and [im["rel"] for im in doc["images"]] == [im["rel"] for im in res.images]
+
+
+def test_summary_command_rebuilds_the_summary_from_the_records(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = explain([folder], ExplainOptions(out=str(out), recursive=True, **TINY))
+    (out / "summary.json").unlink()  # as if the run was killed before writing it
+    r = runner.invoke(app, ["summary", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "images: 7 of 7 planned: 6 ok, 1 failed, 0 reused, 0 not processed" in r.stdout
+    assert "gradcam at features: 6 maps, 0 empty" in r.stdout and "broken.png" in r.stderr
+    assert not (out / "summary.json").exists()
+    r = runner.invoke(app, ["summary", str(out), "--write"])
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert rebuilt.pop("rebuilt_from") == "records.jsonl"
+    assert rebuilt == res.summary
+    r = runner.invoke(app, ["summary", str(out / "records.jsonl"), "--json"])
+    assert [im["rel"] for im in json.loads(r.stdout)["images"]] == [im["rel"] for im in res.images]
+    # a killed run: the records stop early; the rebuilt summary says what was not reached
+    text = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(text[:4]) + "\n" + text[4][:10])
+    r = runner.invoke(app, ["summary", str(out), "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["counts"]["images"] == 3 and doc["counts"]["not_processed"] == 4 and doc["interrupted"] is True
+
+
+def test_summary_command_names_what_is_there_instead(tmp_path: Path) -> None:
+    (tmp_path / "records.shard-1-of-2.jsonl").write_text("{}\n")
+    r = runner.invoke(app, ["summary", str(tmp_path)])
+    assert r.exit_code == 2 and "holds shard records (records.shard-1-of-2.jsonl)" in r.stderr
+    assert f"camcli merge {tmp_path}" in r.stderr
+    r = runner.invoke(app, ["summary", str(tmp_path / "records.shard-1-of-2.jsonl")])
+    assert r.exit_code == 2 and "is not a camcli records file" in r.stderr
+    r = runner.invoke(app, ["summary", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no such folder or records file" in r.stderr
+
+
+def test_skip_existing_reads_the_records_and_redoes_failures(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    explain([folder], ExplainOptions(out=str(out), recursive=True, **TINY))
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "broken.png")  # fixed since
+    again = explain([folder], ExplainOptions(out=str(out), recursive=True, skip_existing=True, **TINY))
+    assert again.exit_code == 0 and again.summary["counts"] == {"images": 7, "ok": 7, "error": 0, "reused": 6}
+    header, *records = lines(out / "records.jsonl")
+    assert len(records) == 7 and len({r["key"] for r in records}) == 7
+    assert [r["rel"] for r in records if not r.get("reused")] == ["broken.png"]
+    assert load_run(out)["counts"]["reused"] == 6
