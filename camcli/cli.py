@@ -175,6 +175,46 @@ def summary(
 
 
 @app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The folder to write the merged records.jsonl and summary.json into.", show_default=False)],
+    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard folders or records files (default: the shard records in OUT).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged summary with every image record included.")] = False,
+) -> None:
+    """Merge the records of the shards of one run into one records.jsonl and summary.json.
+
+    Refuses shards whose options differ (naming the first that does); reports images missing from
+    every shard and images done twice. Exit 3 when an image failed or is missing.
+
+    Example: camcli merge heatmaps/      (after camcli explain ... --shard K/N --out heatmaps/)
+    """
+    from camcli.merge import merge as run_merge
+    from camcli.merge import shown
+    from camcli.records import iter_records, with_records
+
+    def go() -> ExitCode:
+        res = run_merge(out, shards or [])
+        s = res.summary
+        if as_json:
+            sys.stdout.write(json.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
+        c = s["counts"]
+        err.print(f"camcli merge: {s['merge']['shards']} shards -> {res.summary_path}: {c['images']} images, "
+                  f"{c['ok']} ok, {c['error']} failed", highlight=False, markup=False)
+        if res.missing:
+            err.print(f"camcli: error: {len(res.missing)} images missing from every shard: {shown(res.missing)}; "
+                      "rerun their shards with --skip-existing", highlight=False, markup=False)
+        if res.absent_shards:
+            err.print(f"camcli: error: no records for shard {', '.join(res.absent_shards)}: did those tasks run?",
+                      highlight=False, markup=False)
+        if res.duplicates:
+            err.print(f"camcli: warning: {len(res.duplicates)} images done by more than one shard (the first record "
+                      f"is kept): {shown(res.duplicates)}", highlight=False, markup=False)
+        _print_errors(iter_records(res.records_path))
+        return res.exit_code
+
+    raise typer.Exit(int(_run(go)))
+
+
+@app.command()
 @_declared(O.CHECK)
 def check(
     file: Annotated[Path, typer.Argument(help="The check file (YAML).", show_default=False)],

@@ -102,3 +102,61 @@ def test_skip_existing_reads_the_records_and_redoes_failures(folder: Path, tmp_p
     assert len(records) == 7 and len({r["key"] for r in records}) == 7
     assert [r["rel"] for r in records if not r.get("reused")] == ["broken.png"]
     assert load_run(out)["counts"]["reused"] == 6
+
+
+def comparable(rec: dict) -> dict:
+    """A record without what differs between runs of the same inputs (paths of the output folder)."""
+    return {k: v for k, v in rec.items() if k not in ("reused",)}
+
+
+def test_merge_one_folder_of_shards_equals_a_whole_run_and_names_what_is_missing(folder: Path, tmp_path: Path) -> None:
+    (folder / "broken.png").unlink()
+    whole = explain([folder], ExplainOptions(out=str(tmp_path / "whole"), recursive=True, **TINY))
+    out = tmp_path / "out"
+    for k in (1, 2, 3):
+        explain([folder], ExplainOptions(out=str(out), recursive=True, shard=f"{k}/3", **TINY))
+    r = runner.invoke(app, ["merge", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "camcli merge: 3 shards" in r.stderr and "6 images, 6 ok, 0 failed" in r.stderr
+    merged = load_run(out)
+    assert [comparable(im) for im in merged["images"]] == [comparable(im) for im in whole.images]
+    assert merged["counts"] == whole.summary["counts"] and merged["aggregate"] == whole.summary["aggregate"]
+    assert merged["merge"]["missing"]["count"] == 0 and merged["fingerprint"] == whole.summary["fingerprint"]
+    assert all((out / e["overlay"]).is_file() for im in merged["images"] for e in im["explanations"])
+    # shard 2 was killed half-way and shard 3 never ran: merge names what no shard did
+    shard2 = out / "records.shard-2-of-3.jsonl"
+    header, *recs = shard2.read_text().splitlines()
+    assert recs, "this test needs shard 2 to hold an image"
+    lost = json.loads(recs[-1])["rel"]
+    shard2.write_text("\n".join([header, *recs[:-1]]) + "\n")
+    (out / "records.shard-3-of-3.jsonl").unlink()
+    r = runner.invoke(app, ["merge", str(out)])
+    assert r.exit_code == 3, r.output
+    assert "images missing from every shard: " in r.stderr and lost in r.stderr
+    assert "no records for shard 3/3" in r.stderr
+    assert json.loads((out / "summary.json").read_text())["merge"]["absent_shards"] == ["3/3"]
+
+
+def test_merge_shard_folders_rebases_paths_reports_duplicates_and_refuses_other_options(
+    folder: Path, tmp_path: Path
+) -> None:
+    (folder / "broken.png").unlink()
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    explain([folder], ExplainOptions(out=str(a), recursive=True, shard="1/2", **TINY))
+    explain([folder], ExplainOptions(out=str(b), recursive=True, shard="2/2", **TINY))
+    merged_dir = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", str(merged_dir), str(a), str(b), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["counts"]["images"] == 6 and len(doc["merge"]) == 4
+    overlays = [e["overlay"] for im in doc["images"] for e in im["explanations"]]
+    assert all(o.startswith(("../a/", "../b/")) and (merged_dir / o).is_file() for o in overlays)
+    # a whole run of the same inputs overlaps both shards: every image is done twice
+    explain([folder], ExplainOptions(out=str(c), recursive=True, **TINY))
+    r = runner.invoke(app, ["merge", str(merged_dir), str(a), str(b), str(c)])
+    assert r.exit_code == 0 and "6 images done by more than one shard" in r.stderr, r.output
+    # a shard with another --alpha belongs to another run
+    explain([folder], ExplainOptions(out=str(b), recursive=True, shard="2/2", alpha=0.7, **TINY))
+    r = runner.invoke(app, ["merge", str(merged_dir), str(a), str(b)])
+    assert r.exit_code == 2, r.output
+    assert "--alpha is 0.7 there but 0.5 in" in r.stderr and "Traceback" not in r.output
