@@ -229,7 +229,7 @@ def explain(
     """
     opts = options or ExplainOptions()
     opts.validate()
-    cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
+    resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))  # a bad name: exit 2 before work
     out_dir = Path(opts.out)
     found = discover(inputs, opts.recursive, exclude=out_dir)
     sources = select_shard(found, opts.shard)
@@ -239,7 +239,7 @@ def explain(
     try:
         session = Session.open(opts, model=model)
         plan = Plan(sources, len(found), shard)
-        return _run(session, plan, out_dir, cmap, progress=progress, on_start=on_start)
+        return _run(session, plan, out_dir, progress=progress, on_start=on_start)
     finally:
         lock.release()
 
@@ -285,11 +285,98 @@ def open_records(session: Session, plan: Plan, out_dir: Path, keys: Sequence[str
     return stream, reused
 
 
+def identity(src: ImageSource, key: str) -> dict[str, Any]:
+    """The fields that name an input in its record."""
+    return {"path": str(src.path), "rel": src.rel.as_posix(), "key": key}
+
+
+def error_record(ident: dict[str, Any], error: str) -> dict[str, Any]:
+    return {**ident, "status": "error", "error": error}
+
+
+class ImageWriter:
+    """What a session does with one image's maps: its files under ``out_dir`` and its record.
+    The local run and each Ray actor hold one."""
+
+    def __init__(self, session: Session, out_dir: Path) -> None:
+        opts, layers = session.options, session.layers
+        self.session = session
+        self.out_dir = out_dir
+        self.render = partial(
+            render_outputs, out_dir=out_dir, model=session.model,
+            colormap=resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet")), alpha=opts.alpha,
+            signed=opts.signed, save_raw=opts.save_raw, class_suffix=not tgt.is_default(session.specs),
+            fused_layer=session.layer_name if len(layers) > 1 else None,
+        )
+        self.warned: set[str] = set()
+
+    def explain(self, tensors: Sequence[torch.Tensor]) -> list[ImageOutput] | str:
+        """Maps for one group of same-shape inputs, or why the model failed on them."""
+        try:
+            return self.session.explain(torch.stack(list(tensors)))
+        except UsageError:
+            raise
+        except (RuntimeError, ValueError) as e:
+            return f"model failed on this image: {str(e).splitlines()[0]}"
+
+    def record(self, ident: dict[str, Any], rgb: np.ndarray, tensor: torch.Tensor, out: ImageOutput) -> dict[str, Any]:
+        """The record of an explained image, before its files are written (warns once about blank maps)."""
+        _diagnose(Path(ident["path"]), out, self.session.layers, self.warned, self.session.warn)
+        return {
+            **ident,
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "status": "ok",
+            "error": None,
+            "input_size": list(tensor.shape[-2:]),
+            "predictions": prediction_entries(out.top, self.session.model),
+            "saturation": out.saturation,
+            "explanations": [],
+        }
+
+    def write(self, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput, stem: Path) -> dict[str, Any]:
+        """Write the image's files (all or nothing: OutputError removes what it wrote) into its record."""
+        rec["explanations"] = self.render(rgb, out, stem)
+        return rec
+
+
+def finish(stream: RecordStream, summary_path: Path, body: Callable[[], None], planned: int) -> RunResult:
+    """Run ``body`` (which appends records to ``stream``), then write the summary of what finished.
+
+    Interrupted (Ctrl-C) or stopped by an output error, the summary still describes this run: the
+    images whose files are all on disk, marked interrupted; the output error names what to do next.
+    """
+    try:
+        body()
+    except BaseException as e:
+        stream.close()  # writes still running have finished: the writer pool waited for them
+        try:
+            _summarize(stream, summary_path, interrupted=True, error=str(e) if isinstance(e, OutputError) else None)
+            wrote = f"{summary_path} counts them"
+        except OutputError:  # the disk is full: no summary (the old one is gone) rather than a wrong one
+            wrote = f"no summary could be written; `camcli summary {summary_path.parent}` rebuilds it"
+        if isinstance(e, OutputError):
+            raise OutputError(f"{e}; stopped after {stream.tally.images} of {planned} images ({stream.path} lists "
+                              f"them, {wrote}); make room and rerun with --skip-existing to do the rest") from None
+        raise
+    stream.close()
+    summary = _summarize(stream, summary_path, interrupted=False)
+    c = summary["counts"]
+    code = ExitCode.PARTIAL if c["error"] > 0 or c.get("not_processed", 0) > 0 else ExitCode.OK
+    return RunResult(summary=summary, exit_code=code, summary_path=summary_path, records_path=stream.path)
+
+
+def _summarize(stream: RecordStream, path: Path, *, interrupted: bool, error: str | None = None) -> dict[str, Any]:
+    """The summary of what finished: the records stream holds only images whose files are all on disk."""
+    summary = build_summary(stream.header, stream.tally, records=stream.path.name, interrupted=interrupted, error=error)
+    write_summary(summary, path)
+    return summary
+
+
 def _run(
     session: Session,
     plan: Plan,
     out_dir: Path,
-    cmap: int | np.ndarray,
     *,
     progress: Callable[[int], None] | None,
     on_start: Callable[[int], None] | None,
@@ -297,32 +384,19 @@ def _run(
     """The run itself, while this process holds the output folder."""
     opts = session.options
     sources = plan.sources
-    lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
-    class_suffix = not tgt.is_default(specs)
-    fused_layer = session.layer_name if len(layers) > 1 else None
     stems = output_stems(sources)
     keys = [source_key(s) for s in sources]
-    summary_path = out_dir / summary_name(plan.shard)
     stream, reused = open_records(session, plan, out_dir, keys)
     todo = [i for i, k in enumerate(keys) if k not in reused]
     if on_start is not None:
         on_start(len(todo))
     if reused:
         session.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
-
-    warned: set[str] = set()
-    render = partial(
-        render_outputs, out_dir=out_dir, model=lm, colormap=cmap, alpha=opts.alpha, signed=opts.signed,
-        save_raw=opts.save_raw, class_suffix=class_suffix, fused_layer=fused_layer,
-    )
-
-    def failed(i: int, error: str) -> None:
-        stream.add({"path": str(sources[i].path), "rel": sources[i].rel.as_posix(), "key": keys[i],
-                    "status": "error", "error": error})
+    writer = ImageWriter(session, out_dir)
 
     def write_one(i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
         """In a writer thread: render and write, then append the finished record."""
-        rec["explanations"] = render(rgb, out, stems[i])  # OutputError: nothing of this image stays
+        writer.write(rec, rgb, out, stems[i])  # OutputError: nothing of this image stays
         try:
             stream.add(rec)
         except OutputError:
@@ -332,51 +406,28 @@ def _run(
     def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
         """Explain one same-shape group; False when --fail-fast should stop the run."""
         pool.check()  # a write failed: stop now
-        try:
-            outs = session.explain(torch.stack([g["tensor"] for g in group]))
-        except UsageError:
-            raise
-        except (RuntimeError, ValueError) as e:
+        outs = writer.explain([g["tensor"] for g in group])
+        if isinstance(outs, str):
             for g in group:
-                failed(g["index"], f"model failed on this image: {str(e).splitlines()[0]}")
+                stream.add(error_record(identity(sources[g["index"]], keys[g["index"]]), outs))
             return not opts.fail_fast
         for g, o in zip(group, outs):
-            i, rgb = g["index"], g["image"]
-            _diagnose(sources[i].path, o, layers, warned, session.warn)
-            rec = {
-                "path": str(sources[i].path),
-                "rel": sources[i].rel.as_posix(),
-                "key": keys[i],
-                "width": int(rgb.shape[1]),
-                "height": int(rgb.shape[0]),
-                "status": "ok",
-                "error": None,
-                "input_size": list(g["tensor"].shape[-2:]),
-                "predictions": prediction_entries(o.top, lm),
-                "saturation": o.saturation,
-                "explanations": [],
-            }
-            pool.submit(write_one, i, rec, rgb, o)
+            i = g["index"]
+            rec = writer.record(identity(sources[i], keys[i]), g["image"], g["tensor"], o)
+            pool.submit(write_one, i, rec, g["image"], o)
         if progress is not None:
             progress(len(group))
         return True
 
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ImageDataset(sources, pre), todo),
+        torch.utils.data.Subset(ImageDataset(sources, session.preprocess), todo),
         batch_size=opts.batch_size,
         num_workers=auto_workers() if opts.workers is None else opts.workers,
         collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=session.device.type == "cuda",
     )
 
-    def summarize(interrupted: bool, error: str | None = None) -> dict[str, Any]:
-        """The summary of what finished: the records stream holds only images whose files are all on disk."""
-        summary = build_summary(stream.header, stream.tally, records=stream.path.name, interrupted=interrupted,
-                                error=error)
-        write_summary(summary, summary_path)
-        return summary
-
-    try:
+    def body() -> None:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
             pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
@@ -385,7 +436,7 @@ def _run(
                 for item in items:
                     i = item["index"]
                     if item["error"] is not None:
-                        failed(i, item["error"])
+                        stream.add(error_record(identity(sources[i], keys[i]), item["error"]))
                         if progress is not None:
                             progress(1)
                         running = running and not opts.fail_fast
@@ -404,23 +455,8 @@ def _run(
                     break
                 running = run_group(pending.pop(shape), pool)
             pool.drain()
-    except BaseException as e:
-        stream.close()  # writes still running have finished: the pool waited for them
-        try:
-            summarize(interrupted=True, error=str(e) if isinstance(e, OutputError) else None)
-            wrote = f"{summary_path} counts them"
-        except OutputError:  # the disk is full: no summary (the old one is gone) rather than a wrong one
-            wrote = f"no summary could be written; `camcli summary {out_dir}` rebuilds it from {stream.path.name}"
-        if isinstance(e, OutputError):
-            raise OutputError(f"{e}; stopped after {stream.tally.images} of {len(sources)} images "
-                              f"({stream.path} lists them, {wrote}); make room and rerun with --skip-existing "
-                              "to do the rest") from None
-        raise
-    stream.close()
-    summary = summarize(interrupted=False)
-    c = summary["counts"]
-    code = ExitCode.PARTIAL if c["error"] > 0 or c.get("not_processed", 0) > 0 else ExitCode.OK
-    return RunResult(summary=summary, exit_code=code, summary_path=summary_path, records_path=stream.path)
+
+    return finish(stream, out_dir / summary_name(plan.shard), body, len(sources))
 
 
 def _diagnose(path: Path, out: ImageOutput, layers: list[str], warned: set[str], warn: Callable[[str], None]) -> None:
