@@ -8,7 +8,9 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -17,7 +19,17 @@ from camcli import __version__
 from camcli import options as O
 from camcli.errors import CamcliError, ExitCode
 
+class _Group(TyperGroup):
+    """Options with an optional value (``--ray`` or ``--ray ADDRESS``) get their flag value when given bare."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in O.COMMANDS:
+            args = [args[0], *O.fill_flag_values(args[0], args[1:])]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="camcli",
     help="Explain image classifiers with class activation maps (Grad-CAM, Grad-CAM++, Score-CAM, ...).",
     no_args_is_help=True,

@@ -234,11 +234,21 @@ def explain(
     found = discover(inputs, opts.recursive, exclude=out_dir)
     sources = select_shard(found, opts.shard)
     check_writable(out_dir)
+    if opts.ray is not None:
+        from camcli.ray_runner import require_ray
+
+        require_ray()
+        if model is not None:
+            raise UsageError("--ray: each Ray actor loads the model from --model; call explain() without model=")
     shard = parse_shard(opts.shard) if opts.shard is not None else None
     lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
     try:
-        session = Session.open(opts, model=model)
         plan = Plan(sources, len(found), shard)
+        if opts.ray is not None:
+            from camcli.ray_runner import explain_on_ray
+
+            return explain_on_ray(opts, plan, out_dir, progress=progress, on_start=on_start)
+        session = Session.open(opts, model=model)
         return _run(session, plan, out_dir, progress=progress, on_start=on_start)
     finally:
         lock.release()
@@ -261,12 +271,14 @@ class Plan:
         }
 
 
-def open_records(session: Session, plan: Plan, out_dir: Path, keys: Sequence[str]) -> tuple[RecordStream, set[str]]:
+def open_records(
+    session: Session, plan: Plan, out_dir: Path, keys: Sequence[str], device: str | None = None
+) -> tuple[RecordStream, set[str]]:
     """Write the plan, start the records stream (reusing an earlier run's records with
     --skip-existing) and remove the summary an earlier run left; returns the stream and the keys reused."""
     lm = session.model
     header = run_header(
-        model=lm, layers=session.layers, device=str(session.device), options=session.record(),
+        model=lm, layers=session.layers, device=device or str(session.device), options=session.record(),
         input_policy=session.preprocess.policy, shaping=session.shaping(), fingerprint=session.fingerprint(),
         inputs=plan.inputs,
     )

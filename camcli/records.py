@@ -53,7 +53,9 @@ class Tally:
 
     def __init__(self) -> None:
         self.images = self.ok = self.reused = 0
-        self._maps: dict[tuple[str, str], list[float]] = {}  # (method, layer) -> [maps, empty, Σ top10, Σ mean]
+        # (method, layer) -> [maps, empty, Σ top10, Σ mean]; sums in millionths, so that they do not
+        # depend on the order images finished in (float sums do, in the last digit)
+        self._maps: dict[tuple[str, str], list[int]] = {}
         self._top1: Counter[tuple[int, str | None]] = Counter()
 
     def add(self, rec: dict[str, Any]) -> None:
@@ -66,12 +68,12 @@ class Tally:
             p = rec["predictions"][0]
             self._top1[(p["index"], p.get("label"))] += 1
         for e in rec.get("explanations") or []:
-            acc = self._maps.setdefault((e["method"], e["layer"]), [0, 0, 0.0, 0.0])
+            acc = self._maps.setdefault((e["method"], e["layer"]), [0, 0, 0, 0])
             st = e.get("stats") or {}
             acc[0] += 1
             acc[1] += bool(st.get("empty"))
-            acc[2] += float(st.get("top10_energy_share") or 0.0)
-            acc[3] += float(st.get("mean") or 0.0)
+            acc[2] += round(float(st.get("top10_energy_share") or 0.0) * 1e6)
+            acc[3] += round(float(st.get("mean") or 0.0) * 1e6)
 
     def counts(self, planned: int | None = None) -> dict[str, int]:
         c = {"images": self.images, "ok": self.ok, "error": self.images - self.ok, "reused": self.reused}
@@ -86,7 +88,7 @@ class Tally:
         for (method, layer), (n, empty, top10, mean) in sorted(self._maps.items()):
             methods.setdefault(method, {})[layer] = {
                 "maps": int(n), "empty": int(empty),
-                "mean_top10_energy_share": round(top10 / n, 6), "mean_value": round(mean / n, 6),
+                "mean_top10_energy_share": round(top10 / n / 1e6, 6), "mean_value": round(mean / n / 1e6, 6),
             }
         top1 = [{"index": i, "label": label, "images": n} for (i, label), n in self._top1.most_common(self.TOP_CLASSES)]
         return {"methods": methods, "top1_classes": top1}
