@@ -118,49 +118,19 @@ def render_outputs(
     save_raw: bool,
     class_suffix: bool,
     fused_layer: str | None,
+    written: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Upsample each map to the image, write overlay (and raw) atomically, return summary entries.
 
-    All or nothing: when a write fails (OutputError), the files this image already wrote are removed,
-    so no complete output of an image the summary does not list stays behind.
+    ``written`` collects the path of each file as it is written: when a later one fails, the
+    caller removes them (see ImageWriter.write).
     """
-    written: list[Path] = []
 
     def write_atomic(path: Path, data: bytes) -> None:
         _write_atomic(path, data)
-        written.append(path)
+        if written is not None:
+            written.append(path)
 
-    try:
-        return _render(rgb, out, stem, write_atomic, out_dir=out_dir, model=model, colormap=colormap, alpha=alpha,
-                       signed=signed, save_raw=save_raw, class_suffix=class_suffix, fused_layer=fused_layer)
-    except BaseException:
-        remove_files(written)
-        raise
-
-
-def remove_files(paths: Sequence[Path]) -> None:
-    for p in paths:
-        try:
-            p.unlink()
-        except OSError:
-            pass
-
-
-def _render(
-    rgb: np.ndarray,
-    out: ImageOutput,
-    stem: Path,
-    write_atomic: Callable[[Path, bytes], None],
-    *,
-    out_dir: Path,
-    model: LoadedModel,
-    colormap: int | np.ndarray,
-    alpha: float,
-    signed: bool,
-    save_raw: bool,
-    class_suffix: bool,
-    fused_layer: str | None,
-) -> list[dict[str, Any]]:
     h, w = rgb.shape[:2]
     entries = []
     for m in out.maps:
@@ -200,6 +170,14 @@ def _render(
             }
         )
     return entries
+
+
+def remove_files(paths: Sequence[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def source_key(src: ImageSource) -> str:
@@ -347,8 +325,14 @@ class ImageWriter:
         }
 
     def write(self, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput, stem: Path) -> dict[str, Any]:
-        """Write the image's files (all or nothing: OutputError removes what it wrote) into its record."""
-        rec["explanations"] = self.render(rgb, out, stem)
+        """Write the image's files into its record. All or nothing: when a write fails (OutputError),
+        the files this image already wrote are removed, so no output of an unlisted image stays."""
+        written: list[Path] = []
+        try:
+            rec["explanations"] = self.render(rgb, out, stem, written=written)
+        except BaseException:
+            remove_files(written)
+            raise
         return rec
 
 

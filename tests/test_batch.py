@@ -17,14 +17,8 @@ TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        h, w = [(32, 48), (40, 40), (48, 32)][i % 3]
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    return d
+def folder(make_images) -> Path:  # noqa: ANN001
+    return make_images("many", 12)
 
 
 def test_skip_existing_resumes_and_redoes_only_missing(folder: Path, tmp_path: Path) -> None:

@@ -130,13 +130,8 @@ def test_without_flock_the_record_decides(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    return d
+def folder(make_images) -> Path:  # noqa: ANN001
+    return make_images("many", 12)
 
 
 def interrupt_after(n: int):  # noqa: ANN201

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from camcli.cli import app
@@ -22,15 +21,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "in"
-    (d / "sub").mkdir(parents=True)
-    rng = np.random.default_rng(5)
-    for i in range(6):
-        h, w = [(32, 48), (40, 40), (48, 32)][i % 3]
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / ("sub" if i % 2 else "") / f"im{i}.png")
-    (d / "broken.png").write_text("not an image")
-    return d
+def folder(make_images) -> Path:  # noqa: ANN001
+    return make_images("in", 6, seed=5, sub=2, broken=True)
 
 
 def files(root: Path) -> set[str]:

@@ -20,15 +20,8 @@ TINY_FLAGS = ["--model", "toymodels:tiny_cnn", "--workers", "0", "-q"]
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "in"
-    (d / "sub").mkdir(parents=True)
-    rng = np.random.default_rng(2)
-    for i in range(6):
-        where = d / "sub" if i % 3 == 0 else d
-        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(where / f"img{i}.png")
-    (d / "broken.png").write_text("not an image")
-    return d
+def folder(make_images) -> Path:  # noqa: ANN001
+    return make_images("in", 6, seed=2, sub=3, broken=True)  # sub/img00.png, sub/img03.png
 
 
 def lines(path: Path) -> list[dict]:
@@ -43,8 +36,8 @@ def test_records_stream_one_line_per_image_and_the_summary_holds_counts_not_reco
     assert header["schema_version"] == 2 and header["fingerprint"] == res.summary["fingerprint"]
     assert header["shaping"]["method"] == "gradcam,layercam" and header["shaping"]["methods"] == ["gradcam", "layercam"]
     assert header["inputs"] == {"total": 7, "selected": 7, "plan": ".camcli-plan.txt", "shard": None}
-    assert sorted(r["rel"] for r in records) == ["broken.png", "img1.png", "img2.png", "img4.png", "img5.png",
-                                                 "sub/img0.png", "sub/img3.png"]
+    assert sorted(r["rel"] for r in records) == ["broken.png", "img01.png", "img02.png", "img04.png", "img05.png",
+                                                 "sub/img00.png", "sub/img03.png"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert "images" not in on_disk and on_disk == res.summary and on_disk["records"] == "records.jsonl"
     assert on_disk["counts"] == {"images": 7, "ok": 6, "error": 1, "reused": 0}
