@@ -119,6 +119,8 @@ def actor_pool(device: str) -> tuple[int, float]:
     gpus = int(res.get("GPU", 0))
     if gpus >= 1 and device != "cpu":
         return gpus, 1.0
+    if device.startswith("cuda"):
+        raise UsageError(f"--device {device}: the Ray cluster has no GPUs (accepted here: auto, cpu)")
     return max(1, int(res.get("CPU", 1)) // 2), 0.0
 
 
@@ -152,7 +154,8 @@ def explain_on_ray(
         if reused:
             driver.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
         ray.data.DataContext.get_current().enable_progress_bars = False  # camcli shows its own
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR if opts.quiet else logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": on purpose
         items = [{"path": str(sources[i].path), "file": str(sources[i].path.resolve()), "rel": sources[i].rel.as_posix(),
                   "key": keys[i], "stem": stems[i].as_posix()} for i in todo]
         actor_options = {**dataclasses.asdict(opts), "ray": None}
