@@ -20,7 +20,8 @@ from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
 from camcli.render import encode_png, overlay, resolve_colormap, upsample
 from camcli.sanity import pearson
-from camcli.session import Session
+from camcli.outdir import check_writable, locked
+from camcli.session import Session, stderr_warning
 from camcli.writer import npy_bytes, write_atomic
 
 UNCHANGED = 0.9999  # --update-baselines: a map at least this similar to the stored one is "unchanged"
@@ -118,8 +119,25 @@ def run_check(
 ) -> CheckReport:
     """Run every case x method of a check file; see CheckReport.exit_code for the outcome.
 
-    ``overrides``: option values from the command line, which win over the file's.
+    ``overrides``: option values from the command line, which win over the file's. While it runs,
+    the check holds ``out`` (when given) for itself: another run into it exits 2.
     """
+    if out is None:
+        return _run_check(path, update_baselines=update_baselines, out=None, model=model, overrides=overrides)
+    check_writable(Path(out))
+    quiet = bool((overrides or {}).get("quiet"))
+    with locked(Path(out), "camcli check", warn=None if quiet else stderr_warning):
+        return _run_check(path, update_baselines=update_baselines, out=out, model=model, overrides=overrides)
+
+
+def _run_check(
+    path: str | Path,
+    *,
+    update_baselines: bool,
+    out: str | Path | None,
+    model: LoadedModel | None,
+    overrides: dict[str, Any] | None,
+) -> CheckReport:
     cf = load_check_file(path, require_baselines=not update_baselines, overrides=overrides)
     if update_baselines and cf.baselines is None:
         raise CheckFileError(f"{cf.path}: --update-baselines needs a top-level 'baselines' folder")

@@ -8,7 +8,9 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -17,7 +19,17 @@ from camcli import __version__
 from camcli import options as O
 from camcli.errors import CamcliError, ExitCode
 
+class _Group(TyperGroup):
+    """Options with an optional value (``--ray`` or ``--ray ADDRESS``) get their flag value when given bare."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in O.COMMANDS:
+            args = [args[0], *O.fill_flag_values(args[0], args[1:])]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="camcli",
     help="Explain image classifiers with class activation maps (Grad-CAM, Grad-CAM++, Score-CAM, ...).",
     no_args_is_help=True,
@@ -92,10 +104,10 @@ ConfigOpt = Annotated[
 def explain(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
     config: ConfigOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary, with every image record, to stdout.")] = False,
     **given: Any,
 ) -> None:
-    """Write overlay PNGs (and optional raw maps) plus summary.json for images or folders.
+    """Write overlay PNGs (and optional raw maps) plus records.jsonl and summary.json for images or folders.
 
     Example: camcli explain photos/ -r --method gradcam,layercam --class top3 --out heatmaps/
     """
@@ -111,7 +123,7 @@ def explain(
             result = run_explain(paths, opts, progress=bar.update, on_start=bar.start)
         s = result.summary
         if as_json:
-            sys.stdout.write(json.dumps(s, indent=2) + "\n")
+            sys.stdout.write(json.dumps(result.with_records(), indent=2) + "\n")
         if not opts.quiet:
             c = s["counts"]
             err.print(
@@ -119,13 +131,99 @@ def explain(
                 f"at layer {s['model']['layer']}; summary: {result.summary_path}",
                 highlight=False,
             )
-            for im in s["images"]:
-                if im["status"] != "ok":
-                    err.print(f"camcli: error: {im['error']}", highlight=False, markup=False)
+            _print_errors(result.records())
         return result.exit_code
 
     code = _run(go)
     raise typer.Exit(int(code))
+
+
+def _print_errors(records: Any) -> None:  # noqa: ANN401
+    for im in records:
+        if im["status"] != "ok":
+            err.print(f"camcli: error: {im['error']}", highlight=False, markup=False)
+
+
+@app.command()
+def summary(
+    target: Annotated[Path, typer.Argument(help="An --out folder (its records.jsonl) or a records file.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary with every image record included.")] = False,
+    write: Annotated[bool, typer.Option("--write", help="Also write it as summary.json next to the records.")] = False,
+) -> None:
+    """Rebuild a run's summary from its records: counts, per-method aggregates, failed images.
+
+    Works while the run is still going (without --write) and after it was killed.
+
+    Example: camcli summary camcli-out/ --write
+    """
+    from camcli.records import iter_records, rebuild, with_records
+
+    def go() -> None:
+        doc, path = rebuild(target, write=write)
+        if as_json:
+            sys.stdout.write(json.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
+            return
+        out = _stdout()
+
+        def say(text: str) -> None:
+            out.print(text, highlight=False, markup=False)
+
+        c, inputs = doc["counts"], doc.get("inputs") or {}
+        say(f"{path}: run {doc['run_id'][:8]} started {doc['started']}, camcli {doc['camcli_version']}")
+        say(f"model {doc['model']['name']}, layer {doc['model']['layer']}, methods {', '.join(doc['options']['method'])}")
+        shard = f" (shard {inputs['shard']} of {inputs['total']} found)" if inputs.get("shard") else ""
+        say(f"images: {c['images']} of {inputs.get('selected', '?')} planned{shard}: {c['ok']} ok, {c['error']} failed, "
+            f"{c['reused']} reused, {c.get('not_processed', 0)} not processed")
+        for method, by_layer in doc["aggregate"]["methods"].items():
+            for layer, a in by_layer.items():
+                say(f"{method} at {layer}: {a['maps']} maps, {a['empty']} empty, mean top-10% energy share "
+                    f"{a['mean_top10_energy_share']:.3f}, mean value {a['mean_value']:.3f}")
+        top = ", ".join(f"{t['label'] or t['index']} ({t['index']}): {t['images']}" for t in doc["aggregate"]["top1_classes"])
+        if top:
+            say(f"top-1 classes: {top}")
+        _print_errors(iter_records(path))
+
+    _run(go)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The folder to write the merged records.jsonl and summary.json into.", show_default=False)],
+    shards: Annotated[Optional[list[Path]], typer.Argument(help="Shard folders or records files (default: the shard records in OUT).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged summary with every image record included.")] = False,
+) -> None:
+    """Merge the records of the shards of one run into one records.jsonl and summary.json.
+
+    Refuses shards whose options differ (naming the first that does); reports images missing from
+    every shard and images done twice. Exit 3 when an image failed or is missing.
+
+    Example: camcli merge heatmaps/      (after camcli explain ... --shard K/N --out heatmaps/)
+    """
+    from camcli.merge import merge as run_merge
+    from camcli.merge import shown
+    from camcli.records import iter_records, with_records
+
+    def go() -> ExitCode:
+        res = run_merge(out, shards or [])
+        s = res.summary
+        if as_json:
+            sys.stdout.write(json.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
+        c = s["counts"]
+        err.print(f"camcli merge: {s['merge']['shards']} shards -> {res.summary_path}: {c['images']} images, "
+                  f"{c['ok']} ok, {c['error']} failed", highlight=False, markup=False)
+        if res.missing:
+            err.print(f"camcli: error: {len(res.missing)} images missing from every shard: {shown(res.missing)}; "
+                      "rerun their shards with --skip-existing", highlight=False, markup=False)
+        if res.absent_shards:
+            err.print(f"camcli: error: no records for shard {', '.join(res.absent_shards)}: did those tasks run?",
+                      highlight=False, markup=False)
+        if res.duplicates:
+            err.print(f"camcli: warning: {len(res.duplicates)} images done by more than one shard (the first record "
+                      f"is kept): {shown(res.duplicates)}", highlight=False, markup=False)
+        _print_errors(iter_records(res.records_path))
+        return res.exit_code
+
+    raise typer.Exit(int(_run(go)))
 
 
 @app.command()

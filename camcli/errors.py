@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 1
     USAGE = 2
     PARTIAL = 3
+    OUTPUT = 4
     INTERRUPTED = 130
 
 
@@ -35,6 +36,12 @@ class ImageError(CamcliError):
     """One input image could not be decoded; the run goes on without it."""
 
     exit_code = ExitCode.PARTIAL
+
+
+class OutputError(CamcliError):
+    """Outputs could not be written (disk full, folder gone read-only): the run stops (exit 4)."""
+
+    exit_code = ExitCode.OUTPUT
 
 
 def suggest(value: str, choices: Iterable[str], n: int = 1) -> str:

@@ -20,9 +20,9 @@ from camcli.images import decode, discover
 from camcli.layers import trace_layers
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
-from camcli.pipeline import check_writable
+from camcli.outdir import check_writable, locked
 from camcli.sanity import randomized_copy, spearman
-from camcli.session import Session
+from camcli.session import Session, stderr_warning
 from camcli.writer import write_atomic
 
 BASELINES = ("baseline:random", "baseline:center")
@@ -93,8 +93,16 @@ def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Load
     """Compute every requested metric for every method and both baselines on every image.
 
     Maps come from the same Session as `explain`'s, ``--batch-size`` images per forward pass;
-    the metrics' perturbed inputs go ``--perturbation-batch`` to a forward pass.
+    the metrics' perturbed inputs go ``--perturbation-batch`` to a forward pass. The run holds
+    ``--out`` for itself (another run into it exits 2).
     """
+    opts.validate()
+    check_writable(Path(opts.out))
+    with locked(Path(opts.out), "camcli evaluate", warn=None if opts.quiet else stderr_warning):
+        return _evaluate(inputs, opts, model=model)
+
+
+def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: LoadedModel | None) -> EvaluationResult:
     opts.validate()
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)

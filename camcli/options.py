@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from camcli.errors import UsageError, suggest
 
@@ -58,6 +59,8 @@ class Option:
     example: Any = None  # a valid value other than the default (used by tests)
     defaults: Mapping[str, Any] = field(default_factory=dict)  # per-command default overrides
     default_text: str | None = None  # how ``--help`` shows the default when it is computed
+    flag_value: str | None = None  # the value of the flag given without one (``--ray``): its value is optional
+    metavar: str | None = None  # how ``--help`` names the value
 
     @property
     def key(self) -> str:
@@ -121,6 +124,16 @@ def _triple(v: Any) -> str | None:  # noqa: ANN401
     except ValueError:
         parts = []
     return None if len(parts) == 3 else "is not three numbers R,G,B (for example 0.5,0.5,0.5)"
+
+
+RAY_ADDRESSES = ("default", "auto", "local")
+
+
+def _ray_address(v: Any) -> str | None:  # noqa: ANN401
+    if v in RAY_ADDRESSES or "://" in str(v) or re.fullmatch(r"[\w.-]+:\d+", str(v)):
+        return None
+    return (f"is not a Ray address (accepted: {', '.join(RAY_ADDRESSES)}, HOST:PORT or ray://HOST:PORT); "
+            "give --ray after the input paths, or write --ray=ADDRESS")
 
 
 def _not_empty(v: Any) -> str | None:  # noqa: ANN401
@@ -254,6 +267,11 @@ OPTIONS: tuple[Option, ...] = (
            frozenset({_E}), check=_shard, example="1/2"),
     Option("fail_fast", ("--fail-fast",), Kind.BOOL, False, "Stop at the first image that fails.",
            frozenset({_E}), example=True),
+    Option("ray", ("--ray",), Kind.STR, None,
+           "Run on Ray Data: --ray alone uses RAY_ADDRESS, a cluster running here, or a new local one; "
+           "or auto, HOST:PORT, ray://HOST:PORT. Needs pip install 'camcli[ray]'.",
+           frozenset({_E}), check=_ray_address, flag_value="default", metavar="[ADDRESS]", default_text="off",
+           example="auto"),
     # -- evaluate -----------------------------------------------------------------------------
     Option("metric", ("--metric",), Kind.LIST, None,
            "Comma-separated metrics (box metrics need --boxes).", frozenset({_V}), check=_items,
@@ -328,12 +346,23 @@ def record(opts: Any) -> dict[str, Any]:  # noqa: ANN401
     return {o.key: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.record}
 
 
+def shaping(opts: Any, **resolved: Any) -> dict[str, Any]:  # noqa: ANN401
+    """Everything that shapes the outputs, as JSON values: declared options plus resolved facts
+    (the model's weights hash, the layers and classes actually used). Records headers keep it, so
+    `camcli merge` can name the option in which two shards differ."""
+    values = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
+    values.update(resolved)
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def digest(shaping_values: Mapping[str, Any]) -> str:
+    """The fingerprint of a :func:`shaping` mapping: a short hash."""
+    return hashlib.sha256(json.dumps(shaping_values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint(opts: Any, **resolved: Any) -> str:  # noqa: ANN401
-    """A short hash of everything that shapes the outputs: declared options plus resolved facts
-    (the model's weights hash, the layers and classes actually used)."""
-    shaping = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
-    shaping.update(resolved)
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of everything that shapes the outputs (see :func:`shaping`)."""
+    return digest(shaping(opts, **resolved))
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -449,12 +478,30 @@ def typer_parameters(command: str) -> list[Any]:
         typ: Any = py[o.kind]
         if o.name == "classes":
             typ = list[str]  # repeatable
-        info = typer.Option(*decls, help=o.help_for(command), show_default=False)
+        info = typer.Option(*decls, help=o.help_for(command), show_default=False, metavar=o.metavar)
         params.append(
             inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=Annotated[Optional[typ], info])
         )
     return params
+
+
+def fill_flag_values(command: str, args: Sequence[str]) -> list[str]:
+    """Options whose value is optional (``--ray`` or ``--ray ADDRESS``): a flag that is not followed
+    by a value the option accepts becomes ``--flag=<flag_value>``, so the next word stays an input."""
+    optional = {f: o for o in options_for(command) if o.flag_value is not None for f in o.flags}
+    out: list[str] = []
+    for i, a in enumerate(args):
+        if a == "--":
+            out.extend(args[i:])
+            break
+        o = optional.get(a)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if o is not None and (nxt is None or (o.check is not None and o.check(nxt) is not None)):
+            out.append(f"{a}={o.flag_value}")
+        else:
+            out.append(a)
+    return out
 
 
 def command_flags(command: str) -> set[str]:

@@ -1,37 +1,42 @@
-"""`explain` as a plain function: inputs -> overlays, raw maps and summary.json.
+"""`explain` as a plain function: inputs -> overlays, raw maps, records.jsonl and summary.json.
 
 Decoding runs in DataLoader workers, the engine computes a batch at a time, and a writer pool
-upsamples, renders and writes while the next batch computes. Nothing is kept between batches but
-the small per-image summary records.
+upsamples, renders and writes while the next batch computes. Each finished image's record is
+appended to records.jsonl and counted; nothing of it is kept in memory, so memory stays flat
+however many images a run has.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
-import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
-from camcli.errors import ExitCode, UsageError
+from camcli.errors import ExitCode, OutputError, UsageError
 from camcli.images import ImageDataset, ImageSource, collate, discover
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
+from camcli.outdir import check_writable, locked
 from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
-from camcli.report import SHARE_KEY, build_summary, prediction_entries, write_summary
-from camcli.session import Session, resolve_device  # noqa: F401  (resolve_device: public, used by callers)
+from camcli.records import (
+    RecordStream, build_summary, iter_records, output_files, plan_name, read_header, records_name, sorted_records,
+    summary_name, with_records, write_plan, write_summary,
+)
+from camcli.report import SHARE_KEY, prediction_entries, run_header
+from camcli.session import Session, resolve_device, stderr_warning  # noqa: F401  (resolve_device: public, used by callers)
 from camcli.stats import map_stats, note_text
-from camcli.writer import WriterPool, npy_bytes, write_atomic
+from camcli.writer import WriterPool, npy_bytes
+from camcli.writer import write_atomic as _write_atomic
 
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
 
@@ -40,9 +45,29 @@ __all__ = ["ExplainOptions", "RunResult", "explain"]
 
 @dataclass
 class RunResult:
+    """What a run wrote. ``summary`` is summary.json as written: header, counts and aggregates.
+    The per-image records are in ``records_path`` (records.jsonl): ``records()`` streams them,
+    ``images`` lists them all, ``with_records()`` is the summary with them (what ``--json`` prints)."""
+
     summary: dict[str, Any]
     exit_code: ExitCode
     summary_path: Path
+    records_path: Path
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """This run's records in the order they finished, read from records.jsonl (constant memory)."""
+        header = read_header(self.records_path)
+        if header.get("run_id") != self.summary.get("run_id"):
+            raise UsageError(f"{self.records_path} now holds the records of another run ({header.get('run_id')})")
+        return iter_records(self.records_path)
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Every record of this run, ordered by relative path."""
+        return sorted_records(self.records())
+
+    def with_records(self) -> dict[str, Any]:
+        return with_records(self.summary, self.records())
 
 
 def auto_workers() -> int:
@@ -62,15 +87,6 @@ def select_shard(sources: Sequence[ImageSource], spec: str | None) -> list[Image
         return list(sources)
     k, n = parse_shard(spec)
     return [s for s in sources if shard_of(s.rel, n) == k]
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".camcli-write-test-"):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
 
 
 def output_stems(sources: Sequence[ImageSource]) -> list[Path]:
@@ -102,8 +118,19 @@ def render_outputs(
     save_raw: bool,
     class_suffix: bool,
     fused_layer: str | None,
+    written: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """Upsample each map to the image, write overlay (and raw) atomically, return summary entries."""
+    """Upsample each map to the image, write overlay (and raw) atomically, return summary entries.
+
+    ``written`` collects the path of each file as it is written: when a later one fails, the
+    caller removes them (see ImageWriter.write).
+    """
+
+    def write_atomic(path: Path, data: bytes) -> None:
+        _write_atomic(path, data)
+        if written is not None:
+            written.append(path)
+
     h, w = rgb.shape[:2]
     entries = []
     for m in out.maps:
@@ -147,57 +174,12 @@ def render_outputs(
     return entries
 
 
-class Journal:
-    """Completed image records, appended as they finish: lets --skip-existing resume a run.
-
-    First line: {"fingerprint": ...} of the options that shape the outputs; then one record a line.
-    """
-
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = path
-        self.fingerprint = fingerprint
-        self._lock = threading.Lock()
-        self._file: Any = None
-
-    def completed(self) -> dict[str, dict[str, Any]]:
-        """Records of an earlier run with the same fingerprint, by source key."""
-        if not self.path.is_file():
-            return {}
-        done: dict[str, dict[str, Any]] = {}
-        with open(self.path, encoding="utf-8") as f:
-            try:
-                header = json.loads(f.readline() or "{}")
-            except json.JSONDecodeError:
-                return {}
-            if header.get("fingerprint") != self.fingerprint:
-                return {}
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by an interruption: everything before it stands
-                done[entry["key"]] = entry["record"]
-        return done
-
-    def open(self, carried: dict[str, dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")
-        self._file.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-        for key, rec in carried.items():
-            self._file.write(json.dumps({"key": key, "record": rec}) + "\n")
-        self._file.flush()
-
-    def add(self, key: str, record: dict[str, Any]) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.write(json.dumps({"key": key, "record": record}) + "\n")
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+def remove_files(paths: Sequence[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def source_key(src: ImageSource) -> str:
@@ -208,7 +190,7 @@ def source_key(src: ImageSource) -> str:
 def outputs_exist(record: dict[str, Any], out_dir: Path) -> bool:
     if record.get("status") != "ok":
         return False
-    files = [e[k] for e in record.get("explanations", []) for k in ("overlay", "raw") if e.get(k)]
+    files = output_files(record)
     return bool(files) and all((out_dir / f).is_file() for f in files)
 
 
@@ -220,99 +202,233 @@ def explain(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Explain every image under ``inputs``; writes overlays and summary.json under ``options.out``.
+    """Explain every image under ``inputs``; writes overlays, records.jsonl and summary.json under ``options.out``.
 
     Everything that can be checked before work starts is checked first (UsageError, exit 2).
-    Per-image failures are recorded in the summary and give exit code 3.
+    Per-image failures are recorded and give exit code 3; a write that fails stops the run (exit 4).
     """
     opts = options or ExplainOptions()
     opts.validate()
-    cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
+    resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))  # a bad name: exit 2 before work
     out_dir = Path(opts.out)
-    sources = select_shard(discover(inputs, opts.recursive, exclude=out_dir), opts.shard)
+    found = discover(inputs, opts.recursive, exclude=out_dir)
+    sources = select_shard(found, opts.shard)
     check_writable(out_dir)
-    session = Session.open(opts, model=model)
-    lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
-    class_suffix = not tgt.is_default(specs)
-    fused_layer = session.layer_name if len(layers) > 1 else None
-    stems = output_stems(sources)
-    suffix = "" if opts.shard is None else ".shard-{}-of-{}".format(*parse_shard(opts.shard))
-    journal = Journal(out_dir / f".camcli-journal{suffix}.jsonl", session.fingerprint())
+    if opts.ray is not None:
+        from camcli.ray_runner import require_ray
 
-    records: list[dict[str, Any] | None] = [None] * len(sources)
-    keys = [source_key(s) for s in sources]
-    carried: dict[str, dict[str, Any]] = {}
-    if opts.skip_existing:
-        done = journal.completed()
-        for i, key in enumerate(keys):
-            rec = done.get(key)
-            if rec is not None and outputs_exist(rec, out_dir):
-                records[i] = rec
-                carried[key] = rec
-    todo = [i for i, r in enumerate(records) if r is None]
-    if on_start is not None:
-        on_start(len(todo))
-    if len(todo) < len(sources):
-        session.warn(f"--skip-existing: {len(sources) - len(todo)} of {len(sources)} images already done")
+        require_ray()
+        if model is not None:
+            raise UsageError("--ray: each Ray actor loads the model from --model; call explain() without model=")
+    shard = parse_shard(opts.shard) if opts.shard is not None else None
+    lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
+    try:
+        plan = Plan(sources, len(found), shard)
+        if opts.ray is not None:
+            from camcli.ray_runner import explain_on_ray
 
-    warned: set[str] = set()
-    render = partial(
-        render_outputs, out_dir=out_dir, model=lm, colormap=cmap, alpha=opts.alpha, signed=opts.signed,
-        save_raw=opts.save_raw, class_suffix=class_suffix, fused_layer=fused_layer,
+            return explain_on_ray(opts, plan, out_dir, progress=progress, on_start=on_start)
+        session = Session.open(opts, model=model)
+        return _run(session, plan, out_dir, progress=progress, on_start=on_start)
+    finally:
+        lock.release()
+
+
+@dataclass
+class Plan:
+    """The inputs of one run (one shard's share of those found), and where its records go."""
+
+    sources: list[ImageSource]
+    total: int  # inputs found before sharding
+    shard: tuple[int, int] | None = None
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The header's ``inputs``."""
+        return {
+            "total": self.total, "selected": len(self.sources), "plan": plan_name(self.shard),
+            "shard": None if self.shard is None else "{}/{}".format(*self.shard),
+        }
+
+
+def open_records(
+    session: Session, plan: Plan, out_dir: Path, keys: Sequence[str], device: str | None = None
+) -> tuple[RecordStream, set[str]]:
+    """Write the plan, start the records stream (reusing an earlier run's records with
+    --skip-existing) and remove the summary an earlier run left; returns the stream and the keys reused."""
+    lm = session.model
+    header = run_header(
+        model=lm, layers=session.layers, device=device or str(session.device), options=session.record(),
+        input_policy=session.preprocess.policy, shaping=session.shaping(), fingerprint=session.fingerprint(),
+        inputs=plan.inputs,
     )
+    write_plan(out_dir / plan_name(plan.shard), (s.rel.as_posix() for s in plan.sources))
+    stream = RecordStream(out_dir / records_name(plan.shard), header)
+    reuse = None
+    if O.get(session.options, "skip_existing"):
+        wanted = set(keys)
 
-    def write_one(i: int, rgb: np.ndarray, out: ImageOutput) -> None:
-        """In a writer thread: render and write, then complete the record and journal it."""
-        rec = records[i]
-        assert rec is not None
-        try:
-            rec["explanations"] = render(rgb, out, stems[i])
-        except OSError as e:
-            rec.update(status="error", error=f"writing outputs failed: {e}")
-            return
-        journal.add(keys[i], rec)
+        def reuse(rec: dict[str, Any]) -> bool:
+            return rec.get("key") in wanted and outputs_exist(rec, out_dir)
 
-    def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
-        """Explain one same-shape group; False when --fail-fast should stop the run."""
+    summary_path = out_dir / summary_name(plan.shard)
+    # from the swap on, an older run's summary would describe another run
+    reused = stream.open(reuse, before_swap=lambda: summary_path.unlink(missing_ok=True))
+    return stream, reused
+
+
+def identity(src: ImageSource, key: str) -> dict[str, Any]:
+    """The fields that name an input in its record."""
+    return {"path": str(src.path), "rel": src.rel.as_posix(), "key": key}
+
+
+def error_record(ident: dict[str, Any], error: str) -> dict[str, Any]:
+    return {**ident, "status": "error", "error": error}
+
+
+class ImageWriter:
+    """What a session does with one image's maps: its files under ``out_dir`` and its record.
+    The local run and each Ray actor hold one."""
+
+    def __init__(self, session: Session, out_dir: Path) -> None:
+        opts, layers = session.options, session.layers
+        self.session = session
+        self.out_dir = out_dir
+        self.render = partial(
+            render_outputs, out_dir=out_dir, model=session.model,
+            colormap=resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet")), alpha=opts.alpha,
+            signed=opts.signed, save_raw=opts.save_raw, class_suffix=not tgt.is_default(session.specs),
+            fused_layer=session.layer_name if len(layers) > 1 else None,
+        )
+        self.warned: set[str] = set()
+
+    def explain(
+        self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[ImageOutput] | str:
+        """Maps for one group of same-shape inputs, or why the model failed on them. ``sizes``: each
+        image's original (H, W), for a segmentation --region in image pixels."""
         try:
-            outs = session.explain(torch.stack([g["tensor"] for g in group]), sizes=[g["image"].shape[:2] for g in group])
+            return self.session.explain(torch.stack(list(tensors)), sizes=sizes)
         except UsageError:
             raise
         except (RuntimeError, ValueError) as e:
+            return f"model failed on this image: {str(e).splitlines()[0]}"
+
+    def record(self, ident: dict[str, Any], rgb: np.ndarray, tensor: torch.Tensor, out: ImageOutput) -> dict[str, Any]:
+        """The record of an explained image, before its files are written (warns once about blank maps)."""
+        _diagnose(Path(ident["path"]), out, self.session.layers, self.warned, self.session.warn)
+        return {
+            **ident,
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "status": "ok",
+            "error": None,
+            "input_size": list(tensor.shape[-2:]),
+            "predictions": prediction_entries(out.top, self.session.model),
+            "saturation": out.saturation,
+            "explanations": [],
+        }
+
+    def write(self, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput, stem: Path) -> dict[str, Any]:
+        """Write the image's files into its record. All or nothing: when a write fails (OutputError),
+        the files this image already wrote are removed, so no output of an unlisted image stays."""
+        written: list[Path] = []
+        try:
+            rec["explanations"] = self.render(rgb, out, stem, written=written)
+        except BaseException:
+            remove_files(written)
+            raise
+        return rec
+
+
+def finish(stream: RecordStream, summary_path: Path, body: Callable[[], None], planned: int) -> RunResult:
+    """Run ``body`` (which appends records to ``stream``), then write the summary of what finished.
+
+    Interrupted (Ctrl-C) or stopped by an output error, the summary still describes this run: the
+    images whose files are all on disk, marked interrupted; the output error names what to do next.
+    """
+    try:
+        body()
+    except BaseException as e:
+        stream.close()  # writes still running have finished: the writer pool waited for them
+        try:
+            _summarize(stream, summary_path, interrupted=True, error=str(e) if isinstance(e, OutputError) else None)
+            wrote = f"{summary_path} counts them"
+        except OutputError:  # the disk is full: no summary (the old one is gone) rather than a wrong one
+            wrote = f"no summary could be written; `camcli summary {summary_path.parent}` rebuilds it"
+        if isinstance(e, OutputError):
+            raise OutputError(f"{e}; stopped after {stream.tally.images} of {planned} images ({stream.path} lists "
+                              f"them, {wrote}); make room and rerun with --skip-existing to do the rest") from None
+        raise
+    stream.close()
+    summary = _summarize(stream, summary_path, interrupted=False)
+    c = summary["counts"]
+    code = ExitCode.PARTIAL if c["error"] > 0 or c.get("not_processed", 0) > 0 else ExitCode.OK
+    return RunResult(summary=summary, exit_code=code, summary_path=summary_path, records_path=stream.path)
+
+
+def _summarize(stream: RecordStream, path: Path, *, interrupted: bool, error: str | None = None) -> dict[str, Any]:
+    """The summary of what finished: the records stream holds only images whose files are all on disk."""
+    summary = build_summary(stream.header, stream.tally, records=stream.path.name, interrupted=interrupted, error=error)
+    write_summary(summary, path)
+    return summary
+
+
+def _run(
+    session: Session,
+    plan: Plan,
+    out_dir: Path,
+    *,
+    progress: Callable[[int], None] | None,
+    on_start: Callable[[int], None] | None,
+) -> RunResult:
+    """The run itself, while this process holds the output folder."""
+    opts = session.options
+    sources = plan.sources
+    stems = output_stems(sources)
+    keys = [source_key(s) for s in sources]
+    stream, reused = open_records(session, plan, out_dir, keys)
+    todo = [i for i, k in enumerate(keys) if k not in reused]
+    if on_start is not None:
+        on_start(len(todo))
+    if reused:
+        session.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
+    writer = ImageWriter(session, out_dir)
+
+    def write_one(i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
+        """In a writer thread: render and write, then append the finished record."""
+        writer.write(rec, rgb, out, stems[i])  # OutputError: nothing of this image stays
+        try:
+            stream.add(rec)
+        except OutputError:
+            remove_files([out_dir / f for f in output_files(rec)])
+            raise
+
+    def run_group(group: list[dict[str, Any]], pool: WriterPool) -> bool:
+        """Explain one same-shape group; False when --fail-fast should stop the run."""
+        pool.check()  # a write failed: stop now
+        outs = writer.explain([g["tensor"] for g in group], [g["image"].shape[:2] for g in group])
+        if isinstance(outs, str):
             for g in group:
-                records[g["index"]] = {
-                    "path": str(sources[g["index"]].path), "status": "error",
-                    "error": f"model failed on this image: {str(e).splitlines()[0]}",
-                }
+                stream.add(error_record(identity(sources[g["index"]], keys[g["index"]]), outs))
             return not opts.fail_fast
         for g, o in zip(group, outs):
-            i, rgb = g["index"], g["image"]
-            _diagnose(sources[i].path, o, layers, warned, session.warn)
-            records[i] = {
-                "path": str(sources[i].path),
-                "width": int(rgb.shape[1]),
-                "height": int(rgb.shape[0]),
-                "status": "ok",
-                "error": None,
-                "input_size": list(g["tensor"].shape[-2:]),
-                "predictions": prediction_entries(o.top, lm),
-                "saturation": o.saturation,
-                "explanations": [],
-            }
-            pool.submit(write_one, i, rgb, o)
+            i = g["index"]
+            rec = writer.record(identity(sources[i], keys[i]), g["image"], g["tensor"], o)
+            pool.submit(write_one, i, rec, g["image"], o)
         if progress is not None:
             progress(len(group))
         return True
 
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ImageDataset(sources, pre), todo),
+        torch.utils.data.Subset(ImageDataset(sources, session.preprocess), todo),
         batch_size=opts.batch_size,
         num_workers=auto_workers() if opts.workers is None else opts.workers,
         collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=session.device.type == "cuda",
     )
-    journal.open(carried)
-    try:
+
+    def body() -> None:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
             pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
@@ -321,7 +437,7 @@ def explain(
                 for item in items:
                     i = item["index"]
                     if item["error"] is not None:
-                        records[i] = {"path": str(sources[i].path), "status": "error", "error": item["error"]}
+                        stream.add(error_record(identity(sources[i], keys[i]), item["error"]))
                         if progress is not None:
                             progress(1)
                         running = running and not opts.fail_fast
@@ -340,20 +456,8 @@ def explain(
                     break
                 running = run_group(pending.pop(shape), pool)
             pool.drain()
-    finally:
-        journal.close()
-    images = [r for r in records if r is not None]
-    skipped = len(records) - len(images)
-    summary = build_summary(
-        model=lm, layers=layers, device=str(device), options=session.record(), input_policy=pre.policy, images=images
-    )
-    summary["counts"]["reused"] = len(carried)
-    if skipped:
-        summary["counts"]["not_processed"] = skipped
-    summary_path = out_dir / f"summary{suffix}.json"
-    write_summary(summary, summary_path)
-    failed = any(r["status"] != "ok" for r in images) or skipped > 0
-    return RunResult(summary=summary, exit_code=ExitCode.PARTIAL if failed else ExitCode.OK, summary_path=summary_path)
+
+    return finish(stream, out_dir / summary_name(plan.shard), body, len(sources))
 
 
 def _diagnose(path: Path, out: ImageOutput, layers: list[str], warned: set[str], warn: Callable[[str], None]) -> None:

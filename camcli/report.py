@@ -1,19 +1,18 @@
-"""The versioned summary.json: what ran, on what, and what came out per image."""
+"""The versioned run header and summary.json: what ran, on what, and counts of what came out."""
 
 from __future__ import annotations
 
-import json
 import platform
-from pathlib import Path
+import uuid
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import torch
 
 from camcli import __version__
 from camcli.models import LoadedModel
-from camcli.writer import write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-image records moved from summary.json to records.jsonl
 
 
 # What the number beside each predicted class means: a classifier's softmax probability, or the
@@ -26,18 +25,24 @@ def prediction_entries(top: Sequence[tuple[int, float]], model: LoadedModel) -> 
     return [{"index": i, "label": model.label(i), key: round(p, 6)} for i, p in top]
 
 
-def build_summary(
+def run_header(
     *,
     model: LoadedModel,
     layers: Sequence[str],
     device: str,
     options: dict[str, Any],
     input_policy: str,
-    images: list[dict[str, Any]],
+    shaping: dict[str, Any],
+    fingerprint: str,
+    inputs: dict[str, Any],
 ) -> dict[str, Any]:
-    ok = sum(1 for im in images if im["status"] == "ok")
+    """What ran, on what, with which options: the first line of records.jsonl and the head of
+    summary.json. ``shaping``: the values behind ``fingerprint``; ``inputs``: how many images were
+    found (``total``) and taken by this run (``selected``, one shard's share), and the plan file."""
     return {
         "schema_version": SCHEMA_VERSION,
+        "run_id": uuid.uuid4().hex,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "camcli_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -57,10 +62,7 @@ def build_summary(
             "std": list(model.std),
         },
         "options": options,
-        "counts": {"images": len(images), "ok": ok, "error": len(images) - ok},
-        "images": images,
+        "fingerprint": fingerprint,
+        "shaping": shaping,
+        "inputs": inputs,
     }
-
-
-def write_summary(summary: dict[str, Any], path: str | Path) -> None:
-    write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))

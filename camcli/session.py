@@ -172,12 +172,15 @@ class Session:
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             return pick_logits(self.model.module(x), O.get(self.options, "output_key")).float()
 
-    def fingerprint(self) -> str:
+    def shaping(self) -> dict[str, Any]:
         """Everything that shapes the outputs: declared options plus what they resolved to."""
-        return O.fingerprint(
+        return O.shaping(
             self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
             classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
         )
+
+    def fingerprint(self) -> str:
+        return O.digest(self.shaping())
 
     def record(self) -> dict[str, Any]:
         """The options for summary.json, with names resolved (methods, layers, classes)."""

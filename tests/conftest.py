@@ -36,6 +36,29 @@ def small_images(tmp_path: Path) -> Path:
     return d
 
 
+SIZES = ((32, 48), (40, 40), (48, 32))  # (h, w): three input shapes, so runs batch by shape
+
+
+@pytest.fixture
+def make_images(tmp_path: Path):  # noqa: ANN201
+    """make_images(name, n, seed=1, sub=0, broken=False): a folder of n small random PNGs named
+    img00.png ... (every ``sub``-th in ``sub/``), plus an unreadable broken.png if asked."""
+
+    def make(name: str, n: int, *, seed: int = 1, sub: int = 0, broken: bool = False) -> Path:
+        d = tmp_path / name
+        (d / "sub" if sub else d).mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            h, w = SIZES[i % len(SIZES)]
+            where = d / "sub" if sub and i % sub == 0 else d
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(where / f"img{i:02d}.png")
+        if broken:
+            (d / "broken.png").write_text("not an image")
+        return d
+
+    return make
+
+
 @pytest.fixture
 def chelsea_copy(tmp_path: Path) -> Path:
     d = tmp_path / "cat"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,30 +11,29 @@ from PIL import Image
 
 from camcli.errors import UsageError
 from camcli.pipeline import ExplainOptions, explain, parse_shard
+from camcli.records import load_run
 
 TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        h, w = [(32, 48), (40, 40), (48, 32)][i % 3]
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    return d
+def folder(make_images) -> Path:  # noqa: ANN001
+    return make_images("many", 12)
 
 
 def test_skip_existing_resumes_and_redoes_only_missing(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = explain([folder], ExplainOptions(out=str(out), **TINY))
     assert first.summary["counts"]["ok"] == 12
+    first_images = first.images  # the next run into this folder replaces records.jsonl
     stamp = (out / "img00.gradcam.png").stat().st_mtime_ns
     again = explain([folder], ExplainOptions(out=str(out), skip_existing=True, **TINY))
     assert again.summary["counts"]["reused"] == 12 and again.summary["counts"]["ok"] == 12
     assert (out / "img00.gradcam.png").stat().st_mtime_ns == stamp
-    assert again.summary["images"] == first.summary["images"]
+    assert [{k: v for k, v in im.items() if k != "reused"} for im in again.images] == first_images
+    with pytest.raises(UsageError, match="now holds the records of another run"):
+        first.images
+    assert all(im["reused"] for im in again.images)
     (out / "img05.gradcam.png").unlink()
     third = explain([folder], ExplainOptions(out=str(out), skip_existing=True, **TINY))
     assert third.summary["counts"]["reused"] == 11 and (out / "img05.gradcam.png").is_file()
@@ -44,7 +42,7 @@ def test_skip_existing_resumes_and_redoes_only_missing(folder: Path, tmp_path: P
 def test_skip_existing_after_an_interrupted_run(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     explain([folder], ExplainOptions(out=str(out), **TINY))
-    journal = out / ".camcli-journal.jsonl"
+    journal = out / "records.jsonl"
     lines = journal.read_text().splitlines()
     # as if killed after 4 images, in the middle of writing the fifth line, before summary.json
     journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
@@ -66,13 +64,12 @@ def test_shards_partition_the_inputs_exactly(folder: Path, tmp_path: Path) -> No
     for k in (1, 2, 3):
         res = explain([folder], ExplainOptions(out=str(out), shard=f"{k}/3", **TINY))
         assert res.summary_path.name == f"summary.shard-{k}-of-3.json"
-        seen.extend(Path(im["path"]).name for im in res.summary["images"])
+        seen.extend(Path(im["path"]).name for im in res.images)
     assert sorted(seen) == sorted(p.name for p in folder.iterdir())
     assert len(seen) == len(set(seen)) == 12
     # deterministic: the same shard twice gives the same images
-    a = explain([folder], ExplainOptions(out=str(tmp_path / "a"), shard="2/3", **TINY)).summary["images"]
-    assert [im["path"] for im in a] == [im["path"] for im in json.loads(
-        (out / "summary.shard-2-of-3.json").read_text())["images"]]
+    a = explain([folder], ExplainOptions(out=str(tmp_path / "a"), shard="2/3", **TINY)).images
+    assert [im["path"] for im in a] == [im["path"] for im in load_run(out, (2, 3))["images"]]
 
 
 @pytest.mark.parametrize("bad", ["0/3", "4/3", "x", "1/0", "2"])

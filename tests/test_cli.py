@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camcli.cli import app
+from camcli.records import load_run
 
 runner = CliRunner()
 TINY = ["--model", "toymodels:tiny_cnn", "--workers", "0", "-q"]
@@ -22,7 +23,7 @@ def run(*args: str):  # noqa: ANN201
 
 
 def load_summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+    return load_run(out)  # summary.json with the records of records.jsonl under "images"
 
 
 def test_explain_folder_writes_overlays_summary_and_raw(small_images: Path, tmp_path: Path) -> None:
@@ -30,7 +31,7 @@ def test_explain_folder_writes_overlays_summary_and_raw(small_images: Path, tmp_
     r = run("explain", small_images, "-r", "--out", out, "--save-raw", *TINY)
     assert r.exit_code == 0, r.output
     s = load_summary(out)
-    assert s["schema_version"] == 1 and s["camcli_version"] and s["torch_version"] == torch.__version__
+    assert s["schema_version"] == 2 and s["camcli_version"] and s["torch_version"] == torch.__version__
     assert s["model"]["layer"] == "features"  # the last module to finish with a spatial output
     assert s["counts"] == {"images": 3, "ok": 3, "error": 0, "reused": 0}
     by_path = {Path(im["path"]).relative_to(small_images).as_posix(): im for im in s["images"]}

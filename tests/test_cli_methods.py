@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camcli.cli import app
+from camcli.records import load_run
 
 runner = CliRunner()
 
@@ -19,7 +20,7 @@ def run(*args: object):  # noqa: ANN201
 
 
 def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+    return load_run(out)  # summary.json with the records under "images"
 
 
 def test_empty_map_flagged_in_summary_and_warned(small_images: Path, tmp_path: Path) -> None:

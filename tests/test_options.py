@@ -127,6 +127,7 @@ OTHER_EFFECTS = {
     "skip_existing": "test_skip_existing_resumes_and_redoes_only_missing",
     "shard": "test_shards_partition_the_inputs_exactly",
     "fail_fast": "test_corrupt_truncated_empty_and_non_image_files_give_exit_3",
+    "ray": "test_ray_run_equals_the_local_run",
     "unsafe_load": "test_pickled_module_is_refused_without_opt_in",
     "metric": "test_evaluate_metric_steps_and_plots_have_their_effect",
     "steps": "test_evaluate_metric_steps_and_plots_have_their_effect",
@@ -315,7 +316,7 @@ def test_perturbation_and_batch_size_change_forward_calls_not_maps(tmp_path: Pat
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         res = explain([small_images], ExplainOptions(out=str(out), method="scorecam", save_raw=True, quiet=True,
                                                      workers=0, **kw), model=lm)
-        maps = [np.load(out / e["raw"]) for im in res.summary["images"] for e in im["explanations"]]
+        maps = [np.load(out / e["raw"]) for im in res.images for e in im["explanations"]]
         return maps, calls[0]
 
     m1, c1 = run(perturbation_batch=1, batch_size=1)

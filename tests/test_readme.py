@@ -25,7 +25,7 @@ def shown() -> list[tuple[str, str, str]]:
     text = README.read_text(encoding="utf-8")
     found: list[tuple[str, str, str]] = []
     for n, line in enumerate(text.splitlines(), 1):
-        for m in re.finditer(r"camcli (explain|check|evaluate|layers|methods|models)\b([^`|#\n]*)", line):
+        for m in re.finditer(r"camcli (explain|check|evaluate|summary|merge|layers|methods|models)\b([^`|#\n]*)", line):
             for flag in FLAG.findall(m.group(2)):
                 found.append((m.group(1), flag, f"README.md:{n}"))
     section, prose = None, False

@@ -18,7 +18,7 @@ CAT_CLASSES = {281, 282, 283, 284, 285, 286, 287}
 def test_chelsea_is_a_cat_and_gradcam_lies_on_its_face(samples: Path, tmp_path: Path, bundled) -> None:  # noqa: ANN001
     res = explain([samples / "chelsea.jpg"], ExplainOptions(out=str(tmp_path), save_raw=True, workers=0), model=bundled)
     assert res.exit_code == 0
-    im = res.summary["images"][0]
+    im = res.images[0]
     assert im["predictions"][0]["index"] in CAT_CLASSES
     cam = np.load(tmp_path / im["explanations"][0]["raw"])
     assert cam.shape == (300, 451)
@@ -33,7 +33,7 @@ def test_chelsea_is_a_cat_and_gradcam_lies_on_its_face(samples: Path, tmp_path: 
 def test_sample_folder_classes(samples: Path, tmp_path: Path, bundled) -> None:  # noqa: ANN001
     res = explain([samples], ExplainOptions(out=str(tmp_path), workers=2), model=bundled)
     assert res.exit_code == 0
-    top = {Path(im["path"]).name: im["predictions"][0]["index"] for im in res.summary["images"]}
+    top = {Path(im["path"]).name: im["predictions"][0]["index"] for im in res.images}
     assert top["coffee.jpg"] in {967, 968}
     assert top["rocket.jpg"] in {657, 744}
     assert json.loads((tmp_path / "summary.json").read_text())["counts"]["ok"] == 4

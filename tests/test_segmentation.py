@@ -123,7 +123,9 @@ def test_cli_summary_records_pixel_shares_and_regions(small_images: Path, tmp_pa
     r = runner.invoke(app, ["explain", str(small_images / "a.png"), "--model", "toymodels:tiny_seg", "-c", "top2",
                             "--out", str(tmp_path), "-q"])
     assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "summary.json").read_text())
+    from camcli.records import load_run
+
+    s = load_run(tmp_path)  # summary.json with records.jsonl's records under "images"
     im = s["images"][0]
     assert s["model"]["task"] == "segmentation"
     assert all("pixel_share" in p and "probability" not in p for p in im["predictions"])

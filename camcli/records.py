@@ -1,0 +1,293 @@
+"""The records stream: one JSON line per finished image, under ``--out``.
+
+``records.jsonl`` (``records.shard-K-of-N.jsonl`` for a shard) starts with the run's header (schema
+version, versions, model, options, the fingerprint of what shapes the outputs and those options
+themselves, the inputs planned) and then holds one record per image, appended and flushed the
+moment the image's files are all on disk. It is the run's journal (``--skip-existing`` reads it),
+the source of summary.json's counts and aggregates, and what ``camcli summary`` and ``camcli merge``
+read. Nothing here keeps a record in memory longer than it takes to write or count it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, TextIO
+
+from camcli.errors import UsageError
+from camcli.outdir import locked, shard_suffix
+from camcli.writer import cannot_write, write_atomic
+
+
+def records_name(shard: tuple[int, int] | None = None) -> str:
+    return f"records{shard_suffix(shard)}.jsonl"
+
+
+def summary_name(shard: tuple[int, int] | None = None) -> str:
+    return f"summary{shard_suffix(shard)}.json"
+
+
+def plan_name(shard: tuple[int, int] | None = None) -> str:
+    """The inputs a run planned, one relative path a line: what `camcli merge` finds missing."""
+    return f".camcli-plan{shard_suffix(shard)}.txt"
+
+
+def output_files(record: dict[str, Any]) -> list[str]:
+    """Every file a record lists, relative to its output folder."""
+    files = []
+    for e in record.get("explanations") or []:
+        files.extend(e[k] for k in ("overlay", "raw") if e.get(k))
+        if e.get("channels"):
+            files.append(e["channels"]["grid"])
+    return files
+
+
+class Tally:
+    """Counts and aggregates over records, one record at a time (constant memory)."""
+
+    TOP_CLASSES = 10
+
+    def __init__(self) -> None:
+        self.images = self.ok = self.reused = 0
+        # (method, layer) -> [maps, empty, Σ top10, Σ mean]; sums in millionths, so that they do not
+        # depend on the order images finished in (float sums do, in the last digit)
+        self._maps: dict[tuple[str, str], list[int]] = {}
+        self._top1: Counter[tuple[int, str | None]] = Counter()
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.images += 1
+        self.reused += bool(rec.get("reused"))
+        if rec.get("status") != "ok":
+            return
+        self.ok += 1
+        if rec.get("predictions"):
+            p = rec["predictions"][0]
+            self._top1[(p["index"], p.get("label"))] += 1
+        for e in rec.get("explanations") or []:
+            acc = self._maps.setdefault((e["method"], e["layer"]), [0, 0, 0, 0])
+            st = e.get("stats") or {}
+            acc[0] += 1
+            acc[1] += bool(st.get("empty"))
+            acc[2] += round(float(st.get("top10_energy_share") or 0.0) * 1e6)
+            acc[3] += round(float(st.get("mean") or 0.0) * 1e6)
+
+    def counts(self, planned: int | None = None) -> dict[str, int]:
+        c = {"images": self.images, "ok": self.ok, "error": self.images - self.ok, "reused": self.reused}
+        if planned is not None and planned > self.images:
+            c["not_processed"] = planned - self.images
+        return c
+
+    def aggregate(self) -> dict[str, Any]:
+        """Per method and layer: maps, empty maps, mean top-10% energy share and mean map value;
+        the most frequent top-1 classes."""
+        methods: dict[str, dict[str, Any]] = {}
+        for (method, layer), (n, empty, top10, mean) in sorted(self._maps.items()):
+            methods.setdefault(method, {})[layer] = {
+                "maps": int(n), "empty": int(empty),
+                "mean_top10_energy_share": round(top10 / n / 1e6, 6), "mean_value": round(mean / n / 1e6, 6),
+            }
+        top1 = [{"index": i, "label": label, "images": n} for (i, label), n in self._top1.most_common(self.TOP_CLASSES)]
+        return {"methods": methods, "top1_classes": top1}
+
+
+def _lines(f: IO[str]) -> Iterator[dict[str, Any]]:
+    """JSON lines until the end or the first line cut by an interruption (everything before it stands)."""
+    for line in f:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            return
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of a records file; UsageError when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next(_lines(f), None)
+    except OSError as e:
+        raise UsageError(f"cannot read records file {str(path)!r}: {e.strerror or e}") from None
+    if not isinstance(first, dict) or "fingerprint" not in first or "schema_version" not in first:
+        raise UsageError(f"{str(path)!r} is not a camcli records file (its first line is no run header)")
+    return first
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The image records of a records file, in the order they finished."""
+    with open(path, encoding="utf-8") as f:
+        it = _lines(f)
+        next(it, None)  # the header
+        yield from it
+
+
+class RecordStream:
+    """Appends records to ``path`` as images finish; counts them in a Tally. Thread-safe."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.header = header
+        self.tally = Tally()
+        self._lock = threading.Lock()
+        self._file: TextIO | None = None
+
+    def open(self, reuse: Callable[[dict[str, Any]], bool] | None = None,
+             before_swap: Callable[[], None] | None = None) -> set[str]:
+        """Start the file: the header, then the records of an earlier run with the same fingerprint
+        that ``reuse`` accepts (their keys are returned). The new file replaces the old one in one
+        rename, after ``before_swap``; until then the old one stands. OutputError when it cannot be written.
+        """
+        part = self.path.with_name(f".{self.path.name}.part")
+        kept: set[str] = set()
+        try:
+            self._file = open(part, "w", encoding="utf-8")
+            self._file.write(json.dumps(self.header) + "\n")
+            if reuse is not None and self.path.is_file():
+                if _header_or_none(self.path).get("fingerprint") == self.header["fingerprint"]:
+                    for rec in iter_records(self.path):
+                        if rec.get("key") not in kept and reuse(rec):
+                            rec["reused"] = True  # done by an earlier run
+                            self._file.write(json.dumps(rec) + "\n")
+                            self.tally.add(rec)
+                            kept.add(rec["key"])
+            self._file.flush()
+            if before_swap is not None:
+                before_swap()
+            os.replace(part, self.path)
+        except OSError as e:
+            self.close()
+            part.unlink(missing_ok=True)
+            raise cannot_write(self.path, e) from None
+        return kept
+
+    def add(self, rec: dict[str, Any]) -> None:
+        line = json.dumps(rec) + "\n"
+        with self._lock:
+            if self._file is None:
+                return
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
+            self.tally.add(rec)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass  # a line that did not reach the disk: readers stop before it
+                self._file = None
+
+
+def _header_or_none(path: Path) -> dict[str, Any]:
+    try:
+        return read_header(path)
+    except UsageError:
+        return {}
+
+
+def write_plan(path: Path, rels: Iterable[str]) -> None:
+    write_atomic(path, "".join(f"{r}\n" for r in rels).encode("utf-8"))
+
+
+def read_plan(path: Path) -> list[str] | None:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+
+
+def sorted_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in a stable order (by relative path), whatever order they finished in."""
+    return sorted(records, key=lambda r: (r.get("rel") or "", r.get("path") or ""))
+
+
+def with_records(summary: dict[str, Any], records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The summary with every image record included under ``images``: what ``--json`` prints."""
+    return {**summary, "images": sorted_records(records)}
+
+
+def load_run(out_dir: str | Path, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A run folder's summary.json with its records included under ``images`` (what ``--json`` prints)."""
+    out = Path(out_dir)
+    summary = json.loads((out / summary_name(shard)).read_text(encoding="utf-8"))
+    return with_records(summary, iter_records(out / summary["records"]))
+
+
+def find_records(target: Path) -> Path:
+    """The records file of a folder (or the file itself); UsageError naming what is there instead."""
+    if target.is_file():
+        return target
+    if not target.is_dir():
+        raise UsageError(f"no such folder or records file: {str(target)!r}")
+    whole = target / records_name()
+    if whole.is_file():
+        return whole
+    shards = sorted(p.name for p in target.glob("records.shard-*-of-*.jsonl"))
+    if shards:
+        raise UsageError(
+            f"{str(target)!r} holds shard records ({', '.join(shards)}) but no records.jsonl: merge them with "
+            f"`camcli merge {target}`, or name one shard's file"
+        )
+    raise UsageError(f"{str(target)!r} holds no records.jsonl (is it the --out folder of a camcli explain run?)")
+
+
+def build_summary(
+    header: dict[str, Any], tally: Tally, *, records: str, interrupted: bool, error: str | None
+) -> dict[str, Any]:
+    """summary.json: the run's header, counts and aggregates; the per-image records stay in ``records``."""
+    return {
+        **header,
+        "records": records,
+        "counts": tally.counts((header.get("inputs") or {}).get("selected")),
+        "aggregate": tally.aggregate(),
+        "interrupted": interrupted,
+        "error": error,
+    }
+
+
+def write_summary(summary: dict[str, Any], path: str | Path) -> None:
+    write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+
+
+def summary_path_for(records_path: Path) -> Path:
+    """records.jsonl -> summary.json; records.shard-K-of-N.jsonl -> summary.shard-K-of-N.json."""
+    return records_path.with_name("summary" + records_path.name[len("records"):-len(".jsonl")] + ".json")
+
+
+def shard_of_name(name: str) -> tuple[int, int] | None:
+    m = re.fullmatch(r"records\.shard-(\d+)-of-(\d+)\.jsonl", name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def rebuild(target: Path, *, write: bool = False) -> tuple[dict[str, Any], Path]:
+    """`camcli summary`: the summary of a folder's records (or a records file), and that file.
+
+    ``write``: also store it as the folder's summary.json; the run must be over (the folder's lock
+    is taken, so a running run makes this exit 2 naming it).
+    """
+    path = find_records(Path(target))
+    if not write:
+        return summarize(path), path
+    with locked(path.parent, "camcli summary", shard_of_name(path.name)):
+        summary = summarize(path)
+        write_summary(summary, summary_path_for(path))
+    return summary, path
+
+
+def summarize(records_path: Path, header: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A summary rebuilt from a records file: its header, counts and aggregates."""
+    header = header or read_header(records_path)
+    tally = Tally()
+    for rec in iter_records(records_path):
+        tally.add(rec)
+    planned = (header.get("inputs") or {}).get("selected")
+    summary = build_summary(header, tally, records=records_path.name, interrupted=False, error=None)
+    summary["interrupted"] = planned is not None and tally.images < planned
+    summary["rebuilt_from"] = records_path.name
+    return summary
