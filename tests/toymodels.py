@@ -91,3 +91,13 @@ class DictOut(nn.Module):
 
 def dict_out() -> nn.Module:
     return DictOut()
+
+
+def needs_args(num_classes: int) -> nn.Module:
+    """A builder camcli cannot call: it needs an argument."""
+    return TinyCNN(num_classes)
+
+
+def raises() -> nn.Module:
+    """A builder whose own code fails."""
+    raise RuntimeError("checkpoint server unreachable")
