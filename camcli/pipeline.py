@@ -24,16 +24,20 @@ import torch
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, UsageError
-from camcli.images import ImageDataset, ImageSource, collate, discover
+from camcli.images import ImageDataset, ImageSource, collate, find_images, worker_ignores_interrupts
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
-from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
+from camcli.render import channel_grid, encode_png, overlay_png, raw_npy, resolve_colormap
 from camcli.report import build_summary, prediction_entries, write_summary
 from camcli.session import Session, resolve_device  # noqa: F401  (resolve_device: public, used by callers)
-from camcli.stats import map_stats, note_text
-from camcli.writer import WriterPool, npy_bytes, write_atomic
+from camcli.stats import image_map_stats, note_text
+from camcli.writer import WriterPool, write_atomic
 
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
+# Decoded full-resolution pixels held at once by images waiting for their batch, and again by
+# overlays waiting to be written: batches are cut short, and writes wait, beyond it. An image larger
+# than the budget goes alone. Memory then follows the largest image, not image size x batch size.
+PIXEL_BUDGET = 1 << 26  # 64 Mpx: 192 MB of RGB
 
 __all__ = ["ExplainOptions", "RunResult", "explain"]
 
@@ -107,15 +111,15 @@ def render_outputs(
     h, w = rgb.shape[:2]
     entries = []
     for m in out.maps:
-        full = upsample(m.cam, h, w)
+        # Rendered a band of rows at a time: no full-resolution float map is ever held.
         layer_suffix = fused_layer is not None and m.layer != fused_layer
         rel_png = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".png")
-        write_atomic(out_dir / rel_png, encode_png(overlay(rgb, full, colormap, alpha, signed)))
+        write_atomic(out_dir / rel_png, overlay_png(rgb, m.cam, colormap, alpha, signed))
         rel_raw = None
         if save_raw:
             rel_raw = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".npy")
-            write_atomic(out_dir / rel_raw, npy_bytes(full.astype(np.float32)))
-        stats = map_stats(full, m.empty)
+            write_atomic(out_dir / rel_raw, raw_npy(m.cam, h, w))
+        stats = image_map_stats(m.cam, h, w, m.empty)
         if m.note:
             stats["note"] = note_text(m.note)
         channels = None
@@ -199,7 +203,10 @@ class Journal:
 
 
 def source_key(src: ImageSource) -> str:
-    st = src.path.stat()
+    try:
+        st = src.path.stat()
+    except OSError:  # a broken link: the image fails, and nothing is reused for it
+        return f"{src.rel.as_posix()}|unreadable"
     return f"{src.rel.as_posix()}|{st.st_size}|{st.st_mtime_ns}"
 
 
@@ -227,7 +234,8 @@ def explain(
     opts.validate()
     cmap = resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))
     out_dir = Path(opts.out)
-    sources = select_shard(discover(inputs, opts.recursive, exclude=out_dir), opts.shard)
+    found = find_images(inputs, opts.recursive, exclude=out_dir)
+    sources = select_shard(found.sources, opts.shard)
     check_writable(out_dir)
     session = Session.open(opts, model=model)
     lm, device, pre, layers, specs = session.model, session.device, session.preprocess, session.layers, session.specs
@@ -254,10 +262,24 @@ def explain(
         session.warn(f"--skip-existing: {len(sources) - len(todo)} of {len(sources)} images already done")
 
     warned: set[str] = set()
+    if found.skipped:
+        session.warn(
+            f"skipped {len(found.skipped)} folder entries that are not regular files (a FIFO, a socket or a broken "
+            f"link), first: {found.skipped[0]}"
+        )
     render = partial(
         render_outputs, out_dir=out_dir, model=lm, colormap=cmap, alpha=opts.alpha, signed=opts.signed,
         save_raw=opts.save_raw, class_suffix=class_suffix, fused_layer=fused_layer,
     )
+
+    writing: list[tuple[Any, int]] = []  # (future, full-resolution pixels) of writes in flight
+
+    def submit_write(pool: WriterPool, i: int, rgb: np.ndarray, out: ImageOutput) -> None:
+        """Hand an image to the writers, first waiting for the oldest writes beyond the pixel budget."""
+        pixels = rgb.shape[0] * rgb.shape[1]
+        while writing and (writing[0][0].done() or sum(p for _, p in writing) + pixels > PIXEL_BUDGET):
+            writing.pop(0)[0].result()
+        writing.append((pool.submit(write_one, i, rgb, out), pixels))
 
     def write_one(i: int, rgb: np.ndarray, out: ImageOutput) -> None:
         """In a writer thread: render and write, then complete the record and journal it."""
@@ -284,8 +306,11 @@ def explain(
                 }
             return not opts.fail_fast
         for g, o in zip(group, outs):
-            i, rgb = g["index"], g["image"]
+            i, rgb = g["index"], g.pop("image")  # the writer holds the only reference from here on
             _diagnose(sources[i].path, o, layers, warned, session.warn)
+            if g["note"] and "note" not in warned:
+                session.warn(f"{sources[i].path}: {g['note']}")
+                warned.add("note")
             records[i] = {
                 "path": str(sources[i].path),
                 "width": int(rgb.shape[1]),
@@ -295,17 +320,21 @@ def explain(
                 "input_size": list(g["tensor"].shape[-2:]),
                 "predictions": prediction_entries(o.top, lm),
                 "saturation": o.saturation,
+                **({"note": g["note"]} if g["note"] else {}),
                 "explanations": [],
             }
-            pool.submit(write_one, i, rgb, o)
+            submit_write(pool, i, rgb, o)
         if progress is not None:
             progress(len(group))
         return True
 
+    # One image per fetch: batches are formed below, by input shape and under the pixel budget.
+    workers = auto_workers() if opts.workers is None else opts.workers
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ImageDataset(sources, pre), todo),
-        batch_size=opts.batch_size,
-        num_workers=auto_workers() if opts.workers is None else opts.workers,
+        torch.utils.data.Subset(ImageDataset(sources, pre, opts.max_pixels), todo),
+        batch_size=1,
+        num_workers=workers,
+        worker_init_fn=worker_ignores_interrupts if workers else None,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
@@ -313,7 +342,12 @@ def explain(
     try:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
+            # A bucket also runs early when the images waiting hold more than PIXEL_BUDGET pixels.
             pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+
+            def held(bucket: list[dict[str, Any]]) -> int:
+                return sum(g["image"].shape[0] * g["image"].shape[1] for g in bucket)
+
             running = True
             for items in loader:
                 for item in items:
@@ -324,10 +358,16 @@ def explain(
                             progress(1)
                         running = running and not opts.fail_fast
                         continue
+                    # Within the pixel budget, or the images waiting run first (an image larger than
+                    # the budget then runs alone).
+                    pixels = held([item])
+                    while running and pending and sum(held(v) for v in pending.values()) + pixels > PIXEL_BUDGET:
+                        running = run_group(pending.pop(max(pending, key=lambda k: held(pending[k]))), pool)
                     shape = tuple(item["tensor"].shape)
                     pending[shape].append(item)
                     if running and len(pending[shape]) >= opts.batch_size:
                         running = run_group(pending.pop(shape), pool)
+                items = item = None  # type: ignore[assignment]  # hold no image while the next decodes
                 while running and sum(len(v) for v in pending.values()) > 2 * opts.batch_size:
                     largest = max(pending, key=lambda k: len(pending[k]))
                     running = run_group(pending.pop(largest), pool)
@@ -348,6 +388,8 @@ def explain(
     summary["counts"]["reused"] = len(carried)
     if skipped:
         summary["counts"]["not_processed"] = skipped
+    if found.skipped:
+        summary["counts"]["skipped_entries"] = len(found.skipped)
     summary_path = out_dir / f"summary{suffix}.json"
     write_summary(summary, summary_path)
     failed = any(r["status"] != "ok" for r in images) or skipped > 0
