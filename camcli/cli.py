@@ -316,8 +316,35 @@ def models() -> None:
     _stdout().print(table)
 
 
+def _on_interrupt(signum: int, frame: Any) -> None:  # noqa: ANN401
+    """SIGINT: the first one stops the run in order (KeyboardInterrupt: running writes finish, exit
+    130); a second one, while that cleanup runs, exits 130 at once, without a traceback."""
+    if _on_interrupt.seen:  # type: ignore[attr-defined]
+        import multiprocessing
+        import os
+
+        os.write(2, b"\ncamcli: interrupted again; stopping now (a file being written may remain as .*.part)\n")
+        for child in multiprocessing.active_children():  # decoding workers
+            child.terminate()
+        os._exit(int(ExitCode.INTERRUPTED))
+    _on_interrupt.seen = True  # type: ignore[attr-defined]
+    raise KeyboardInterrupt
+
+
+_on_interrupt.seen = False  # type: ignore[attr-defined]
+
+
 def main() -> None:
-    app()
+    import signal
+
+    signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        app()
+    finally:
+        if _on_interrupt.seen:  # type: ignore[attr-defined]
+            # Already leaving with 130: a further Ctrl-C while Python shuts down must not turn that
+            # into a death by signal (Python resets its own handlers at shutdown, not an ignored one).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Bounded resources: a huge image and peak memory through the command in a child process."""
+"""Bounded resources and interruptions, through the installed command in a child process:
+a huge image, peak memory, Ctrl-C once and twice."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -85,6 +88,51 @@ def test_huge_image_is_explained_in_bounded_memory(huge_png: Path, tmp_path: Pat
     assert summary["images"][0]["status"] == "ok"
     with Image.open(out / "grey.gradcam.png") as im:  # the header only
         assert im.size == (16000, 16000)
+
+
+def _interrupt(tmp_path: Path, folder: Path, workers: str, second_after: float | None) -> tuple[int, str, int]:
+    """Start explain on a slow model, Ctrl-C the process group once a batch runs (and again)."""
+    marker = tmp_path / "started"
+    p = subprocess.Popen(
+        camcli("explain", str(folder), "--model", "toymodels:slow_cnn", "--workers", workers,
+               "--out", str(tmp_path / "out"), "-q"),
+        env=child_env(CAMCLI_TEST_STARTED=str(marker)), cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        while not marker.exists() and p.poll() is None:
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal does: to every process of the group
+        if second_after is not None:
+            time.sleep(second_after)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, err, p.pid
+
+
+@pytest.fixture
+def many(tmp_path: Path) -> Path:
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+    return d
+
+
+@pytest.mark.parametrize("workers,second_after", [("2", None), ("2", 0.1)], ids=["once", "twice"])
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path: Path, many: Path, workers: str,
+                                               second_after: float | None) -> None:
+    rc, err, group = _interrupt(tmp_path, many, workers, second_after)
+    assert rc == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    if second_after is None:  # an orderly stop: the decoding workers were stopped, not left behind
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
 
 
 # -- the pieces that keep memory flat, in process -------------------------------------------------
