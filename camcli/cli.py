@@ -144,13 +144,16 @@ def check(
 
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
-    from camcli.check import junit_xml, run_check
+    from camcli.check import check_report_path, junit_xml, run_check
     from camcli.writer import write_atomic
 
     _quiet_warnings(given.get("quiet"))
     quiet = bool(given.get("quiet"))
 
     def go() -> ExitCode:
+        for flag, path in (("--junit", junit), ("--json", json_report)):
+            if path is not None:
+                check_report_path(flag, path)
         report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
         console = _stdout()
         if update_baselines:
