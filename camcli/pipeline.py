@@ -348,6 +348,9 @@ def explain(
             def held(bucket: list[dict[str, Any]]) -> int:
                 return sum(g["image"].shape[0] * g["image"].shape[1] for g in bucket)
 
+            def held_total() -> int:
+                return sum(held(v) for v in pending.values())
+
             running = True
             for items in loader:
                 for item in items:
@@ -358,14 +361,14 @@ def explain(
                             progress(1)
                         running = running and not opts.fail_fast
                         continue
-                    # Within the pixel budget, or the images waiting run first (an image larger than
-                    # the budget then runs alone).
+                    # A batch stays within the pixel budget (an image larger than it runs alone), and
+                    # a full budget runs before the next image is decoded.
                     pixels = held([item])
-                    while running and pending and sum(held(v) for v in pending.values()) + pixels > PIXEL_BUDGET:
+                    while running and pending and held_total() + pixels > PIXEL_BUDGET:
                         running = run_group(pending.pop(max(pending, key=lambda k: held(pending[k]))), pool)
                     shape = tuple(item["tensor"].shape)
                     pending[shape].append(item)
-                    if running and len(pending[shape]) >= opts.batch_size:
+                    if running and (len(pending[shape]) >= opts.batch_size or held_total() >= PIXEL_BUDGET):
                         running = run_group(pending.pop(shape), pool)
                 items = item = None  # type: ignore[assignment]  # hold no image while the next decodes
                 while running and sum(len(v) for v in pending.values()) > 2 * opts.batch_size:
