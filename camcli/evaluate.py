@@ -280,12 +280,13 @@ def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Ite
         notes: dict[int, str | None] = {}
         tensors: dict[int, torch.Tensor] = {}
         for i, src in chunk:
-            try:
-                d = read_image(src.path, max_pixels)
+            pre = session.preprocess
+            try:  # decoded no larger than the model input needs: no overlay is drawn here
+                d = read_image(src.path, max_pixels, fit=pre.input_hw)
             except ImageError as e:
                 sizes[i] = e
                 continue
-            sizes[i], notes[i], tensors[i] = d.rgb.shape[:2], d.note, session.preprocess.resize(d.rgb)
+            sizes[i], notes[i], tensors[i] = d.size, d.note, pre.resize(d.rgb, pre.input_hw(*d.size))
             del d
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, t in tensors.items():

@@ -8,7 +8,7 @@ import signal
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -25,6 +25,7 @@ DEFAULT_MAX_PIXELS: int = BY_NAME["max_pixels"].default  # Pillow's own decompre
 # user who raises it can read the image; Pillow's fixed process-wide threshold would refuse it.
 Image.MAX_IMAGE_PIXELS = None
 STRIP_PIXELS = 1 << 22  # pixels converted to RGB at a time: decoding needs one full-size copy, not three
+REDUCE_ABOVE = 1 << 24  # read_image(fit=...): larger images are decoded reduced; smaller ones exactly as usual
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def check_pixels(p: Path, width: int, height: int, max_pixels: int) -> None:
 class Decoded:
     rgb: np.ndarray  # (H, W, 3) uint8 RGB, EXIF orientation applied
     frames: int = 1  # an animation's frames or a file's pages; only the first is decoded
+    size: tuple[int, int] = (0, 0)  # (height, width) of the image in the file, even when decoded smaller
 
     @property
     def note(self) -> str | None:
@@ -206,9 +208,11 @@ def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     with _open(p) as im:
         w, h = im.size
         check_pixels(p, w, h, max_pixels)
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the sides
-            w, h = h, w
-        return w, h
+        return (h, w) if _swaps_sides(im) else (w, h)
+
+
+def _swaps_sides(im: Image.Image) -> bool:
+    return im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 def _open(p: Path) -> Any:  # noqa: ANN401
@@ -221,21 +225,39 @@ def _open(p: Path) -> Any:  # noqa: ANN401
         raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               fit: Callable[[int, int], tuple[int, int]] | None = None) -> Decoded:
     """Decode an image file as RGB with EXIF orientation applied; ImageError if it cannot be.
 
     The size is checked against ``max_pixels`` from the header, before any pixel is decoded. The
     decoded image is held once in its own mode and once as RGB (converted a strip at a time), never
     in float or in several full-size copies.
+
+    ``fit(height, width) -> (h, w)``: the smallest size the caller needs (a model input, when no
+    full-resolution overlay is drawn). An image of more than REDUCE_ABOVE pixels is then decoded
+    smaller: a JPEG at a reduced scale (Pillow's draft), any other image reduced by an integer
+    factor before it is converted to RGB. ``size`` keeps the file's own size.
     """
     p = Path(path)
     with _open(p) as im:
         try:
-            check_pixels(p, im.size[0], im.size[1], max_pixels)
+            w, h = im.size
+            check_pixels(p, w, h, max_pixels)
             frames = int(getattr(im, "n_frames", 1) or 1)
+            swapped = _swaps_sides(im)
+            need = None
+            if fit is not None and w * h > REDUCE_ABOVE:
+                nh, nw = fit(w, h) if swapped else fit(h, w)
+                need = (nw, nh) if swapped else (nh, nw)  # in the file's own orientation
+                if im.format == "JPEG":
+                    im.draft(im.mode, (need[1], need[0]))
             im.load()
+            if need is not None:
+                factor = min(im.size[0] // need[1], im.size[1] // need[0])
+                if factor >= 2:
+                    im = im.reduce(factor)
             ImageOps.exif_transpose(im, in_place=True)
-            return Decoded(_to_rgb8_in_strips(im), frames)
+            return Decoded(_to_rgb8_in_strips(im), frames, (w, h) if swapped else (h, w))
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -271,10 +293,12 @@ class Preprocess:
             return self.size, max(1, round(w * self.size / h))
         return max(1, round(h * self.size / w)), self.size
 
-    def resize(self, rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats)."""
+    def resize(self, rgb: np.ndarray, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats).
+
+        ``hw``: the input size, when ``rgb`` was decoded smaller than the file (read_image's fit)."""
         h, w = rgb.shape[:2]
-        th, tw = self.input_hw(h, w)
+        th, tw = hw or self.input_hw(h, w)
         interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_CUBIC
         resized = cv2.resize(rgb, (tw, th), interpolation=interp)
         return torch.from_numpy(resized).permute(2, 0, 1)

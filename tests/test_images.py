@@ -212,3 +212,27 @@ def test_animated_and_multipage_images_say_the_first_frame_was_used(tmp_path: Pa
     notes = {Path(im["path"]).name: im.get("note") for im in json.loads((tmp_path / "o" / "summary.json").read_text())["images"]}
     assert "3 frames" in notes["anim.webp"] and "2 frames" in notes["pages.tiff"] and notes["a.png"] is None
     assert CliRunner().invoke(app, [*args, "-q"]).stderr == ""
+
+
+def test_huge_images_are_decoded_reduced_when_only_a_model_input_is_needed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    import camcli.images as I
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    arr = np.stack([xx * 255 // 399, yy * 255 // 299, (xx + yy) % 256], axis=2).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 300 wide, 400 high
+    files = {"x.jpg": {}, "x.png": {}, "turned.jpg": {"exif": exif.tobytes()}}
+    monkeypatch.setattr(I, "REDUCE_ABOVE", 1000)  # as if these 120,000 pixels were a huge scan
+    for name, kw in files.items():
+        p = _save(Image.fromarray(arr), tmp_path / name, **kw)
+        full = I.read_image(p)
+        small = I.read_image(p, fit=lambda h, w: (h // 4, w // 4))
+        assert small.size == full.rgb.shape[:2] == ((400, 300) if kw else (300, 400))
+        assert small.rgb.shape[:2] == (full.rgb.shape[0] // 4, full.rgb.shape[1] // 4)  # draft 1/4 or reduce(4)
+        ref = cv2.resize(full.rgb, small.rgb.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(ref.astype(int) - small.rgb).mean() < 4, name
+    monkeypatch.undo()
+    assert I.read_image(tmp_path / "x.jpg", fit=lambda h, w: (h // 4, w // 4)).rgb.shape == (300, 400, 3)
