@@ -12,19 +12,14 @@ from PIL import Image
 
 from camcli.errors import UsageError
 from camcli.pipeline import ExplainOptions, explain, parse_shard
+from conftest import noise_images
 
 TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        h, w = [(32, 48), (40, 40), (48, 32)][i % 3]
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    return d
+    return noise_images(tmp_path / "many", [(32, 48), (40, 40), (48, 32)] * 4, seed=1, name="img{:02d}.png")
 
 
 def test_skip_existing_resumes_and_redoes_only_missing(folder: Path, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import noise_images
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
@@ -116,12 +118,7 @@ def _interrupt(tmp_path: Path, folder: Path, workers: str, second_after: float |
 
 @pytest.fixture
 def many(tmp_path: Path) -> Path:
-    d = tmp_path / "many"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
-    return d
+    return noise_images(tmp_path / "many", [(40, 60)] * 40)
 
 
 @pytest.mark.parametrize("workers,second_after", [("2", None), ("2", 0.1)], ids=["once", "twice"])
@@ -178,11 +175,7 @@ def test_batches_stay_within_the_pixel_budget(tmp_path: Path, monkeypatch: pytes
     import camcli.pipeline as P
     from camcli.session import Session
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(9):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = noise_images(tmp_path / "imgs", [(40, 40)] * 9, seed=1)
     seen: list[int] = []
     real = Session.explain
 
