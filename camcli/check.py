@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from camcli.images import decode
 from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
+from camcli.pipeline import check_writable
 from camcli.render import encode_png, overlay, resolve_colormap, upsample
 from camcli.sanity import pearson
 from camcli.outdir import check_writable, locked
@@ -68,6 +70,22 @@ class CheckReport:
         }
 
 
+def check_report_path(flag: str, path: str | Path) -> Path:
+    """A report file (--junit, --json) that can be written, checked before any case runs: after
+    the cases, a folder or a file in the way would turn passed checks into a crash."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {str(p)!r} is a folder; give a file name inside it (for example {str(p / 'report')!r})")
+    folder = p.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder: the rest is created when writing
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {str(p)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(p)!r}: the folder {str(folder)!r} is not writable")
+    return p
+
+
 def _prevalidate_classes(cf: CheckFile) -> None:
     """Label names can be checked before the model loads when the labels are known."""
     name = cf.options.model or DEFAULT_MODEL
@@ -86,10 +104,10 @@ def _prevalidate_classes(cf: CheckFile) -> None:
                 raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
 
 
-def _region_mask(case: Case) -> np.ndarray:
+def _region_mask(case: Case, max_pixels: int) -> np.ndarray:
     """Boolean (H, W) mask of the expected region."""
     if case.expect.region_mask is not None:
-        return decode(case.expect.region_mask).max(axis=2) > 0
+        return decode(case.expect.region_mask, max_pixels).max(axis=2) > 0
     mask = np.zeros((case.height, case.width), bool)
     if case.expect.region is not None:
         x0, y0, x1, y1 = case.expect.region
@@ -97,14 +115,14 @@ def _region_mask(case: Case) -> np.ndarray:
     return mask
 
 
-def _draw_region(bgr: np.ndarray, case: Case, ok: bool) -> np.ndarray:
+def _draw_region(bgr: np.ndarray, case: Case, ok: bool, mask: np.ndarray | None) -> np.ndarray:
     color = (0, 200, 0) if ok else (0, 0, 255)
     thick = max(2, round(max(bgr.shape[:2]) / 200))
     if case.expect.region is not None:
         x0, y0, x1, y1 = case.expect.region
         cv2.rectangle(bgr, (x0, y0), (x1 - 1, y1 - 1), color, thick)
-    elif case.expect.region_mask is not None:
-        contours, _ = cv2.findContours(_region_mask(case).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    elif mask is not None:
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(bgr, contours, -1, color, thick)
     return bgr
 
@@ -142,6 +160,8 @@ def _run_check(
     if update_baselines and cf.baselines is None:
         raise CheckFileError(f"{cf.path}: --update-baselines needs a top-level 'baselines' folder")
     _prevalidate_classes(cf)
+    if out is not None:
+        check_writable(Path(out))
     try:
         session = Session.open(cf.options, model=model)
     except CheckFileError:
@@ -163,10 +183,10 @@ def _run_check(
     out_dir = Path(out) if out is not None else None
 
     for case in cf.cases:
-        rgb = decode(case.image)
+        rgb = decode(case.image, cf.options.max_pixels)
         result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
         ranked = [i for i, _ in result.top]
-        mask = _region_mask(case) if (case.expect.region or case.expect.region_mask) else None
+        mask = _region_mask(case, cf.options.max_pixels) if (case.expect.region or case.expect.region_mask) else None
         for cam_map in result.maps:
             if cam_map.layer != layer_name:
                 continue
@@ -179,7 +199,7 @@ def _run_check(
                 report.rules.extend(rows)
             if out_dir is not None:
                 ok = all(r.passed for r in rows)
-                bgr = _draw_region(overlay(rgb, full, cmap, 0.5), case, ok)
+                bgr = _draw_region(overlay(rgb, full, cmap, 0.5), case, ok, mask)
                 rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
                 write_atomic(out_dir / rel, encode_png(bgr))
                 report.overlays.append(rel)

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from camcli import options as O
 from camcli.config import read_yaml
-from camcli.errors import UsageError, suggest
+from camcli.errors import ImageError, UsageError, suggest
+from camcli.images import image_size
 from camcli.methods import MethodInfo, parse_methods
 
 # Keys of the file's own; every other top-level key is an option of `check` (camcli.options), and
@@ -18,6 +17,7 @@ from camcli.methods import MethodInfo, parse_methods
 FILE_KEYS = ("model", "baselines", "cases")
 CASE_KEYS = {"image", "class", "name", "expect"}
 EXPECT_KEYS = {"top_k", "region", "region_mask", "min_energy_in_region", "peak_in_region", "min_baseline_similarity"}
+RULES = ("top_k", "min_energy_in_region", "peak_in_region", "min_baseline_similarity")  # what a case checks
 
 
 class CheckFileError(UsageError):
@@ -89,15 +89,13 @@ def _region(path: Path, where: str, value: Any, w: int, h: int) -> tuple[int, in
     return x0, y0, x1, y1
 
 
-def _image_size(path: Path, where: str, image: Path) -> tuple[int, int]:
-    if not image.is_file():
+def _image_size(path: Path, where: str, image: Path, max_pixels: int) -> tuple[int, int]:
+    if not image.exists():
         raise _err(path, where, f"image {str(image)!r} does not exist")
     try:
-        with Image.open(image) as im:
-            from PIL import ImageOps
-
-            im = ImageOps.exif_transpose(im) or im
-            return im.size
+        return image_size(image, max_pixels)
+    except ImageError as e:
+        raise _err(path, where, str(e)) from None
     except Exception as e:  # noqa: BLE001 - any decoding problem is a file error here
         raise _err(path, where, f"image {str(image)!r} cannot be read ({e})") from None
 
@@ -180,7 +178,7 @@ def load_check_file(
         if "image" not in c:
             raise _err(p, where, "missing key 'image'")
         image = root / str(c["image"])
-        w, h = _image_size(p, f"{where}.image", image)
+        w, h = _image_size(p, f"{where}.image", image, opts.max_pixels)
         target = c.get("class")
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, str))):
             raise _err(p, f"{where}.class", f"{target!r} is not a class index or label")
@@ -200,7 +198,7 @@ def load_check_file(
             ex.region = _region(p, f"{where}.expect.region", exp_raw["region"], w, h)
         if "region_mask" in exp_raw:
             mask = root / str(exp_raw["region_mask"])
-            mw, mh = _image_size(p, f"{where}.expect.region_mask", mask)
+            mw, mh = _image_size(p, f"{where}.expect.region_mask", mask, opts.max_pixels)
             if (mw, mh) != (w, h):
                 raise _err(p, f"{where}.expect.region_mask", f"mask is {mw}x{mh}, the image is {w}x{h}")
             ex.region_mask = mask
@@ -218,6 +216,9 @@ def load_check_file(
             )
             if baselines is None:
                 raise _err(p, f"{where}.expect.min_baseline_similarity", "needs a top-level 'baselines' folder")
+        if all(getattr(ex, rule) is None for rule in RULES):
+            raise _err(p, f"{where}.expect", f"case {c.get('name') or image.stem!r} has no rules, so it could never fail; "
+                       f"give at least one of {', '.join(RULES)}")
         name = str(c.get("name") or image.stem)
         cases.append(Case(i, name, image, w, h, target, ex))
 

@@ -242,13 +242,16 @@ def check(
 
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
-    from camcli.check import junit_xml, run_check
+    from camcli.check import check_report_path, junit_xml, run_check
     from camcli.writer import write_atomic
 
     _quiet_warnings(given.get("quiet"))
     quiet = bool(given.get("quiet"))
 
     def go() -> ExitCode:
+        for flag, path in (("--junit", junit), ("--json", json_report)):
+            if path is not None:
+                check_report_path(flag, path)
         report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
         console = _stdout()
         if update_baselines:
@@ -414,8 +417,35 @@ def models() -> None:
     _stdout().print(table)
 
 
+def _on_interrupt(signum: int, frame: Any) -> None:  # noqa: ANN401
+    """SIGINT: the first one stops the run in order (KeyboardInterrupt: running writes finish, exit
+    130); a second one, while that cleanup runs, exits 130 at once, without a traceback."""
+    if _on_interrupt.seen:  # type: ignore[attr-defined]
+        import multiprocessing
+        import os
+
+        os.write(2, b"\ncamcli: interrupted again; stopping now (a file being written may remain as .*.part)\n")
+        for child in multiprocessing.active_children():  # decoding workers
+            child.terminate()
+        os._exit(int(ExitCode.INTERRUPTED))
+    _on_interrupt.seen = True  # type: ignore[attr-defined]
+    raise KeyboardInterrupt
+
+
+_on_interrupt.seen = False  # type: ignore[attr-defined]
+
+
 def main() -> None:
-    app()
+    import signal
+
+    signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        app()
+    finally:
+        if _on_interrupt.seen:  # type: ignore[attr-defined]
+            # Already leaving with 130: a further Ctrl-C while Python shuts down must not turn that
+            # into a death by signal (Python resets its own handlers at shutdown, not an ignored one).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -11,17 +13,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from camcli import metrics as M
 from camcli import targets as tgt
+from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
-from camcli.images import decode, discover
-from camcli.layers import trace_layers
+from camcli.images import ImageSource, discover, image_size, read_image
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
 from camcli.outdir import check_writable, locked
-from camcli.sanity import randomized_copy, spearman
+from camcli.sanity import SANITY_SEEDS, SanityScore, cascade, randomized_copy, sanity_score
 from camcli.session import Session, stderr_warning
 from camcli.writer import write_atomic
 
@@ -53,32 +54,84 @@ def parse_metrics(spec: str | list[str] | None, have_boxes: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_boxes(path: str | Path) -> dict[str, list[list[float]]]:
-    """{image: [[x0, y0, x1, y1], ...]} keyed by file name or path, in the image's pixels."""
+Box = list[float]
+
+
+def _box(where: str, value: object) -> Box:
+    if not isinstance(value, list) or len(value) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise UsageError(f"{where}: {value!r} is not a box [x0, y0, x1, y1] of numbers (pixels)")
+    return [float(v) for v in value]
+
+
+def load_boxes(path: str | Path) -> dict[str, list[Box]]:
+    """{image: [[x0, y0, x1, y1], ...]} keyed by relative path, path or file name, in the image's
+    pixels; one box may be given without the outer list. Wrong shapes and types are usage errors."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--boxes {str(p)!r}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # JSON is YAML too
-    except yaml.YAMLError as e:
-        raise UsageError(f"--boxes {str(p)!r}: not valid JSON/YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--boxes {str(p)!r}: expected a mapping from image to a list of boxes")
-    out: dict[str, list[list[float]]] = {}
+    what = f"--boxes {str(p)!r}"
+    data = read_yaml(p, what)  # JSON is YAML too
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"{what}: expected a mapping from image to a list of boxes [x0, y0, x1, y1]")
+    out: dict[str, list[Box]] = {}
     for key, boxes in data.items():
-        if boxes and isinstance(boxes[0], (int, float)):
+        where = f"{what}: {str(key)!r}"
+        if isinstance(boxes, list) and boxes and not isinstance(boxes[0], list):
             boxes = [boxes]
-        if not isinstance(boxes, list) or not all(isinstance(b, list) and len(b) == 4 for b in boxes):
-            raise UsageError(f"--boxes {str(p)!r}: {key!r} needs boxes [x0, y0, x1, y1]")
-        out[str(key)] = [[float(v) for v in b] for b in boxes]
+        if not isinstance(boxes, list) or not boxes:
+            raise UsageError(f"{where}: expected a non-empty list of boxes [x0, y0, x1, y1], got {boxes!r}")
+        out[str(key)] = [_box(where, b) for b in boxes]
     return out
 
 
-def _boxes_for(path: Path, boxes: dict[str, list[list[float]]]) -> list[list[float]] | None:
-    for key in (str(path), path.as_posix(), path.name, path.stem):
-        if key in boxes:
-            return boxes[key]
-    return None
+def match_boxes(boxes: dict[str, list[Box]], sources: Sequence[ImageSource], what: str,
+                max_pixels: int) -> dict[int, list[Box]]:
+    """Which image each key of a boxes file means, and its boxes checked against the image's size.
+
+    A key matches an image by its relative path (as mirrored under --out) or its path as given
+    first, and by its bare file name or stem only when that names one image. A key that matches no
+    image or several, two keys for one image, and boxes that are inverted, empty or outside the
+    image are usage errors naming the key.
+    """
+    by_path: dict[Path, int] = {}
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(sources):
+        by_path.setdefault(s.rel, i)
+        by_path.setdefault(Path(os.path.abspath(s.path)), i)
+        by_name[s.path.name].append(i)
+        if s.path.stem != s.path.name:
+            by_name[s.path.stem].append(i)
+    owner: dict[int, str] = {}
+    out: dict[int, list[Box]] = {}
+    for key, bxs in boxes.items():
+        where = f"{what}: {key!r}"
+        i = by_path.get(Path(key), by_path.get(Path(os.path.abspath(key))))
+        if i is None:
+            hits = by_name.get(key, [])
+            if not hits:
+                shown = ", ".join(s.rel.as_posix() for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
+                raise UsageError(f"{where} matches no input image (images: {shown}); key boxes by the image's "
+                                 "relative path or file name")
+            if len(hits) > 1:
+                raise UsageError(f"{where} matches {len(hits)} images ("
+                                 f"{', '.join(sources[h].rel.as_posix() for h in hits)}); use the relative path")
+            i = hits[0]
+        if i in owner:
+            raise UsageError(f"{where} and {owner[i]!r} both give boxes for {sources[i].path}; keep one")
+        owner[i] = key
+        try:
+            w, h = image_size(sources[i].path, max_pixels)
+        except ImageError:
+            w = h = None  # the image fails on its own, with its own error
+        for b in bxs:
+            x0, y0, x1, y1 = b
+            if not (x0 < x1 and y0 < y1):
+                raise UsageError(f"{where}: box {b} is inverted or empty (need x0 < x1 and y0 < y1)")
+            if w is not None and h is not None and not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+                raise UsageError(f"{where}: box {b} lies outside the {w}x{h} image "
+                                 f"(need 0 <= x0 < x1 <= {w}, 0 <= y0 < y1 <= {h})")
+        out[i] = bxs
+    return out
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -108,6 +161,7 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
     wanted = parse_metrics(opts.metric, boxes is not None)
     out_dir = Path(opts.out)
     sources = discover(inputs, opts.recursive, exclude=out_dir)
+    boxes_of = match_boxes(boxes, sources, f"--boxes {opts.boxes!r}", opts.max_pixels) if boxes is not None else {}
     check_writable(out_dir)
     session = Session.open(opts, model=model)
     specs = session.specs
@@ -116,22 +170,28 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
     if session.model.task != "classification":
         raise UsageError("evaluate's metrics (class probability under deletion, ROAD, ...) are defined for "
                          f"classifiers; {session.model.name} is a segmentation model")
-    lm, device, pre, layers, methods = session.model, session.device, session.preprocess, session.layers, session.methods
+    lm, device, layers, methods = session.model, session.device, session.layers, session.methods
     pb = opts.perturbation_batch
-    random_engine = None
+    random_engines = []
+    reinitialised: list[str] = []
     if "sanity_spearman" in wanted:
         example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-        top = _top_modules(lm.module, layers[0], example)
-        random_engine = session.engine_for(randomized_copy(lm.module, top, seed=opts.seed))
+        reinitialised = cascade(lm.module, layers[0], example)
+        random_engines = [session.engine_for(randomized_copy(lm.module, reinitialised, seed=opts.seed + k))
+                          for k in range(SANITY_SEEDS)]
     names = [m.name for m in methods] + list(BASELINES)
     per_image: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[float]]]] = {n: {"deletion": [], "insertion": []} for n in names}
     failed = False
-    for idx, src, rgb, x, outs in _explained(session, sources):
-        if isinstance(rgb, ImageError):
-            per_image.append({"path": str(src.path), "status": "error", "error": str(rgb)})
+    noted = False
+    for idx, src, size, note, x, outs in _explained(session, sources, opts.max_pixels):
+        if isinstance(size, ImageError):
+            per_image.append({"path": str(src.path), "status": "error", "error": str(size)})
             failed = True
             continue
+        if note and not noted:
+            session.warn(f"{src.path}: {note}")
+            noted = True
         h, w = x.shape[-2:]
         target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
 
@@ -142,16 +202,18 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
         grid = _baseline_grid(outs, h, w)
         maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
         maps["baseline:center"] = M.center_map(h, w)
-        randomized: dict[str, torch.Tensor] = {}
-        if random_engine is not None:
-            for m in random_engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
-                randomized[m.method] = _to_input(m.cam, h, w)
+        randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
+        for engine in random_engines:
+            for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
+                randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
         y = float(prob(x[None])[0])
-        img_boxes = _boxes_for(src.path, boxes) if boxes is not None else None
-        sx, sy = w / rgb.shape[1], h / rgb.shape[0]
+        img_boxes = boxes_of.get(idx)
+        sx, sy = w / size[1], h / size[0]
         scaled = None if img_boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in img_boxes]
         record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
                                   "label": lm.label(target), "probability": round(y, 6)}, "metrics": {}}
+        if note:
+            record["note"] = note
         for name, cam in maps.items():
             vals: dict[str, float | None] = {}
             if "deletion_auc" in wanted:
@@ -177,7 +239,9 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
                     if key in wanted:
                         vals[key] = v
             if "sanity_spearman" in wanted:
-                vals["sanity_spearman"] = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, grid)
+                score = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, grid)
+                vals["sanity_spearman"] = score.value
+                record.setdefault("sanity", {})[name] = score.record()
             if scaled is not None:
                 camnp = cam.cpu().numpy()
                 if "energy_pointing_game" in wanted:
@@ -200,7 +264,10 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
         "options": session.record(),
         "settings": {"steps": opts.steps, "road_percentages": list(opts.road_percentages), "road_noise": M.ROAD_NOISE,
                      "seed": opts.seed, "blur": {"kernel": M.BLUR_KERNEL, "sigma": M.BLUR_SIGMA},
-                     "deletion_fill": "the image's mean colour", "class": str(specs[0])},
+                     "deletion_fill": "the image's mean colour", "class": str(specs[0]),
+                     **({"sanity": {"seeds": SANITY_SEEDS, "value": "mean |Spearman rho| over the seeds",
+                                    "reinitialised": "cascade from the logits down to the target layer, final step",
+                                    "modules": reinitialised}} if reinitialised else {})},
         "metrics": wanted,
         "aggregate": aggregate,
         "images": per_image,
@@ -213,19 +280,25 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
     return result
 
 
-def _explained(session: Session, sources: Sequence[Any]) -> Iterator[tuple[int, Any, Any, Any, Any]]:  # noqa: ANN401
-    """(index, source, rgb or ImageError, normalised input, ImageOutput) in input order; maps are
-    computed ``--batch-size`` images of one input shape per forward pass."""
+def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:  # noqa: ANN401,E501
+    """(index, source, (height, width) or ImageError, note, normalised input, ImageOutput) in input
+    order; maps are computed ``--batch-size`` images of one input shape per forward pass. Only the
+    resized inputs are kept, never a batch of full-resolution images."""
     bs = session.batch_size
     for start in range(0, len(sources), bs):
         chunk = list(enumerate(sources[start : start + bs], start))
-        decoded: dict[int, Any] = {}
+        sizes: dict[int, Any] = {}
+        notes: dict[int, str | None] = {}
+        tensors: dict[int, torch.Tensor] = {}
         for i, src in chunk:
-            try:
-                decoded[i] = decode(src.path)
+            pre = session.preprocess
+            try:  # decoded no larger than the model input needs: no overlay is drawn here
+                d = read_image(src.path, max_pixels, fit=pre.input_hw)
             except ImageError as e:
-                decoded[i] = e
-        tensors = {i: session.preprocess.resize(rgb) for i, rgb in decoded.items() if not isinstance(rgb, ImageError)}
+                sizes[i] = e
+                continue
+            sizes[i], notes[i], tensors[i] = d.size, d.note, pre.resize(d.rgb, pre.input_hw(*d.size))
+            del d
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, t in tensors.items():
             by_shape.setdefault(tuple(t.shape), []).append(i)
@@ -234,12 +307,11 @@ def _explained(session: Session, sources: Sequence[Any]) -> Iterator[tuple[int, 
             for i, o in zip(ids, session.explain(torch.stack([tensors[i] for i in ids]))):
                 results[i] = o
         for i, src in chunk:
-            rgb = decoded[i]
-            if isinstance(rgb, ImageError):
-                yield i, src, rgb, None, None
+            if isinstance(sizes[i], ImageError):
+                yield i, src, sizes[i], None, None, None
                 continue
             x = session.preprocess.normalize(tensors[i][None].to(session.device))[0]
-            yield i, src, rgb, x, results[i]
+            yield i, src, sizes[i], notes[i], x, results[i]
 
 
 def _baseline_grid(outs: Any, h: int, w: int) -> tuple[int, int]:  # noqa: ANN401
@@ -256,16 +328,18 @@ def _to_input(cam: np.ndarray, h: int, w: int) -> torch.Tensor:
     return F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(min=0)
 
 
-def _sanity(name: str, cam: torch.Tensor, randomized: dict[str, torch.Tensor], h: int, w: int, seed: int,
-            grid: tuple[int, int]) -> float | None:
-    """Spearman between the trained and the randomised model's maps (low is good). The baselines do
-    not depend on the model: random is compared with another random map, center with itself (1.0)."""
+def _sanity(name: str, cam: torch.Tensor, randomized: dict[str, list[np.ndarray | None]], h: int, w: int, seed: int,
+            grid: tuple[int, int]) -> SanityScore:
+    """Mean |Spearman rho| between the trained and the randomised models' maps (low is good). The
+    baselines do not depend on the model: random is compared with other random maps (about 0),
+    center with itself (1.0)."""
+    mine = cam.cpu().numpy()
     if name == "baseline:random":
-        return spearman(cam.numpy(), M.random_map(h, w, seed + 7919, grid=grid).numpy())
+        others = [M.random_map(h, w, seed + 7919 * (k + 1), grid=grid).numpy() for k in range(SANITY_SEEDS)]
+        return sanity_score(mine, others)
     if name == "baseline:center":
-        return 1.0
-    other = randomized.get(name)
-    return None if other is None else spearman(cam.cpu().numpy(), other.cpu().numpy())
+        return sanity_score(mine, [mine] * SANITY_SEEDS)
+    return sanity_score(mine, randomized.get(name, []))
 
 
 def _beats(aggregate: dict[str, dict[str, dict[str, Any]]], name: str, metric: str) -> bool | None:
@@ -274,19 +348,6 @@ def _beats(aggregate: dict[str, dict[str, dict[str, Any]]], name: str, metric: s
     if mine is None or not base:
         return None
     return mine > max(base) if M.HIGHER_IS_BETTER[metric] else mine < min(base)
-
-
-def _top_modules(net: torch.nn.Module, layer: str, example: torch.Tensor) -> list[str]:
-    """Modules re-initialised for the sanity check: the target layer and everything that finishes
-    after it (its ancestors excluded: they contain the whole network below it)."""
-    infos = trace_layers(net, example)
-    start = next(i.finished for i in infos if i.name == layer)
-    ancestors = {layer.rsplit(".", k)[0] for k in range(1, layer.count(".") + 1)}
-    return [
-        i.name
-        for i in infos
-        if i.name == layer or i.name.startswith(layer + ".") or (i.finished >= start and i.name not in ancestors)
-    ]
 
 
 def write_plots(result: EvaluationResult, out_dir: Path) -> list[Path]:

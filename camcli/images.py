@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+import signal
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -14,49 +16,85 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from camcli.errors import ImageError, UsageError
+from camcli.options import BY_NAME
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# Decoding huge images is legitimate here (scans, satellite tiles); keep a cap against bombs.
-Image.MAX_IMAGE_PIXELS = 400_000_000
+DEFAULT_MAX_PIXELS: int = BY_NAME["max_pixels"].default  # Pillow's own decompression-bomb threshold
+# camcli checks --max-pixels itself, from the header and before decoding (see read_image), so a
+# user who raises it can read the image; Pillow's fixed process-wide threshold would refuse it.
+Image.MAX_IMAGE_PIXELS = None
+STRIP_PIXELS = 1 << 22  # pixels converted to RGB at a time: decoding needs one full-size copy, not three
+REDUCE_ABOVE = 1 << 24  # read_image(fit=...): larger images are decoded reduced; smaller ones exactly as usual
 
 
 @dataclass(frozen=True)
 class ImageSource:
-    path: Path  # as found on disk
+    path: Path  # the path as the user gave it or as found in a folder (links are not resolved)
     rel: Path  # path relative to the common root of all inputs: mirrored under --out
+
+
+@dataclass
+class Found:
+    """What :func:`find_images` found: the sources, and the folder entries it had to pass over."""
+
+    sources: list[ImageSource]
+    skipped: list[Path] = field(default_factory=list)  # FIFOs, sockets, broken links with an image suffix
 
 
 def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _folder_images(folder: Path, recursive: bool, skipped: list[Path]) -> list[Path]:
+    """Regular files with an image suffix; other entries with an image suffix (a FIFO, a socket, a
+    link to nothing) are passed over and counted: opening a FIFO would block the run."""
+    files = []
+    for f in folder.rglob("*") if recursive else folder.iterdir():
+        if not _is_image_name(f):
+            continue
+        if f.is_file():
+            files.append(f)
+        elif not f.is_dir():
+            skipped.append(f)
+    return sorted(files)
+
+
 def discover(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[ImageSource]:
+    """Files, folders (``recursive`` to descend) and glob patterns -> sorted image sources."""
+    return find_images(paths, recursive, exclude).sources
+
+
+def find_images(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None) -> Found:
     """Files, folders (``recursive`` to descend) and glob patterns -> sorted image sources.
 
-    A file named explicitly is always taken (and fails later if it is no image); folders and globs
-    contribute files with an image suffix. ``exclude`` (the output folder) is never read.
+    A file named explicitly is always taken (and fails later if it is no image): a FIFO or a broken
+    link named on the command line becomes that image's error, not the run's. Folders and globs
+    contribute regular files with an image suffix. ``exclude`` (the output folder) is never read.
+    Paths are kept as given: an image that is a symbolic link keeps its own name and folder in
+    the outputs.
     """
     if not paths:
         raise UsageError("no input given: pass image files, folders or glob patterns")
     excl = exclude.resolve() if exclude is not None else None
     found: list[Path] = []
+    skipped: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
-            it = p.rglob("*") if recursive else p.iterdir()
-            files = sorted(f for f in it if f.is_file() and _is_image_name(f))
+        if p.is_dir():
+            files = _folder_images(p, recursive, skipped)
             if excl is not None:
                 files = [f for f in files if excl not in f.resolve().parents]
             if not files:
                 hint = "" if recursive else " (use -r/--recursive to look in subfolders)"
                 raise UsageError(f"no images in folder {str(p)!r}{hint}; accepted types: {', '.join(IMAGE_SUFFIXES)}")
             found.extend(files)
+        elif os.path.lexists(p):  # a file, or a FIFO, socket or broken link named on purpose
+            found.append(p)
         elif glob.has_magic(str(raw)):
             hits = sorted(Path(h) for h in glob.glob(str(raw), recursive=recursive))
             files = [h for h in hits if h.is_file() and _is_image_name(h)]
+            skipped.extend(h for h in hits if _is_image_name(h) and not h.is_file() and not h.is_dir())
             if not files:
                 raise UsageError(f"no images match {str(raw)!r}")
             found.extend(files)
@@ -64,21 +102,34 @@ def discover(paths: Sequence[str | Path], recursive: bool = False, exclude: Path
             raise UsageError(f"no such file or folder: {str(raw)!r}")
     unique: dict[Path, Path] = {}
     for f in found:
-        unique.setdefault(f.resolve(), f)
-    resolved = list(unique)
-    root = Path(os.path.commonpath([r.parent for r in resolved]))
-    return [ImageSource(path=unique[r], rel=r.relative_to(root)) for r in resolved]
+        unique.setdefault(Path(os.path.abspath(f)), f)  # the same path twice, not the same target
+    absolute = list(unique)
+    root = Path(os.path.commonpath([a.parent for a in absolute]))
+    return Found([ImageSource(path=unique[a], rel=a.relative_to(root)) for a in absolute], skipped)
 
 
-def to_rgb8(img: Image.Image) -> np.ndarray:
-    """Any PIL image (grey, RGBA, palette, 16-bit, float, CMYK) -> (H, W, 3) uint8 RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _depth_range(img: Image.Image) -> tuple[float, float] | None:
+    """How 16-bit, integer and float pixels map to 0..255: the whole image's range, so that the
+    strips of one image are converted alike. None for 8-bit modes."""
+    if img.mode not in _HIGH_DEPTH:
+        return None
+    lo, hi = img.getextrema()
+    if img.mode == "F":
+        return float(lo), float(hi)
+    return 0.0, (65535.0 if hi > 255 else 255.0)  # 16-bit range -> 8-bit; small integers stay
+
+
+def to_rgb8(img: Image.Image, depth: tuple[float, float] | None = None) -> np.ndarray:
+    """Any PIL image (grey, RGBA, palette, 16-bit, float, CMYK) -> (H, W, 3) uint8 RGB.
+
+    ``depth``: the (low, high) range of a 16-bit, integer or float image (default: its own)."""
+    if img.mode in _HIGH_DEPTH:
+        lo, hi = depth or _depth_range(img) or (0.0, 255.0)
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        elif arr.max() > 255:
-            arr = arr / 257.0  # 16-bit range -> 8-bit
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         grey = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if img.mode == "P":
@@ -88,25 +139,134 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
 
 
-def decode(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB with EXIF orientation applied; ImageError if not."""
-    p = Path(path)
+def _to_rgb8_in_strips(img: Image.Image) -> np.ndarray:
+    """to_rgb8 a strip of rows at a time into one uint8 buffer: the conversion's temporaries stay
+    small whatever the image's size."""
+    w, h = img.size
+    if img.mode == "L":  # grey (scans, X-rays): one copy of the grey pixels, expanded in one pass
+        return cv2.cvtColor(np.asarray(img), cv2.COLOR_GRAY2RGB)
+    depth = _depth_range(img)
+    rows = max(1, STRIP_PIXELS // max(1, w))
+    if rows >= h:
+        rgb = to_rgb8(img, depth)
+        return rgb if rgb.flags.writeable else rgb.copy()
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(0, h, rows):
+        out[y : y + rows] = to_rgb8(img.crop((0, y, w, min(h, y + rows))), depth)
+    return out
+
+
+def _regular_file(p: Path) -> os.stat_result:
+    """stat() of an image file; ImageError for a broken link, a FIFO, a socket or a device (opening
+    a FIFO would wait for a writer forever)."""
     try:
-        if p.stat().st_size == 0:
-            raise ImageError(f"{p}: empty file (0 bytes)")
-        with Image.open(p) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb8(im)
-    except ImageError:
-        raise
+        st = p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise ImageError(f"{p}: broken symbolic link (its target {os.readlink(p)!r} does not exist)") from None
+        raise ImageError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{p}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a folder" if stat.S_ISDIR(st.st_mode) else "a device")
+        raise ImageError(f"{p}: not a regular file but {kind}; camcli reads image files")
+    if st.st_size == 0:
+        raise ImageError(f"{p}: empty file (0 bytes)")
+    return st
+
+
+def check_pixels(p: Path, width: int, height: int, max_pixels: int) -> None:
+    """ImageError when an image is larger than --max-pixels, with its size and the way out."""
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{p}: {width}x{height} is {width * height:,} pixels, more than --max-pixels {max_pixels:,} "
+            f"(decoding it takes about {width * height * 3 / 2**30:.1f} GiB); raise --max-pixels to read it"
+        )
+
+
+@dataclass(frozen=True)
+class Decoded:
+    rgb: np.ndarray  # (H, W, 3) uint8 RGB, EXIF orientation applied
+    frames: int = 1  # an animation's frames or a file's pages; only the first is decoded
+    size: tuple[int, int] = (0, 0)  # (height, width) of the image in the file, even when decoded smaller
+
+    @property
+    def note(self) -> str | None:
+        """What the summary records about how the image was read, if anything."""
+        if self.frames > 1:
+            return f"the file has {self.frames} frames (animation or pages); only the first was used"
+        return None
+
+
+def image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only; ImageError like read_image."""
+    p = Path(path)
+    with _open(p) as im:
+        w, h = im.size
+        check_pixels(p, w, h, max_pixels)
+        return (h, w) if _swaps_sides(im) else (w, h)
+
+
+def _swaps_sides(im: Image.Image) -> bool:
+    return im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def _open(p: Path) -> Any:  # noqa: ANN401
+    _regular_file(p)
+    try:
+        return Image.open(p)
     except UnidentifiedImageError:
         raise ImageError(f"{p}: not an image, or a format camcli cannot read ({', '.join(IMAGE_SUFFIXES)})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               fit: Callable[[int, int], tuple[int, int]] | None = None) -> Decoded:
+    """Decode an image file as RGB with EXIF orientation applied; ImageError if it cannot be.
+
+    The size is checked against ``max_pixels`` from the header, before any pixel is decoded. The
+    decoded image is held once in its own mode and once as RGB (converted a strip at a time), never
+    in float or in several full-size copies.
+
+    ``fit(height, width) -> (h, w)``: the smallest size the caller needs (a model input, when no
+    full-resolution overlay is drawn). An image of more than REDUCE_ABOVE pixels is then decoded
+    smaller: a JPEG at a reduced scale (Pillow's draft), any other image reduced by an integer
+    factor before it is converted to RGB. ``size`` keeps the file's own size.
+    """
+    p = Path(path)
+    with _open(p) as im:
+        try:
+            w, h = im.size
+            check_pixels(p, w, h, max_pixels)
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            swapped = _swaps_sides(im)
+            need = None
+            if fit is not None and w * h > REDUCE_ABOVE:
+                nh, nw = fit(w, h) if swapped else fit(h, w)
+                need = (nw, nh) if swapped else (nh, nw)  # in the file's own orientation
+                if im.format == "JPEG":
+                    im.draft(im.mode, (need[1], need[0]))
+            im.load()
+            if need is not None:
+                factor = min(im.size[0] // need[1], im.size[1] // need[0])
+                if factor >= 2:
+                    im = im.reduce(factor)
+            ImageOps.exif_transpose(im, in_place=True)
+            return Decoded(_to_rgb8_in_strips(im), frames, (w, h) if swapped else (h, w))
+        except ImageError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+
+
+def decode(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB with EXIF orientation applied; ImageError if not."""
+    return read_image(path, max_pixels).rgb
 
 
 @dataclass(frozen=True)
@@ -141,10 +301,12 @@ class Preprocess:
             return snap(self.size), snap(w * self.size / h)
         return snap(h * self.size / w), snap(self.size)
 
-    def resize(self, rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats)."""
+    def resize(self, rgb: np.ndarray, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) uint8 at the model's input size (4x less to move than floats).
+
+        ``hw``: the input size, when ``rgb`` was decoded smaller than the file (read_image's fit)."""
         h, w = rgb.shape[:2]
-        th, tw = self.input_hw(h, w)
+        th, tw = hw or self.input_hw(h, w)
         interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_CUBIC
         resized = cv2.resize(rgb, (tw, th), interpolation=interp)
         return torch.from_numpy(resized).permute(2, 0, 1)
@@ -167,22 +329,33 @@ class ImageDataset(torch.utils.data.Dataset):
     Items carry uint8 tensors: the pipeline normalises whole batches on the compute device.
     """
 
-    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess) -> None:
+    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.sources = list(sources)
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": i, "image": None, "tensor": None, "error": None, "note": None}
         try:
-            rgb = decode(self.sources[i].path)
-            return {"index": i, "image": rgb, "tensor": self.preprocess.resize(rgb), "error": None}
+            d = read_image(self.sources[i].path, self.max_pixels)
+            item.update(image=d.rgb, tensor=self.preprocess.resize(d.rgb), note=d.note)
         except ImageError as e:
-            return {"index": i, "image": None, "tensor": None, "error": str(e)}
+            item["error"] = str(e)
         except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch run
-            return {"index": i, "image": None, "tensor": None, "error": f"{self.sources[i].path}: {e}"}
+            item["error"] = f"{self.sources[i].path}: {e}"
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
+
+
+def worker_ignores_interrupts(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process
+    acts on it and then stops the workers. A worker interrupted on its own would exit while its
+    decoded images still fill the pipe, and the main process would wait seconds for each one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

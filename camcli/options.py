@@ -192,6 +192,9 @@ OPTIONS: tuple[Option, ...] = (
            example="nchw"),
     Option("device", ("--device",), Kind.STR, "auto", "auto, cpu, cuda, cuda:N or mps.",
            frozenset({_E, _V, _C}), check=_device, example="cpu"),
+    Option("max_pixels", ("--max-pixels",), Kind.INT, 178_956_970,
+           "Largest image to decode, in pixels (width x height); a larger one is that image's error.",
+           _MAP, check=_at_least(1), example=10_000_000),
     # -- what to explain -----------------------------------------------------------------------
     Option("method", ("--method", "-M"), Kind.LIST, "gradcam",
            "Comma-separated methods (see `camcli methods`), or all: every method that fits the model.", _MAP, shapes_output=True, check=_items,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,22 +23,26 @@ from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, OutputError, UsageError
-from camcli.images import ImageDataset, ImageSource, collate, discover
+from camcli.images import ImageDataset, ImageSource, collate, find_images, worker_ignores_interrupts
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
 from camcli.outdir import check_writable, locked
-from camcli.render import channel_grid, encode_png, overlay, resolve_colormap, upsample
+from camcli.render import channel_grid, encode_png, overlay_png, raw_npy, resolve_colormap
 from camcli.records import (
     RecordStream, build_summary, iter_records, output_files, plan_name, read_header, records_name, sorted_records,
     summary_name, with_records, write_plan, write_summary,
 )
 from camcli.report import SHARE_KEY, prediction_entries, run_header
 from camcli.session import Session, resolve_device, stderr_warning  # noqa: F401  (resolve_device: public, used by callers)
-from camcli.stats import map_stats, note_text
-from camcli.writer import WriterPool, npy_bytes
+from camcli.stats import image_map_stats, note_text
+from camcli.writer import WriterPool
 from camcli.writer import write_atomic as _write_atomic
 
 SATURATION_WARN = 0.25  # warn when more than this share of bounded units is saturated
+# Decoded full-resolution pixels held at once by images waiting for their batch, and again by
+# overlays waiting to be written: batches are cut short, and writes wait, beyond it. An image larger
+# than the budget goes alone. Memory then follows the largest image, not image size x batch size.
+PIXEL_BUDGET = 1 << 26  # 64 Mpx: 192 MB of RGB
 
 __all__ = ["ExplainOptions", "RunResult", "explain"]
 
@@ -134,15 +138,15 @@ def render_outputs(
     h, w = rgb.shape[:2]
     entries = []
     for m in out.maps:
-        full = upsample(m.cam, h, w)
+        # Rendered a band of rows at a time: no full-resolution float map is ever held.
         layer_suffix = fused_layer is not None and m.layer != fused_layer
         rel_png = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".png")
-        write_atomic(out_dir / rel_png, encode_png(overlay(rgb, full, colormap, alpha, signed)))
+        write_atomic(out_dir / rel_png, overlay_png(rgb, m.cam, colormap, alpha, signed))
         rel_raw = None
         if save_raw:
             rel_raw = map_filename(stem, m, class_suffix=class_suffix, layer_suffix=layer_suffix, ext=".npy")
-            write_atomic(out_dir / rel_raw, npy_bytes(full.astype(np.float32)))
-        stats = map_stats(full, m.empty)
+            write_atomic(out_dir / rel_raw, raw_npy(m.cam, h, w))
+        stats = image_map_stats(m.cam, h, w, m.empty)
         if m.note:
             stats["note"] = note_text(m.note)
         channels = None
@@ -183,7 +187,10 @@ def remove_files(paths: Sequence[Path]) -> None:
 
 
 def source_key(src: ImageSource) -> str:
-    st = src.path.stat()
+    try:
+        st = src.path.stat()
+    except OSError:  # a broken link: the image fails, and nothing is reused for it
+        return f"{src.rel.as_posix()}|unreadable"
     return f"{src.rel.as_posix()}|{st.st_size}|{st.st_mtime_ns}"
 
 
@@ -211,8 +218,8 @@ def explain(
     opts.validate()
     resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet"))  # a bad name: exit 2 before work
     out_dir = Path(opts.out)
-    found = discover(inputs, opts.recursive, exclude=out_dir)
-    sources = select_shard(found, opts.shard)
+    found = find_images(inputs, opts.recursive, exclude=out_dir)
+    sources = select_shard(found.sources, opts.shard)
     check_writable(out_dir)
     if opts.ray is not None:
         from camcli.ray_runner import require_ray
@@ -223,7 +230,7 @@ def explain(
     shard = parse_shard(opts.shard) if opts.shard is not None else None
     lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
     try:
-        plan = Plan(sources, len(found), shard)
+        plan = Plan(sources, len(found.sources), shard, skipped=list(found.skipped))
         if opts.ray is not None:
             from camcli.ray_runner import explain_on_ray
 
@@ -241,6 +248,7 @@ class Plan:
     sources: list[ImageSource]
     total: int  # inputs found before sharding
     shard: tuple[int, int] | None = None
+    skipped: list[str] = field(default_factory=list)  # folder entries that are no regular files
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -248,6 +256,7 @@ class Plan:
         return {
             "total": self.total, "selected": len(self.sources), "plan": plan_name(self.shard),
             "shard": None if self.shard is None else "{}/{}".format(*self.shard),
+            **({"skipped_entries": len(self.skipped)} if self.skipped else {}),
         }
 
 
@@ -314,9 +323,15 @@ class ImageWriter:
         except (RuntimeError, ValueError) as e:
             return f"model failed on this image: {str(e).splitlines()[0]}"
 
-    def record(self, ident: dict[str, Any], rgb: np.ndarray, tensor: torch.Tensor, out: ImageOutput) -> dict[str, Any]:
-        """The record of an explained image, before its files are written (warns once about blank maps)."""
+    def record(
+        self, ident: dict[str, Any], rgb: np.ndarray, tensor: torch.Tensor, out: ImageOutput, note: str | None = None
+    ) -> dict[str, Any]:
+        """The record of an explained image, before its files are written (warns once about blank maps
+        and about ``note``: an animated or multi-page file read at its first frame)."""
         _diagnose(Path(ident["path"]), out, self.session.layers, self.warned, self.session.warn)
+        if note and "note" not in self.warned:
+            self.session.warn(f"{ident['path']}: {note}")
+            self.warned.add("note")
         return {
             **ident,
             "width": int(rgb.shape[1]),
@@ -326,6 +341,7 @@ class ImageWriter:
             "input_size": list(tensor.shape[-2:]),
             "predictions": prediction_entries(out.top, self.session.model),
             "saturation": out.saturation,
+            **({"note": note} if note else {}),
             "explanations": [],
         }
 
@@ -394,6 +410,19 @@ def _run(
     if reused:
         session.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
     writer = ImageWriter(session, out_dir)
+    if plan.skipped:
+        session.warn(
+            f"skipped {len(plan.skipped)} folder entries that are not regular files (a FIFO, a socket or a broken "
+            f"link), first: {plan.skipped[0]}"
+        )
+    writing: list[tuple[Any, int]] = []  # (future, full-resolution pixels) of writes in flight
+
+    def submit_write(pool: WriterPool, i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
+        """Hand an image to the writers, first waiting for the oldest writes beyond the pixel budget."""
+        pixels = rgb.shape[0] * rgb.shape[1]
+        while writing and (writing[0][0].done() or sum(p for _, p in writing) + pixels > PIXEL_BUDGET):
+            writing.pop(0)[0].result()
+        writing.append((pool.submit(write_one, i, rec, rgb, out), pixels))
 
     def write_one(i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
         """In a writer thread: render and write, then append the finished record."""
@@ -413,17 +442,20 @@ def _run(
                 stream.add(error_record(identity(sources[g["index"]], keys[g["index"]]), outs))
             return not opts.fail_fast
         for g, o in zip(group, outs):
-            i = g["index"]
-            rec = writer.record(identity(sources[i], keys[i]), g["image"], g["tensor"], o)
-            pool.submit(write_one, i, rec, g["image"], o)
+            i, rgb = g["index"], g.pop("image")  # the writer holds the only reference from here on
+            rec = writer.record(identity(sources[i], keys[i]), rgb, g["tensor"], o, g.get("note"))
+            submit_write(pool, i, rec, rgb, o)
         if progress is not None:
             progress(len(group))
         return True
 
+    # One image per fetch: batches are formed below, by input shape and under the pixel budget.
+    workers = auto_workers() if opts.workers is None else opts.workers
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ImageDataset(sources, session.preprocess), todo),
-        batch_size=opts.batch_size,
-        num_workers=auto_workers() if opts.workers is None else opts.workers,
+        torch.utils.data.Subset(ImageDataset(sources, session.preprocess, opts.max_pixels), todo),
+        batch_size=1,
+        num_workers=workers,
+        worker_init_fn=worker_ignores_interrupts if workers else None,
         collate_fn=collate,
         pin_memory=session.device.type == "cuda",
     )
@@ -431,7 +463,15 @@ def _run(
     def body() -> None:
         with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
+            # A bucket also runs early when the images waiting hold more than PIXEL_BUDGET pixels.
             pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+
+            def held(bucket: list[dict[str, Any]]) -> int:
+                return sum(g["image"].shape[0] * g["image"].shape[1] for g in bucket)
+
+            def held_total() -> int:
+                return sum(held(v) for v in pending.values())
+
             running = True
             for items in loader:
                 for item in items:
@@ -442,10 +482,16 @@ def _run(
                             progress(1)
                         running = running and not opts.fail_fast
                         continue
+                    # A batch stays within the pixel budget (an image larger than it runs alone), and
+                    # a full budget runs before the next image is decoded.
+                    pixels = held([item])
+                    while running and pending and held_total() + pixels > PIXEL_BUDGET:
+                        running = run_group(pending.pop(max(pending, key=lambda k: held(pending[k]))), pool)
                     shape = tuple(item["tensor"].shape)
                     pending[shape].append(item)
-                    if running and len(pending[shape]) >= opts.batch_size:
+                    if running and (len(pending[shape]) >= opts.batch_size or held_total() >= PIXEL_BUDGET):
                         running = run_group(pending.pop(shape), pool)
+                items = item = None  # type: ignore[assignment]  # hold no image while the next decodes
                 while running and sum(len(v) for v in pending.values()) > 2 * opts.batch_size:
                     largest = max(pending, key=lambda k: len(pending[k]))
                     running = run_group(pending.pop(largest), pool)

@@ -241,10 +241,14 @@ def build_summary(
     header: dict[str, Any], tally: Tally, *, records: str, interrupted: bool, error: str | None
 ) -> dict[str, Any]:
     """summary.json: the run's header, counts and aggregates; the per-image records stay in ``records``."""
+    inputs = header.get("inputs") or {}
+    counts = tally.counts(inputs.get("selected"))
+    if inputs.get("skipped_entries"):
+        counts["skipped_entries"] = inputs["skipped_entries"]  # FIFOs, sockets, broken links in folders
     return {
         **header,
         "records": records,
-        "counts": tally.counts((header.get("inputs") or {}).get("selected")),
+        "counts": counts,
         "aggregate": tally.aggregate(),
         "interrupted": interrupted,
         "error": error,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+from typing import Iterator
+
 import cv2
 import numpy as np
 
@@ -41,6 +46,48 @@ def upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(cam.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+TILE_PIXELS = 1 << 21  # full-resolution pixels rendered at a time (about 2 Mpx: 6 MB of uint8 per buffer)
+
+
+def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a bilinear resize src -> dst with half-pixel centres and
+    replicated borders, exactly as cv2.resize(INTER_LINEAR) places them."""
+    pos = (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
+    i0 = np.floor(pos).astype(np.int64)
+    frac = (pos - i0).astype(np.float32)
+    frac[i0 < 0] = 0.0
+    i0 = np.clip(i0, 0, src - 1)
+    frac[i0 >= src - 1] = 0.0
+    return i0, np.minimum(i0 + 1, src - 1), frac
+
+
+def row_tiles(height: int, width: int, tile_pixels: int = TILE_PIXELS) -> Iterator[tuple[int, int]]:
+    """(y0, y1) bands of rows covering the image, about ``tile_pixels`` each."""
+    rows = max(1, tile_pixels // max(1, width))
+    for y0 in range(0, height, rows):
+        yield y0, min(height, y0 + rows)
+
+
+class Upsampler:
+    """The bilinear upsampling of a (h, w) map to (height, width), a band of rows at a time, so a
+    full-resolution float map is never held. Matches :func:`upsample` to float rounding."""
+
+    def __init__(self, cam: np.ndarray, height: int, width: int) -> None:
+        cam = cam.astype(np.float32, copy=False)
+        h, w = cam.shape
+        x0, x1, fx = _linear_taps(w, width)
+        self._across = cam[:, x0] * (1 - fx) + cam[:, x1] * fx  # (h, width): small
+        self._y0, self._y1, self._fy = _linear_taps(h, height)
+        self.height, self.width = height, width
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        fy = self._fy[y0:y1, None]
+        return self._across[self._y0[y0:y1]] * (1 - fy) + self._across[self._y1[y0:y1]] * fy
+
+    def full(self) -> np.ndarray:
+        return self.rows(0, self.height)
+
+
 def heatmap(cam: np.ndarray, colormap: int | np.ndarray, signed: bool = False) -> np.ndarray:
     """(H, W) map in [0, 1] (or [-1, 1] when signed) -> (H, W, 3) uint8 BGR."""
     v = (cam + 1) / 2 if signed else cam
@@ -67,6 +114,50 @@ def encode_png(bgr: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - OpenCV only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def overlay_png(rgb: np.ndarray, cam: np.ndarray, colormap: int | np.ndarray, alpha: float = 0.5,
+                signed: bool = False) -> bytes:
+    """The overlay of ``cam`` (any resolution; upsampled here) on ``rgb`` as PNG bytes, rendered and
+    compressed a band of rows at a time: besides the image and the compressed file, memory holds
+    one band, whatever the image's size. The same pixels as overlay() + encode_png()."""
+    h, w = rgb.shape[:2]
+    up = Upsampler(cam, h, w)
+    # The PNG 'sub' filter and run-length deflate, as encode_png asks of OpenCV.
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    parts = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))]
+    for y0, y1 in row_tiles(h, w):
+        heat = cv2.cvtColor(heatmap(up.rows(y0, y1), colormap, signed), cv2.COLOR_BGR2RGB)
+        band = cv2.addWeighted(rgb[y0:y1], 1.0 - alpha, heat, alpha, 0.0)  # overlay(), in RGB order
+        flat = band.reshape(y1 - y0, w * 3)
+        rows = np.empty((y1 - y0, w * 3 + 1), np.uint8)
+        rows[:, 0] = 1  # filter type 'sub': each byte minus the one a pixel to its left
+        rows[:, 1:4] = flat[:, :3]
+        np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])
+        data = z.compress(rows)
+        if data:
+            parts.append(_png_chunk(b"IDAT", data))
+    parts += [_png_chunk(b"IDAT", z.flush()), _png_chunk(b"IEND", b"")]
+    return b"".join(parts)
+
+
+def raw_npy(cam: np.ndarray, height: int, width: int) -> bytearray:
+    """The map upsampled to (height, width) as the bytes of a float32 .npy file, filled a band of
+    rows at a time (the file's bytes are the only full-size buffer)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (height, width)})
+    head = header.getvalue()
+    out = bytearray(len(head) + height * width * 4)
+    out[: len(head)] = head
+    body = np.frombuffer(out, dtype="<f4", offset=len(head)).reshape(height, width)
+    up = Upsampler(cam, height, width)
+    for y0, y1 in row_tiles(height, width):
+        body[y0:y1] = up.rows(y0, y1)
+    return out
 
 
 def channel_grid(

@@ -63,3 +63,31 @@ def energy_in_box(cam: np.ndarray, box: tuple[int, int, int, int]) -> float:
         return 0.0
     x0, y0, x1, y1 = box
     return float(pos[y0:y1, x0:x1].sum() / total)
+
+
+STATS_MAX_PIXELS = 1 << 22  # maps of larger images are measured at a reduced resolution
+
+
+def image_map_stats(cam: np.ndarray, height: int, width: int, empty: bool = False) -> dict[str, Any]:
+    """map_stats of ``cam`` upsampled to the image's (height, width), in the image's pixels.
+
+    Up to STATS_MAX_PIXELS the map is measured at full resolution; a larger image's map (a bilinear
+    upsampling of a feature map, so nothing is lost) is measured at that many pixels and its
+    positions scaled back, so memory does not grow with the image.
+    """
+    s = min(1.0, (STATS_MAX_PIXELS / (height * width)) ** 0.5)
+    sh, sw = max(1, round(height * s)), max(1, round(width * s))
+    small = cam.astype(np.float32, copy=False)
+    if small.shape != (sh, sw):
+        small = cv2.resize(small, (sw, sh), interpolation=cv2.INTER_LINEAR)
+    st = map_stats(small, empty)
+    if (sh, sw) == (height, width) or st["peak"] is None:
+        return st
+    fx, fy = width / sw, height / sh
+    px, py = st["peak"]
+    cx, cy = st["centroid"]
+    x0, y0, x1, y1 = st["bbox"]
+    st["peak"] = [min(width - 1, int((px + 0.5) * fx)), min(height - 1, int((py + 0.5) * fy))]
+    st["centroid"] = [round((cx + 0.5) * fx - 0.5, 2), round((cy + 0.5) * fy - 0.5, 2)]
+    st["bbox"] = [int(x0 * fx), int(y0 * fy), min(width, int(np.ceil(x1 * fx))), min(height, int(np.ceil(y1 * fy)))]
+    return st

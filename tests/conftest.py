@@ -11,6 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_images"
 
 
+def noise_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, name: str = "{:02d}.png") -> Path:
+    """A folder of random RGB images, one per (height, width), named name.format(i)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name.format(i))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES

@@ -118,7 +118,7 @@ def test_results_are_deterministic(workdir: Path, bundled) -> None:  # noqa: ANN
         ({"cases": [cat_case(region=FACE, min_energy_in_region=1.5)]}, "min_energy_in_region: 1.5 is not a bound in [0, 1]"),
         ({"cases": [{"image": "images/nope.jpg"}]}, "cases[0].image: image"),
         ({"cases": [cat_case(min_baseline_similarity=0.9)], "baselines": "none-here"}, "is missing; create it"),
-        ({"cases": [{"image": "images/chelsea.jpg", "class": "zebraa"}]}, "cases[0].class: unknown class 'zebraa'"),
+        ({"cases": [cat_case(top_k=1) | {"class": "zebraa"}]}, "cases[0].class: unknown class 'zebraa'"),
         ({"cases": [cat_case(peak_in_region=True)]}, "need a region or region_mask"),
         ({"metod": "gradcam", "cases": [cat_case()]}, "top level: unknown key 'metod'; did you mean 'method'"),
         ({"method": "gradcm", "cases": [cat_case()]}, "method: unknown method 'gradcm'"),
@@ -153,3 +153,56 @@ def test_shipped_example_passes() -> None:
     example = Path(__file__).resolve().parents[1] / "configs" / "check-example.yaml"
     r = runner.invoke(app, ["check", str(example)])
     assert r.exit_code == 0, r.output
+
+
+# -- mistakes reported before any case runs ------------------------------------------------------
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+@pytest.mark.parametrize("flag", ["--junit", "--json"])
+def test_report_paths_are_checked_before_the_cases_run(workdir: Path, flag: str, where: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import camcli.check as C
+
+    f = write(workdir, {"model": "toymodels:tiny_cnn", "cases": [{"image": "images/coffee.jpg", "expect": {"top_k": 4}}]})
+    (workdir / "afile").write_text("x")
+    target = workdir / "reports" if where == "folder" else workdir / "afile" / "r.xml"
+    (workdir / "reports").mkdir()
+    monkeypatch.setattr(C, "Session", None)  # any attempt to open the model would fail loudly
+    r = runner.invoke(app, ["check", str(f), flag, str(target)])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert f"{flag} '{target}'" in text
+    assert ("is a folder" in text) if where == "folder" else ("is a file, not a folder" in text)
+
+
+def test_a_case_without_rules_is_an_error(workdir: Path) -> None:
+    f = write(workdir, {"cases": [cat_case(top_k=1), {"image": "images/coffee.jpg", "name": "mug", "expect": {"region": FACE}}]})
+    r = runner.invoke(app, ["check", str(f)])
+    assert r.exit_code == 2
+    assert "cases[1].expect: case 'mug' has no rules" in " ".join(r.output.split())
+
+
+def test_check_file_images_over_max_pixels_are_file_errors(workdir: Path) -> None:
+    f = write(workdir, {"max_pixels": 100_000, "cases": [cat_case(top_k=1)]})
+    r = runner.invoke(app, ["check", str(f)])
+    assert r.exit_code == 2
+    assert "cases[0].image" in r.output and "451x300" in r.output and "--max-pixels" in r.output
+
+
+def test_model_name_resolves_against_the_files_folder_and_binary_files_exit_2(workdir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    sub = workdir / "checks"
+    (sub / "images").mkdir(parents=True)
+    shutil.copy(workdir / "images" / "coffee.jpg", sub / "images" / "coffee.jpg")
+    import torch
+    from toymodels import tiny_cnn
+
+    torch.save(tiny_cnn(), sub / "whole.pt")
+    f = write(sub, {"model": {"name": "whole.pt", "unsafe_load": True},
+                    "cases": [{"image": "images/coffee.jpg", "expect": {"top_k": 4}}]})
+    r = runner.invoke(app, ["check", str(f)])  # run from another folder: whole.pt is next to the file
+    assert r.exit_code == 0, r.output
+    binary = workdir / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    r = runner.invoke(app, ["check", str(binary)])
+    assert r.exit_code == 2 and "not a text file" in r.output

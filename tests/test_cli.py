@@ -189,3 +189,23 @@ def test_version_and_help() -> None:
     assert "camcli" in run("--version").output
     r = run("explain", "--help")
     assert r.exit_code == 0 and "--method" in r.output and "--save-raw" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "gradcam,"], "--method 'gradcam,' has an empty item"),
+        (["--out", ""], "--out '' must not be empty"),
+        (["--max-pixels", "0"], "--max-pixels 0 must be at least 1"),
+    ],
+)
+def test_empty_items_and_bad_limits_exit_2(small_images: Path, args: list[str], message: str) -> None:
+    r = run("explain", small_images, *TINY, *args)
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_binary_config_file_exits_2(small_images: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(bytes(range(256)))
+    r = run("explain", small_images, "--config", cfg, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "not a text file (expected UTF-8 YAML)" in r.output

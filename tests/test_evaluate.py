@@ -141,3 +141,94 @@ def test_cli_table_json_and_plots(samples: Path, tmp_path: Path) -> None:
     assert (tmp_path / "deletion_curve.png").is_file() and (tmp_path / "insertion_curve.png").is_file()
     r = CliRunner().invoke(app, ["evaluate", str(samples / "coffee.jpg"), "--metric", "pointing_game"])
     assert r.exit_code == 2 and "--boxes" in r.output
+
+
+# -- --boxes is validated like a check file --------------------------------------------------------
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 100, 50)).save(d / "chelsea.jpg")
+    Image.new("RGB", (40, 30), (20, 100, 150)).save(d / "sub" / "chelsea.jpg")
+    Image.new("RGB", (40, 30), (90, 10, 250)).save(d / "sub" / "mug.png")
+    return d
+
+
+def _boxes_run(photos: Path, tmp_path: Path, boxes: object) -> object:  # noqa: ANN401
+    f = tmp_path / "boxes.yaml"
+    f.write_text(boxes if isinstance(boxes, str) else json.dumps(boxes))
+    return CliRunner().invoke(app, ["evaluate", str(photos), "-r", "--model", "toymodels:tiny_cnn", "--metric",
+                                    "pointing_game", "--boxes", str(f), "--out", str(tmp_path / "ev"), "-q"])
+
+
+@pytest.mark.parametrize(
+    "boxes,message",
+    [
+        ({"cat.jpg": [[0, 0, 10, 10]]}, "'cat.jpg' matches no input image"),
+        ({"mug.png": [[10, 10, 5, 20]]}, "'mug.png': box [10.0, 10.0, 5.0, 20.0] is inverted or empty"),
+        ({"mug.png": [[0, 0, 41, 30]]}, "'mug.png': box [0.0, 0.0, 41.0, 30.0] lies outside the 40x30 image"),
+        ({"mug.png": []}, "'mug.png': expected a non-empty list of boxes"),
+        ({"mug.png": [["0", "0", "5", "5"]]}, "'mug.png': ['0', '0', '5', '5'] is not a box"),
+        ({"sub/chelsea.jpg": [[0, 0, 5, 5]], "photos/sub/chelsea.jpg": [[0, 0, 6, 6]]}, "both give boxes"),
+        ("- [0, 0, 1, 1]\n", "expected a mapping from image to a list of boxes"),
+    ],
+)
+def test_bad_boxes_exit_2_naming_the_key(photos: Path, tmp_path: Path, boxes: object, message: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(photos.parent)
+    r = _boxes_run(photos, tmp_path, boxes)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_a_box_key_matches_the_relative_path_first_and_a_bare_name_only_when_unique(photos: Path,
+                                                                                   tmp_path: Path) -> None:
+    def pointed(boxes: dict) -> set[str]:
+        r = _boxes_run(photos, tmp_path, boxes)
+        assert r.exit_code == 0, r.output
+        doc = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+        return {Path(im["path"]).relative_to(photos).as_posix() for im in doc["images"]
+                if "pointing_game" in im["metrics"]["gradcam"]}
+
+    # 'chelsea.jpg' is the relative path of photos/chelsea.jpg only, not of photos/sub/chelsea.jpg
+    assert pointed({"chelsea.jpg": [[0, 0, 32, 24]]}) == {"chelsea.jpg"}
+    assert pointed({"sub/chelsea.jpg": [[0, 0, 20, 15]], "mug.png": [0, 0, 20, 15]}) == {"sub/chelsea.jpg", "sub/mug.png"}
+    (photos / "other").mkdir()
+    (photos / "sub" / "chelsea.jpg").rename(photos / "other" / "chelsea.jpg")
+    (photos / "chelsea.jpg").rename(photos / "sub" / "chelsea.jpg")  # two chelsea.jpg, neither at the root
+    r = _boxes_run(photos, tmp_path, {"chelsea.jpg": [[0, 0, 5, 5]]})
+    assert r.exit_code == 2 and "matches 2 images (other/chelsea.jpg, sub/chelsea.jpg); use the relative path" in r.output
+
+
+# -- sanity_spearman: |rho| over several cascading re-initialisations ------------------------------
+def test_sanity_check_fails_guided_backprop_and_passes_gradcam(samples: Path, tmp_path: Path, bundled) -> None:  # noqa: ANN001
+    from camcli.sanity import SANITY_SEEDS
+
+    res = evaluate([samples / "chelsea.jpg"], EvaluateOptions(method="gradcam,guided-backprop", metric="sanity_spearman",
+                                                              out=str(tmp_path), quiet=True), model=bundled)
+    detail = res.images[0]["sanity"]
+    gbp, gc = detail["guided-backprop"], detail["gradcam"]
+    assert len(gbp["rho"]) == len(gc["rho"]) == SANITY_SEEDS == 3
+    assert gbp["mean_abs_rho"] > 0.9 and gbp["spread"] < 0.05  # its map barely changes: it fails the test
+    assert gc["mean_abs_rho"] < 0.5  # Grad-CAM's map depends on the trained weights: it passes
+    assert res.aggregate["gradcam"]["sanity_spearman"]["mean"] == gc["mean_abs_rho"]
+    doc = json.loads(res.path.read_text())
+    assert doc["settings"]["sanity"]["seeds"] == 3
+    assert doc["settings"]["sanity"]["modules"][0] == "classifier" and doc["settings"]["sanity"]["modules"][-1] == "bn2"
+
+
+def test_sanity_score_is_undefined_for_empty_maps_never_perfect() -> None:
+    from camcli.sanity import sanity_score, spearman
+
+    rng = np.random.default_rng(0)
+    cam = rng.random((6, 6))
+    flat = np.zeros((6, 6))
+    assert spearman(cam, flat) is None
+    s = sanity_score(cam, [None, flat, -cam])
+    assert s.rho[:2] == [None, None] and s.rho[2] == pytest.approx(-1.0)
+    assert s.value == pytest.approx(1.0) and "2 of 3" in s.note  # anti-correlation is no pass
+    none = sanity_score(cam, [None, None, None])
+    assert none.value is None and none.spread is None and "(no value)" in none.note
+    assert sanity_score(flat, [cam]).value is None

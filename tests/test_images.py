@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,124 @@ def test_preprocess_keeps_aspect_ratio_or_uses_fixed_size() -> None:
     fixed = Preprocess(224, (0.5,) * 3, (0.5,) * 3, flexible=False)
     assert tuple(fixed(rgb).shape) == (3, 224, 224)
     assert float(flex(rgb).min()) == pytest.approx(-1.0)
+
+
+# -- bounded decoding, odd entries, links, frames -------------------------------------------------
+def test_strip_conversion_matches_whole_image_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import camcli.images as I
+
+    rng = np.random.default_rng(0)
+    images = {
+        "rgba.png": Image.fromarray(rng.integers(0, 255, (37, 23, 4), dtype=np.uint8), "RGBA"),
+        "p.png": Image.fromarray(rng.integers(0, 255, (37, 23), dtype=np.uint8)).convert("P"),
+        "s16.png": Image.fromarray(rng.integers(0, 65535, (37, 23), dtype=np.uint16)),
+        "f.tiff": Image.fromarray(rng.normal(size=(37, 23)).astype(np.float32), "F"),
+        "cmyk.jpg": Image.fromarray(rng.integers(0, 255, (37, 23, 3), dtype=np.uint8)).convert("CMYK"),
+        "grey.png": Image.fromarray(rng.integers(0, 255, (37, 23), dtype=np.uint8), "L"),
+    }
+    for name, img in images.items():
+        p = _save(img, tmp_path / name)
+        whole = decode(p)
+        monkeypatch.setattr(I, "STRIP_PIXELS", 23 * 5)  # strips of 5 rows; the range is the image's
+        strips = decode(p)
+        monkeypatch.undo()
+        assert strips.flags.writeable and whole.flags.writeable
+        np.testing.assert_array_equal(strips, whole, err_msg=name)
+
+
+def test_max_pixels_is_checked_from_the_header(tmp_path: Path) -> None:
+    from camcli.images import image_size, read_image
+
+    p = _save(Image.new("RGB", (300, 200)), tmp_path / "x.png")
+    assert read_image(p, max_pixels=60_000).rgb.shape == (200, 300, 3)
+    with pytest.raises(ImageError, match=r"300x200 is 60,000 pixels, more than --max-pixels 59,999"):
+        read_image(p, max_pixels=59_999)
+    with pytest.raises(ImageError, match="raise --max-pixels"):
+        image_size(p, max_pixels=100)
+
+
+def test_fifo_and_broken_link_named_on_the_command_line_are_per_image_errors(small_images: Path, tmp_path: Path) -> None:
+    from camcli.options import ExplainOptions
+    from camcli.pipeline import explain
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    broken = tmp_path / "gone.jpg"
+    broken.symlink_to(tmp_path / "nowhere.jpg")
+    res = explain([fifo, broken, small_images / "a.png"],
+                  ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "o"), workers=0, quiet=True))
+    status = {Path(im["path"]).name: (im["status"], im["error"]) for im in res.images}
+    assert res.exit_code == 3 and status["a.png"] == ("ok", None)
+    assert "named pipe (FIFO)" in status["pipe.png"][1] and "broken symbolic link" in status["gone.jpg"][1]
+
+
+def test_fifos_and_broken_links_in_folders_are_skipped_and_counted(small_images: Path, tmp_path: Path) -> None:
+    from camcli.options import ExplainOptions
+    from camcli.pipeline import explain
+
+    os.mkfifo(small_images / "pipe.png")
+    (small_images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    res = explain([small_images], ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "o"), quiet=True))
+    assert res.exit_code == 0
+    assert res.summary["counts"]["images"] == 2 and res.summary["counts"]["skipped_entries"] == 2
+
+
+def test_outputs_follow_the_links_name_not_its_target(tmp_path: Path) -> None:
+    from camcli.options import ExplainOptions
+    from camcli.pipeline import explain
+
+    store = tmp_path / "store" / "deep"
+    store.mkdir(parents=True)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(store / "real.png")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (30, 20)).save(photos / "a.png")
+    (photos / "cat.png").symlink_to(store / "real.png")
+    assert [s.rel.as_posix() for s in discover([photos])] == ["a.png", "cat.png"]
+    out = tmp_path / "o"
+    res = explain([photos], ExplainOptions(model="toymodels:tiny_cnn", out=str(out), quiet=True))
+    assert res.exit_code == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.gradcam.png", "cat.gradcam.png"]
+
+
+def test_animated_and_multipage_images_say_the_first_frame_was_used(tmp_path: Path, small_images: Path) -> None:
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+
+    frames = [Image.new("RGB", (30, 20), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(small_images / "anim.webp", save_all=True, append_images=frames[1:])
+    frames[0].save(small_images / "pages.tiff", save_all=True, append_images=frames[1:2])
+    args = ["explain", str(small_images), "--model", "toymodels:tiny_cnn", "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("only the first was used") == 1  # warned once per run
+    from camcli.records import load_run
+
+    notes = {Path(im["path"]).name: im.get("note") for im in load_run(tmp_path / "o")["images"]}
+    assert "3 frames" in notes["anim.webp"] and "2 frames" in notes["pages.tiff"] and notes["a.png"] is None
+    assert CliRunner().invoke(app, [*args, "-q"]).stderr == ""
+
+
+def test_huge_images_are_decoded_reduced_when_only_a_model_input_is_needed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    import camcli.images as I
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    arr = np.stack([xx * 255 // 399, yy * 255 // 299, (xx + yy) % 256], axis=2).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 300 wide, 400 high
+    files = {"x.jpg": {}, "x.png": {}, "turned.jpg": {"exif": exif.tobytes()}}
+    monkeypatch.setattr(I, "REDUCE_ABOVE", 1000)  # as if these 120,000 pixels were a huge scan
+    for name, kw in files.items():
+        p = _save(Image.fromarray(arr), tmp_path / name, **kw)
+        full = I.read_image(p)
+        small = I.read_image(p, fit=lambda h, w: (h // 4, w // 4))
+        assert small.size == full.rgb.shape[:2] == ((400, 300) if kw else (300, 400))
+        assert small.rgb.shape[:2] == (full.rgb.shape[0] // 4, full.rgb.shape[1] // 4)  # draft 1/4 or reduce(4)
+        ref = cv2.resize(full.rgb, small.rgb.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(ref.astype(int) - small.rgb).mean() < 4, name
+    monkeypatch.undo()
+    assert I.read_image(tmp_path / "x.jpg", fit=lambda h, w: (h // 4, w // 4)).rgb.shape == (300, 400, 3)

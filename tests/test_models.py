@@ -142,3 +142,48 @@ def test_export_with_a_fixed_batch_is_refused_with_the_fix(tmp_path: Path) -> No
     torch.export.save(torch.export.export(resnet18(num_classes=3).eval(), (torch.randn(1, 3, 64, 64),)), p)
     with pytest.raises(ModelError, match="dynamic batch dimension"):
         load_model(str(p))
+
+
+# -- the user's mistakes are one line, exit 2, naming the option that was wrong ---------------------
+def _explain_once(tmp_path: Path, *args: str):  # noqa: ANN202
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    return CliRunner().invoke(app, ["explain", str(img), *args, "--out", str(tmp_path / "o")])
+
+
+def test_pickled_model_file_is_refused_naming_model_not_weights(tmp_path: Path) -> None:
+    p = tmp_path / "full.pth"
+    torch.save(resnet18(num_classes=2), p)
+    with pytest.raises(ModelError) as e:
+        load_model(str(p))
+    assert str(e.value).startswith(f"--model {str(p)!r} holds pickled objects") and "--weights" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("toymodels:needs_args", "camcli calls it with no arguments, but it needs num_classes"),
+        ("toymodels:raises", "calling it failed: RuntimeError: checkpoint server unreachable"),
+    ],
+)
+def test_callable_that_needs_arguments_or_raises_exits_2(spec: str, message: str, tmp_path: Path) -> None:
+    r = _explain_once(tmp_path, "--model", spec)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    "model,listed",
+    [("toymodels:tuple_out", "it has positions 0..1"), ("toymodels:dict_out", "it has keys 'main', 'aux'"),
+     ("toymodels:tiny_cnn", "the model returns a single tensor")],
+)
+def test_unknown_output_key_lists_what_the_output_has(model: str, listed: str, tmp_path: Path) -> None:
+    r = _explain_once(tmp_path, "--model", model, "--output-key", "nosuch")
+    assert r.exit_code == 2
+    assert "--output-key 'nosuch'" in r.output and listed in r.output
+    assert "Warning" not in r.output and "too many indices" not in r.output

@@ -134,6 +134,7 @@ OTHER_EFFECTS = {
     "plots": "test_evaluate_metric_steps_and_plots_have_their_effect",
     "boxes": "test_evaluate_metric_steps_and_plots_have_their_effect",
     "road_percentages": "test_evaluation_is_deterministic_and_complete",
+    "max_pixels": "test_huge_image_is_explained_in_bounded_memory",
 }
 # Options that only fit another model than the tiny classifier.
 NEEDS_MODEL = {"output_key": "toymodels:tuple_out", "region": "toymodels:tiny_seg", "region_mask": "toymodels:tiny_seg"}

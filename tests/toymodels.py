@@ -150,3 +150,34 @@ def tv_vit() -> nn.Module:
     model = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
     nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero: all logits 0
     return model
+
+
+class SlowCNN(TinyCNN):
+    """tiny_cnn that takes a while per batch, for interrupting a run: once a batch of real images
+    (input width 336: 60x40 photos) runs, it creates the file named by $CAMCLI_TEST_STARTED."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import time
+        from pathlib import Path
+
+        marker = os.environ.get("CAMCLI_TEST_STARTED")
+        if marker and x.shape[-1] == 336:
+            Path(marker).touch()
+        time.sleep(0.2)
+        return super().forward(x)
+
+
+def slow_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SlowCNN()
+
+
+def needs_args(num_classes: int) -> nn.Module:
+    """A builder camcli cannot call: it needs an argument."""
+    return TinyCNN(num_classes)
+
+
+def raises() -> nn.Module:
+    """A builder whose own code fails."""
+    raise RuntimeError("checkpoint server unreachable")

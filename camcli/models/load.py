@@ -93,27 +93,33 @@ def _load_exported(path: Path) -> tuple[nn.Module, int | None]:
     return module, size
 
 
-def read_checkpoint(path: str | Path, unsafe_load: bool = False) -> Any:
-    """torch.load with weights_only=True unless the user opted in with --unsafe-load."""
+def read_checkpoint(path: str | Path, unsafe_load: bool = False, flag: str = "--weights") -> Any:
+    """torch.load with weights_only=True unless the user opted in with --unsafe-load.
+
+    ``flag``: the option that named the file (--weights, or --model for a whole pickled model)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--weights {str(p)!r}: no such file (expected a state dict or checkpoint .pth/.pt)")
+        raise UsageError(f"{flag} {str(p)!r}: no such file (expected a state dict or checkpoint .pth/.pt)")
     if _is_torchscript(p):
         raise ModelError(
-            f"--weights {str(p)!r} is a TorchScript archive; pass it as --model {str(p)!r} instead"
+            f"{flag} {str(p)!r} is a TorchScript archive; pass it as --model {str(p)!r} instead"
         )
     try:
         return torch.load(p, map_location="cpu", weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
         if unsafe_load:
-            raise ModelError(f"--weights {str(p)!r} could not be unpickled: {e}") from None
+            raise ModelError(f"{flag} {str(p)!r} could not be unpickled: {_first_line(e)}") from None
         raise ModelError(
-            f"--weights {str(p)!r} holds pickled objects other than tensors and is refused under "
+            f"{flag} {str(p)!r} holds pickled objects other than tensors and is refused under "
             "weights_only=True; if you trust its source, pass --unsafe-load"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--weights {str(p)!r} is not a readable PyTorch checkpoint: {first}") from None
+        raise ModelError(f"{flag} {str(p)!r} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
@@ -324,12 +330,14 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ModelError(f"--model {spec!r}: cannot import module {mod_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: say where
+        raise ModelError(f"--model {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    module = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    module = _call_builder(spec, obj) if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(module, nn.Module):
         raise ModelError(f"--model {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
     meta: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "weights": None, "sha": None}
@@ -454,8 +462,31 @@ def size_multiple(module: nn.Module, size: int, device: torch.device) -> int:
     return size // grid[0] if grid and size % grid[0] == 0 and grid[0] == grid[1] else patch
 
 
+def _call_builder(spec: str, fn: Any) -> Any:  # noqa: ANN401
+    """Call a ``module:callable`` with no arguments; a builder that needs some, or raises, is the
+    user's error, reported in one line."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        required = [p.name for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise ModelError(
+                f"--model {spec!r}: camcli calls it with no arguments, but it needs {', '.join(required)}; "
+                "point --model at a function that takes none (one that builds your model with its settings)"
+            )
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the user's code failed: say where, not a traceback
+        raise ModelError(f"--model {spec!r}: calling it failed: {_first_line(e)}") from None
+
+
 def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
-    obj = read_checkpoint(path, unsafe_load)
+    obj = read_checkpoint(path, unsafe_load, flag="--model")
     if not isinstance(obj, nn.Module):
         raise ModelError(
             f"--model {name!r} holds a {type(obj).__name__}, not a model; pass the architecture as "
