@@ -78,7 +78,7 @@ class ModelAccess:
                 a = self.tap.activations[layer]
                 (g,) = torch.autograd.grad(self.target.score(out, self._rows(x.shape[0])).sum(), a)
             layout = self._layout(layer, a)
-            return layout.to_nchw(a.detach()), layout.to_nchw(g)
+            return layout.to_nchw(a.detach()).float(), layout.to_nchw(g).float()
 
         return grad_at
 
@@ -134,11 +134,15 @@ class ModelAccess:
         classifier: Tensor | None,
         options: MethodOptions,
     ) -> CamInputs:
-        """Exactly what ``method`` declared it needs, for one layer."""
+        """Exactly what ``method`` declared it needs, for one layer.
+
+        Activations and gradients arrive in fp32 whatever precision the forward ran at: methods
+        square and cube gradients (Grad-CAM++), which underflow in half precision.
+        """
         return CamInputs(
-            activations=activations.detach(),
+            activations=activations.detach().float(),
             targets=self.target.classes.clamp(min=0),
-            gradients=None if gradients is None else gradients.detach(),
+            gradients=None if gradients is None else gradients.detach().float(),
             inputs=self.x,
             scorer=self.scorer if method.needs_scorer else None,
             layer_scorer=self.layer_scorer(layer) if method.needs_layer_scorer else None,

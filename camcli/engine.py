@@ -7,8 +7,9 @@ gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ class ImageOutput:
     maps: list[CamMap] = field(default_factory=list)
     saturation: dict[str, Any] | None = None  # bounded units saturated at/after the layer
 
+
+# --precision -> the dtype of torch.autocast around the model's forward passes (None: plain fp32).
+AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Test-time augmentations for --aug-smooth: (horizontal flip, scale). Maps are mapped back and averaged.
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
@@ -100,10 +104,11 @@ def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer
     """
     k = activations.shape[1]
     pooled = activations.detach().float().mean(dim=(2, 3))
+    tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 3e-2  # bf16/fp16 logits: 3 digits
     for _, mod in reversed(list(model.named_modules())):
         if isinstance(mod, nn.Linear) and mod.in_features == k and mod.out_features == logits.shape[1]:
             pred = F.linear(pooled, mod.weight.float(), None if mod.bias is None else mod.bias.float())
-            if torch.allclose(pred, logits.detach().float(), rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
+            if torch.allclose(pred, logits.detach().float(), rtol=tol, atol=tol * float(logits.abs().max()) + 1e-4):
                 return mod.weight.detach()
     raise UsageError(
         f"method 'cam' needs layer {layer!r} to feed global-average-pool -> linear directly; "
@@ -135,6 +140,7 @@ class CamEngine:
         top_k: int = 5,
         region: tgt.Region | None = None,
         layout: Layout | str | Mapping[str, Layout | str] | None = None,
+        precision: str = "fp32",
     ) -> None:
         if not layers:
             raise UsageError("no target layer given")
@@ -152,6 +158,9 @@ class CamEngine:
         self.channels_last = channels_last  # feed inputs as NHWC (the caller converted the model)
         self.top_k = top_k
         self.region = region  # segmentation models: explain this region instead of the predicted pixels
+        if precision not in AUTOCAST:
+            raise UsageError(f"precision {precision!r} is not one of {', '.join(AUTOCAST)} (resolve 'auto' first)")
+        self.precision = precision  # the model's forward passes; maps are always computed in fp32
         self._classifier: dict[str, Tensor] = {}
         # Layer outputs -> (B, C, h, w) before any method sees them (tokens, NHWC); None: found from the model.
         self.layouts = LayerLayouts(model, self.layers, layout)
@@ -160,10 +169,19 @@ class CamEngine:
     def needs_gradients(self) -> bool:
         return any(m.needs_gradients for m in self.methods)
 
+    def autocast(self, device: torch.device) -> ContextManager[object]:
+        """torch.autocast at this engine's precision on ``device``; nothing for fp32."""
+        dtype = AUTOCAST[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
     def _forward(self, x: Tensor) -> Tensor:
+        """Every model call the engine and the methods make: NHWC input, autocast, logits picked."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return pick_logits(self.model(x), self.output_key)
+        with self.autocast(x.device):
+            return pick_logits(self.model(x), self.output_key)
 
     def _activations(self, tap: LayerTap, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(raw layer outputs as tapped, the same put in (B, C, h, w) by each layer's layout)."""

@@ -29,6 +29,7 @@ from camcli.errors import UsageError, suggest
 EXPLAIN, EVALUATE, CHECK, LAYERS = "explain", "evaluate", "check", "layers"
 COMMANDS = (EXPLAIN, EVALUATE, CHECK, LAYERS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 class Kind(str, Enum):
@@ -96,6 +97,10 @@ def _device(v: Any) -> str | None:  # noqa: ANN401
     if v in DEVICES or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
         return None
     return f"is not one of {', '.join(DEVICES)} (or cuda:N)"
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"is not one of {', '.join(choices)}"
 
 
 def _shard(v: Any) -> str | None:  # noqa: ANN401
@@ -195,6 +200,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_pixels", ("--max-pixels",), Kind.INT, 178_956_970,
            "Largest image to decode, in pixels (width x height); a larger one is that image's error.",
            _MAP, check=_at_least(1), example=10_000_000),
+    Option("precision", ("--precision",), Kind.STR, "fp32",
+           "Forward pass: fp32, bf16 (autocast on CUDA and CPU), fp16 (CUDA only), or auto (bf16 on a CUDA "
+           "device that supports it, else fp32). Maps are always computed in fp32.",
+           _MAP, shapes_output=True, check=_one_of(PRECISIONS), example="bf16"),
     # -- what to explain -----------------------------------------------------------------------
     Option("method", ("--method", "-M"), Kind.LIST, "gradcam",
            "Comma-separated methods (see `camcli methods`), or all: every method that fits the model.", _MAP, shapes_output=True, check=_items,

@@ -38,6 +38,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``--precision`` for ``device``: ``auto`` becomes bf16 on a CUDA device that supports it, else
+    fp32; a precision the device cannot run is a usage error (fp16 is refused off CUDA, not replaced)."""
+    cuda = device.type == "cuda"
+    if name == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and not cuda:
+        raise UsageError(
+            f"--precision fp16 runs on CUDA only (device here: {device.type}); half-precision convolutions on "
+            "the CPU are slow or missing. Use bf16 or fp32 (accepted here: fp32, bf16, auto)"
+        )
+    if name == "bf16" and device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--precision bf16 runs on CUDA and the CPU, not on {device.type} (accepted here: fp32, auto)")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU has no bfloat16 support (accepted here: fp32, fp16, auto)")
+    return name
+
+
 def method_options(opts: Any) -> MethodOptions:  # noqa: ANN401
     """The knobs methods read, from any command's options."""
     return MethodOptions(
@@ -92,6 +110,7 @@ class Session:
         methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(O.get(opts, "method"))]
         every = _asks_all(O.get(opts, "method"))
         device = resolve_device(O.get(opts, "device"))
+        precision = resolve_precision(O.get(opts, "precision"), device)
         output_key = O.get(opts, "output_key")
         lm = model or load_model(
             O.get(opts, "model"), O.get(opts, "weights"), O.get(opts, "labels"),
@@ -110,7 +129,7 @@ class Session:
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
             aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
             channels_last=True, region=tgt.parse_region(O.get(opts, "region"), O.get(opts, "region_mask")),
-            layout=layout,
+            layout=layout, precision=precision,
         )
         if lm.task == "segmentation" and engine.aug_smooth:
             raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
@@ -138,6 +157,11 @@ class Session:
         )
 
     @property
+    def precision(self) -> str:
+        """The forward passes' precision as resolved for the device: fp32, bf16 or fp16."""
+        return self.engine.precision
+
+    @property
     def batch_size(self) -> int:
         return int(O.get(self.options, "batch_size"))
 
@@ -152,7 +176,7 @@ class Session:
         return CamEngine(
             module, self.layers, self.methods, options=e.options, signed=e.signed, output_key=e.output_key,
             per_layer=e.per_layer, aug_smooth=e.aug_smooth, eigen_smooth=e.eigen_smooth, channels_last=True,
-            region=e.region, layout=e.layouts.forced or None,
+            region=e.region, layout=e.layouts.forced or None, precision=e.precision,
         )
 
     def explain(
@@ -168,7 +192,7 @@ class Session:
 
     def logits(self, x: Tensor) -> Tensor:
         """(N, classes) logits of normalised inputs, without gradients."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.engine.autocast(self.device):
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             return pick_logits(self.model.module(x), O.get(self.options, "output_key")).float()
 
@@ -177,6 +201,7 @@ class Session:
         return O.shaping(
             self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
             classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
+            precision=self.precision,
         )
 
     def fingerprint(self) -> str:
@@ -187,6 +212,8 @@ class Session:
         rec = O.record(self.options)
         rec["method"] = [m.name for m in self.methods]
         rec["layer"] = self.layers
+        if "precision" in rec:
+            rec["precision"] = self.precision  # what ran: auto resolved for the device
         if "class" in rec:
             rec["class"] = [str(s) for s in self.specs]
         return rec

@@ -92,6 +92,7 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "output_key": ("1", lambda s, v: s.engine.output_key == "1"),  # tuple_out: (logits, probabilities)
     "image_size": (96, lambda s, v: s.model.input_size == 96),
     "device": ("cpu", lambda s, v: s.device.type == "cpu"),
+    "precision": ("bf16", lambda s, v: s.engine.precision == "bf16" and s.record()["precision"] == "bf16"),
     "method": ("layercam", lambda s, v: [m.name for m in s.methods] == ["layercam"]),
     "layer": ("features.0", lambda s, v: s.layers == ["features.0"]),
     "per_layer": (True, lambda s, v: s.engine.per_layer is True),
