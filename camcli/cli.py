@@ -302,13 +302,15 @@ def evaluate(
     from camcli.evaluate import BASELINES
     from camcli.evaluate import evaluate as run_evaluate
     from camcli.metrics import HIGHER_IS_BETTER
+    from camcli.progress import Progress
 
     _quiet_warnings(given.get("quiet"))
 
     def go() -> ExitCode:
         cfg = O.read_config(config, O.EVALUATE) if config is not None else {}
         opts = O.build(O.EVALUATE, cfg, given)
-        res = run_evaluate(paths, opts)
+        with Progress(disable=opts.quiet) as bar:
+            res = run_evaluate(paths, opts, progress=bar.update, on_start=bar.start)
         wanted = list(next(iter(res.aggregate.values())))
         table = Table(title="camcli evaluate: mean ± std over images (red: not better than both baselines)")
         table.add_column("method")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,20 +143,35 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": round(float(arr.mean()), 6), "std": round(float(arr.std()), 6), "n": len(vals)}
 
 
-def evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: LoadedModel | None = None) -> EvaluationResult:
+def evaluate(
+    inputs: Sequence[str | Path],
+    opts: EvaluateOptions,
+    *,
+    model: LoadedModel | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EvaluationResult:
     """Compute every requested metric for every method and both baselines on every image.
 
     Maps come from the same Session as `explain`'s, ``--batch-size`` images per forward pass;
-    the metrics' perturbed inputs go ``--perturbation-batch`` to a forward pass. The run holds
-    ``--out`` for itself (another run into it exits 2).
+    the metrics' perturbed inputs, across the images of such a window, their maps, metrics and
+    curve steps, go ``--perturbation-batch`` to a forward pass. ``progress(n)`` is called as images
+    finish, after ``on_start(total)``. The run holds ``--out`` for itself (another run into it exits 2).
     """
     opts.validate()
     check_writable(Path(opts.out))
     with locked(Path(opts.out), "camcli evaluate", warn=None if opts.quiet else stderr_warning):
-        return _evaluate(inputs, opts, model=model)
+        return _evaluate(inputs, opts, model=model, progress=progress, on_start=on_start)
 
 
-def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: LoadedModel | None) -> EvaluationResult:
+def _evaluate(
+    inputs: Sequence[str | Path],
+    opts: EvaluateOptions,
+    *,
+    model: LoadedModel | None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EvaluationResult:
     opts.validate()
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)
@@ -183,73 +199,95 @@ def _evaluate(inputs: Sequence[str | Path], opts: EvaluateOptions, *, model: Loa
     per_image: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[list[float]]]] = {n: {"deletion": [], "insertion": []} for n in names}
     failed = False
+    # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
+    # perturbed inputs share forward passes across images, maps, metrics and curve steps.
+    batcher = M.Batcher(session.logits, pb)
+    if on_start is not None:
+        on_start(len(sources))
     noted = False
-    for idx, src, size, note, x, outs in _explained(session, sources, opts.max_pixels):
-        if isinstance(size, ImageError):
-            per_image.append({"path": str(src.path), "status": "error", "error": str(size)})
-            failed = True
-            continue
-        if note and not noted:
-            session.warn(f"{src.path}: {note}")
-            noted = True
-        h, w = x.shape[-2:]
-        target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
-
-        def prob(batch: torch.Tensor, c: int = target) -> torch.Tensor:
-            return session.logits(batch).softmax(dim=1)[:, c]
-
-        maps: dict[str, torch.Tensor] = {m.method: _to_input(m.cam, h, w) for m in outs.maps}
-        grid = _baseline_grid(outs, h, w)
-        maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
-        maps["baseline:center"] = M.center_map(h, w)
-        randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
-        for engine in random_engines:
-            for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
-                randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
-        y = float(prob(x[None])[0])
-        img_boxes = boxes_of.get(idx)
-        sx, sy = w / size[1], h / size[0]
-        scaled = None if img_boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in img_boxes]
-        record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
-                                  "label": lm.label(target), "probability": round(y, 6)}, "metrics": {}}
-        if note:
-            record["note"] = note
-        for name, cam in maps.items():
-            vals: dict[str, float | None] = {}
-            if "deletion_auc" in wanted:
-                curve = M.deletion_curve(x, cam.to(device), prob, opts.steps, pb)
-                vals["deletion_auc"] = M.auc(curve)
-                curves[name]["deletion"].append(curve.tolist())
-            if "insertion_auc" in wanted:
-                curve = M.insertion_curve(x, cam.to(device), prob, opts.steps, pb)
-                vals["insertion_auc"] = M.auc(curve)
-                curves[name]["insertion"].append(curve.tolist())
-            if {"average_drop", "increase_in_confidence"} & set(wanted):
-                o = float(prob(M.explanation_image(x, cam.to(device), lm.mean, lm.std)[None])[0])
-                if "average_drop" in wanted:
-                    vals["average_drop"] = M.average_drop(y, o)
-                if "increase_in_confidence" in wanted:
-                    vals["increase_in_confidence"] = M.increase_in_confidence(y, o)
-            if "complexity" in wanted:
-                vals["complexity"] = M.complexity(cam)
-            if {"road_morf", "road_lerf", "road_combined"} & set(wanted):
-                morf, lerf, comb = M.road(x, cam, prob, lm.mean, lm.std, percentages=opts.road_percentages,
-                                          seed=opts.seed, batch=pb)
-                for key, v in (("road_morf", morf), ("road_lerf", lerf), ("road_combined", comb)):
-                    if key in wanted:
-                        vals[key] = v
-            if "sanity_spearman" in wanted:
-                score = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, grid)
-                vals["sanity_spearman"] = score.value
-                record.setdefault("sanity", {})[name] = score.record()
-            if scaled is not None:
-                camnp = cam.cpu().numpy()
-                if "energy_pointing_game" in wanted:
-                    vals["energy_pointing_game"] = M.energy_pointing_game(camnp, scaled)
-                if "pointing_game" in wanted:
-                    vals["pointing_game"] = M.pointing_game(camnp, scaled)
-            record["metrics"][name] = {k: (None if v is None else round(float(v), 6)) for k, v in vals.items()}
-        per_image.append(record)
+    explained = _explained(session, sources, opts.max_pixels)
+    while window := list(itertools.islice(explained, session.batch_size)):
+        queued = []
+        for idx, src, size, note, x, outs in window:
+            if isinstance(size, ImageError):
+                per_image.append({"path": str(src.path), "status": "error", "error": str(size)})
+                failed = True
+                continue
+            if note and not noted:
+                session.warn(f"{src.path}: {note}")
+                noted = True
+            h, w = x.shape[-2:]
+            target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
+            maps: dict[str, torch.Tensor] = {m.method: _to_input(m.cam, h, w) for m in outs.maps}
+            grid = _baseline_grid(outs, h, w)
+            maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
+            maps["baseline:center"] = M.center_map(h, w)
+            randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
+            for engine in random_engines:
+                for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
+                    randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
+            img_boxes = boxes_of.get(idx)
+            sx, sy = w / size[1], h / size[0]
+            scaled = None if img_boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in img_boxes]
+            record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
+                                      "label": lm.label(target), "probability": None}, "metrics": {}}
+            if note:
+                record["note"] = note
+            per_image.append(record)  # in input order; probability and metrics filled below
+            jobs: dict[str, dict[str, M.Job]] = {}
+            for name, cam in maps.items():
+                j = jobs[name] = {}
+                if "deletion_auc" in wanted:
+                    j["deletion"] = batcher.add(M.deletion_inputs(x, cam.to(device), opts.steps), target, x)
+                if "insertion_auc" in wanted:
+                    j["insertion"] = batcher.add(M.insertion_inputs(x, cam.to(device), opts.steps), target, x)
+                if {"average_drop", "increase_in_confidence"} & set(wanted):
+                    e = M.explanation_image(x, cam.to(device), lm.mean, lm.std)
+                    j["explanation"] = batcher.add((1, lambda i, e=e: e), target, x)
+                if {"road_morf", "road_lerf", "road_combined"} & set(wanted):
+                    j["road"] = batcher.add(M.road_inputs(x, cam, lm.mean, lm.std, percentages=opts.road_percentages,
+                                                          seed=opts.seed), target, x)
+            whole = batcher.add((1, lambda i, x=x: x), target, x)
+            queued.append((idx, record, whole, maps, jobs, randomized, scaled, grid))
+        batcher.run()
+        for idx, record, whole, maps, jobs, randomized, scaled, grid in queued:
+            h, w = next(iter(maps.values())).shape
+            y = float(whole.result[0])
+            record["target"]["probability"] = round(y, 6)
+            for name, cam in maps.items():
+                j = jobs[name]
+                vals: dict[str, float | None] = {}
+                for kind in ("deletion", "insertion"):
+                    if kind in j:
+                        curve = j[kind].result
+                        vals[f"{kind}_auc"] = M.auc(curve)
+                        curves[name][kind].append(curve.tolist())
+                if "explanation" in j:
+                    o = float(j["explanation"].result[0])
+                    if "average_drop" in wanted:
+                        vals["average_drop"] = M.average_drop(y, o)
+                    if "increase_in_confidence" in wanted:
+                        vals["increase_in_confidence"] = M.increase_in_confidence(y, o)
+                if "complexity" in wanted:
+                    vals["complexity"] = M.complexity(cam)
+                if "road" in j:
+                    road = M.road_scores(j["road"].result, len(opts.road_percentages))
+                    for key, v in zip(("road_morf", "road_lerf", "road_combined"), road):
+                        if key in wanted:
+                            vals[key] = v
+                if "sanity_spearman" in wanted:
+                    score = _sanity(name, cam, randomized, h, w, opts.seed * 100003 + idx, grid)
+                    vals["sanity_spearman"] = score.value
+                    record.setdefault("sanity", {})[name] = score.record()
+                if scaled is not None:
+                    camnp = cam.cpu().numpy()
+                    if "energy_pointing_game" in wanted:
+                        vals["energy_pointing_game"] = M.energy_pointing_game(camnp, scaled)
+                    if "pointing_game" in wanted:
+                        vals["pointing_game"] = M.pointing_game(camnp, scaled)
+                record["metrics"][name] = {k: (None if v is None else round(float(v), 6)) for k, v in vals.items()}
+        if progress is not None:
+            progress(len(window))
     aggregate = {
         name: {metric: _stats([im["metrics"][name].get(metric) for im in per_image if im["status"] == "ok"])
                for metric in wanted}

@@ -45,6 +45,9 @@ def ranking(cam: Tensor) -> Tensor:
     return torch.sort(cam.flatten(), descending=True, stable=True).indices
 
 
+Inputs = tuple[int, Callable[[int], Tensor]]  # how many perturbed images a metric needs, and the i-th
+
+
 def _batched(prob: ProbFn, images: Callable[[int], Tensor], n: int, batch: int) -> Tensor:
     out = []
     for start in range(0, n, batch):
@@ -57,8 +60,9 @@ def _counts(total: int, steps: int) -> list[int]:
     return [round(total * i / steps) for i in range(steps + 1)]
 
 
-def _replacement_curve(base: Tensor, source: Tensor, cam: Tensor, prob: ProbFn, steps: int, batch: int) -> Tensor:
-    """Probability as the top-ranked pixels of ``base`` are replaced, step by step, by ``source``'s."""
+def replacement_inputs(base: Tensor, source: Tensor, cam: Tensor, steps: int) -> Inputs:
+    """The ``steps + 1`` images in which the top-ranked pixels of ``base`` are replaced, step by step,
+    by ``source``'s."""
     c, h, w = base.shape
     order = ranking(cam)
     counts = _counts(h * w, steps)
@@ -71,14 +75,25 @@ def _replacement_curve(base: Tensor, source: Tensor, cam: Tensor, prob: ProbFn, 
         out[:, idx] = flat_source[:, idx]
         return out.reshape(c, h, w)
 
-    return _batched(prob, image, steps + 1, batch)
+    return steps + 1, image
+
+
+def deletion_inputs(x: Tensor, cam: Tensor, steps: int = 100, fill: Tensor | None = None) -> Inputs:
+    """The deletion curve's images: the most relevant pixels replaced by the image's mean colour."""
+    fill = x.mean(dim=(1, 2), keepdim=True) if fill is None else fill
+    return replacement_inputs(x, fill.expand_as(x), cam, steps)
+
+
+def insertion_inputs(x: Tensor, cam: Tensor, steps: int = 100, start: Tensor | None = None) -> Inputs:
+    """The insertion curve's images: the most relevant pixels put back into a blurred copy."""
+    return replacement_inputs(blurred(x) if start is None else start, x, cam, steps)
 
 
 def deletion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
                    fill: Tensor | None = None) -> Tensor:
     """Target probability as the most relevant pixels are replaced by the image's mean colour."""
-    fill = x.mean(dim=(1, 2), keepdim=True) if fill is None else fill
-    return _replacement_curve(x, fill.expand_as(x), cam, prob, steps, batch)
+    n, image = deletion_inputs(x, cam, steps, fill)
+    return _batched(prob, image, n, batch)
 
 
 def blurred(x: Tensor) -> Tensor:
@@ -94,7 +109,8 @@ def blurred(x: Tensor) -> Tensor:
 def insertion_curve(x: Tensor, cam: Tensor, prob: ProbFn, steps: int = 100, batch: int = 16,
                     start: Tensor | None = None) -> Tensor:
     """Target probability as the most relevant pixels are put back into a blurred copy."""
-    return _replacement_curve(blurred(x) if start is None else start, x, cam, prob, steps, batch)
+    n, image = insertion_inputs(x, cam, steps, start)
+    return _batched(prob, image, n, batch)
 
 
 def auc(curve: Tensor) -> float:
@@ -172,30 +188,105 @@ def noisy_linear_impute(pixels: np.ndarray, removed: np.ndarray, noise: float, r
     return out.reshape(c, h, w).astype(pixels.dtype)
 
 
-def road(x: Tensor, cam: Tensor, prob: ProbFn, mean: Sequence[float], std: Sequence[float], *,
-         percentages: Sequence[int] = ROAD_PERCENTAGES, noise: float = ROAD_NOISE, seed: int = 0,
-         batch: int = 16) -> tuple[float, float, float]:
-    """(MoRF, LeRF, combined): mean target probability after imputing the p% most (MoRF) or least
-    (LeRF) relevant pixels, over the percentages; combined = (LeRF - MoRF) / 2."""
+def road_inputs(x: Tensor, cam: Tensor, mean: Sequence[float], std: Sequence[float], *,
+                percentages: Sequence[int] = ROAD_PERCENTAGES, noise: float = ROAD_NOISE, seed: int = 0) -> Inputs:
+    """ROAD's imputed images: the p% most (MoRF), then least (LeRF) relevant pixels removed, per p.
+
+    Each image is imputed when it is asked for; they must be asked for in order (the noise is one
+    seeded stream, as when they were made all at once).
+    """
     c, h, w = x.shape
     m = np.asarray(mean, dtype=np.float64).reshape(3, 1, 1)
     s = np.asarray(std, dtype=np.float64).reshape(3, 1, 1)
     pixels = x.detach().cpu().double().numpy() * s + m
     order = ranking(cam).cpu().numpy()
     rng = np.random.default_rng(seed)
-    images = []
-    for most in (True, False):
-        for p in percentages:
-            k = round(h * w * p / 100)
-            idx = order[:k] if most else order[::-1][:k]
-            removed = np.zeros(h * w, bool)
-            removed[idx] = True
-            imputed = noisy_linear_impute(pixels, removed.reshape(h, w), noise, rng)
-            images.append(torch.from_numpy(((imputed - m) / s).astype(np.float32)))
-    probs = _batched(prob, lambda i: images[i].to(x.device), len(images), batch)
-    n = len(percentages)
-    morf, lerf = float(probs[:n].mean()), float(probs[n:].mean())
+    plan = [(most, p) for most in (True, False) for p in percentages]
+    made = [0]
+
+    def image(i: int) -> Tensor:
+        if i != made[0]:
+            raise RuntimeError(f"ROAD images are made in order: asked for {i}, next is {made[0]}")
+        made[0] += 1
+        most, p = plan[i]
+        k = round(h * w * p / 100)
+        idx = order[:k] if most else order[::-1][:k]
+        removed = np.zeros(h * w, bool)
+        removed[idx] = True
+        imputed = noisy_linear_impute(pixels, removed.reshape(h, w), noise, rng)
+        return torch.from_numpy(((imputed - m) / s).astype(np.float32)).to(x.device)
+
+    return len(plan), image
+
+
+def road_scores(probs: Tensor, percentages: int) -> tuple[float, float, float]:
+    """(MoRF, LeRF, combined) from the probabilities of road_inputs' images."""
+    morf, lerf = float(probs[:percentages].mean()), float(probs[percentages:].mean())
     return morf, lerf, (lerf - morf) / 2
+
+
+def road(x: Tensor, cam: Tensor, prob: ProbFn, mean: Sequence[float], std: Sequence[float], *,
+         percentages: Sequence[int] = ROAD_PERCENTAGES, noise: float = ROAD_NOISE, seed: int = 0,
+         batch: int = 16) -> tuple[float, float, float]:
+    """(MoRF, LeRF, combined): mean target probability after imputing the p% most (MoRF) or least
+    (LeRF) relevant pixels, over the percentages; combined = (LeRF - MoRF) / 2."""
+    n, image = road_inputs(x, cam, mean, std, percentages=percentages, noise=noise, seed=seed)
+    return road_scores(_batched(prob, image, n, batch), len(percentages))
+
+
+class Job:
+    """One metric's perturbed inputs for one image: filled with target probabilities by a Batcher."""
+
+    def __init__(self, n: int, image: Callable[[int], Tensor], target: int, shape: tuple[int, ...]) -> None:
+        self.n, self.image, self.target, self.shape = n, image, target, shape
+        self.probs = np.zeros(n, dtype=np.float32)
+
+    @property
+    def result(self) -> Tensor:
+        """(n,) float32 probabilities, in the order of the inputs."""
+        return torch.from_numpy(self.probs)
+
+
+class Batcher:
+    """Scores the perturbed inputs of many images and metrics, ``batch`` to a forward pass.
+
+    A deletion curve's 101 images, the next curve's and the next image's fill the same forward
+    passes (inputs of one shape together; other shapes get their own). Inputs are made lazily, in
+    order, one batch at a time, so memory holds a batch, not a curve; each batch comes back to the
+    host in one copy. ``logits`` maps a batch (N, 3, H, W) to (N, classes) logits.
+    """
+
+    def __init__(self, logits: Callable[[Tensor], Tensor], batch: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.logits = logits
+        self.batch = max(1, batch)
+        self.on_batch = on_batch
+        self.jobs: list[Job] = []
+
+    def add(self, inputs: Inputs, target: int, like: Tensor) -> Job:
+        """Queue ``inputs`` (n, image(i)) scored for class ``target``; ``like``: an input of their shape."""
+        job = Job(inputs[0], inputs[1], target, tuple(like.shape))
+        self.jobs.append(job)
+        return job
+
+    def run(self) -> None:
+        shapes: dict[tuple[int, ...], list[Job]] = {}
+        for job in self.jobs:
+            shapes.setdefault(job.shape, []).append(job)
+        self.jobs = []
+        for jobs in shapes.values():
+            items = [(job, i) for job in jobs for i in range(job.n)]
+            for start in range(0, len(items), self.batch):
+                chunk = items[start : start + self.batch]
+                x = torch.stack([job.image(i) for job, i in chunk])
+                classes = torch.tensor([job.target for job, _ in chunk], device=x.device)
+                logits = self.logits(x)
+                probs = logits.softmax(dim=1).gather(1, classes.to(logits.device)[:, None])[:, 0]
+                values = probs.float().cpu().numpy()
+                for (job, i), v in zip(chunk, values):
+                    job.probs[i] = v
+                if self.on_batch is not None:
+                    self.on_batch(len(chunk))
 
 
 def _box_mask(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:

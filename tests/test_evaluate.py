@@ -232,3 +232,69 @@ def test_sanity_score_is_undefined_for_empty_maps_never_perfect() -> None:
     none = sanity_score(cam, [None, None, None])
     assert none.value is None and none.spread is None and "(no value)" in none.note
     assert sanity_score(flat, [cam]).value is None
+
+
+# -- batching across images, maps, metrics and steps; the progress bar ----------------------------
+def _two_images(tmp_path: Path) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_perturbed_inputs_share_forward_passes_across_images_and_steps(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from camcli.session import Session
+
+    sizes: list[int] = []
+    real = Session.logits
+
+    def counting(self, x):  # noqa: ANN001, ANN202
+        sizes.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(Session, "logits", counting)
+    opts = dict(model="toymodels:tiny_cnn", metric="deletion_auc,insertion_auc,average_drop,road_morf", steps=4,
+                road_percentages=(20, 60), quiet=True)
+    fast = evaluate(_two_images(tmp_path), EvaluateOptions(out=str(tmp_path / "a"), perturbation_batch=16, **opts))
+    # per image: 3 maps (gradcam and two baselines) x (5 + 5 deletion/insertion steps + 1 explanation
+    # image + 4 ROAD images) + the image itself = 46; both images fill the same forward passes
+    assert sum(sizes) == 92 and sizes == [16] * 5 + [12]
+    sizes.clear()
+    one = evaluate(_two_images(tmp_path), EvaluateOptions(out=str(tmp_path / "b"), perturbation_batch=1, **opts))
+    assert len(sizes) == 92
+    for name, row in fast.aggregate.items():
+        for metric, st in row.items():
+            assert st["mean"] == pytest.approx(one.aggregate[name][metric]["mean"], abs=2e-6), (name, metric)
+
+
+def test_evaluate_shows_progress_on_a_terminal_only(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import camcli.progress as P
+
+    made: list[dict] = []
+
+    class Spy(P.Progress):
+        def __init__(self, disable: bool = False) -> None:
+            super().__init__(disable)
+            self.seen = {"disable": disable, "total": None, "done": 0}
+            made.append(self.seen)
+
+        def start(self, total: int) -> None:
+            self.seen["total"] = total
+
+        def update(self, n: int) -> None:
+            self.seen["done"] += n
+
+    monkeypatch.setattr(P, "Progress", Spy)
+    images = [str(p) for p in _two_images(tmp_path)]
+    args = ["evaluate", *images, "--model", "toymodels:tiny_cnn", "--metric", "complexity", "--out", str(tmp_path / "e")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert CliRunner().invoke(app, [*args, "-q"]).exit_code == 0
+    assert [m["disable"] for m in made] == [False, True]
+    assert made[0]["total"] == 2 and made[0]["done"] == 2
+    bar = P.Progress()  # the real one hides itself when stderr is not a terminal (as under pytest)
+    assert bar.disable
