@@ -187,3 +187,14 @@ def test_unknown_output_key_lists_what_the_output_has(model: str, listed: str, t
     assert r.exit_code == 2
     assert "--output-key 'nosuch'" in r.output and listed in r.output
     assert "Warning" not in r.output and "too many indices" not in r.output
+
+
+def test_imagenet_labels_ship_with_the_package_and_equal_torchvisions() -> None:
+    from importlib.resources import files
+
+    from torchvision.models import ResNet50_Weights
+
+    from camcli.models.labels import IMAGENET_FILE, imagenet_labels
+
+    assert files("camcli.models").joinpath(IMAGENET_FILE).is_file()
+    assert list(imagenet_labels()) == ResNet50_Weights.IMAGENET1K_V2.meta["categories"]

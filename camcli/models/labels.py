@@ -1,4 +1,4 @@
-"""Class names: ImageNet's built in (from torchvision's weight metadata, no download), or a file."""
+"""Class names: ImageNet's built in (shipped as package data), or a file."""
 
 from __future__ import annotations
 
@@ -9,11 +9,20 @@ from pathlib import Path
 from camcli.errors import UsageError
 
 
+IMAGENET_FILE = "imagenet_labels.txt"  # next to this module; pyproject.toml ships it as package data
+
+
 @lru_cache(maxsize=1)
 def imagenet_labels() -> tuple[str, ...]:
-    from torchvision.models import ResNet50_Weights
+    """The 1,000 ImageNet class names, in class-index order.
 
-    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+    Generated once from torchvision's ``ResNet50_Weights.IMAGENET1K_V2.meta["categories"]`` (a test
+    keeps them equal); read from the package so that naming a class does not import torchvision.
+    """
+    from importlib.resources import files
+
+    text = files("camcli.models").joinpath(IMAGENET_FILE).read_text(encoding="utf-8")
+    return tuple(text.splitlines())
 
 
 def load_labels(path: str | Path) -> list[str]:
