@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -34,27 +35,30 @@ Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(ABC):
     """Base class. ``bind`` checks a shape and returns a layout with everything resolved."""
 
     @property
+    @abstractmethod
     def spec(self) -> str:
-        raise NotImplementedError
+        """The layout as ``--layout`` spells it."""
 
+    @abstractmethod
     def bind(self, shape: Sequence[int], input_hw: Grid) -> Layout:
-        raise NotImplementedError
+        """This layout resolved for a tensor of ``shape`` from an input of ``input_hw``; LayoutError if it does not fit."""
 
+    @abstractmethod
     def grid_of(self, shape: Sequence[int]) -> Grid:
         """The (h, w) feature grid of a tensor of this shape."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_nchw(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The tensor as (B, C, h, w)."""
 
+    @abstractmethod
     def from_nchw(self, t: Tensor, like: Tensor | None = None) -> Tensor:
         """Inverse of ``to_nchw``. ``like``: an original output that supplies what the (B, C, h, w)
         view dropped (prefix tokens); its batch is 1 or that of ``t``."""
-        raise NotImplementedError
 
     def describe(self, shape: Sequence[int]) -> str:
         h, w = self.grid_of(shape)
