@@ -21,6 +21,7 @@ from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
 from camcli.layouts import LayerLayouts, Layout
+from camcli.hostcopy import HostPack
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
 from camcli.methods.eigen import first_component
 from camcli.models.outputs import pick_logits
@@ -61,10 +62,15 @@ AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
 
 
-def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[str | None]]:
+# Blank-map reason codes as they travel in a (B,) uint8 tensor: index into REASONS.
+REASONS: tuple[str | None, ...] = (None, EMPTY, CONSTANT)
+
+
+def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """ReLU (unless signed) and per-image normalisation, the same for every method.
 
-    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), a reason code per image or None).
+    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), reason codes (B,) uint8: an index into
+    REASONS), all on the map's device: nothing here waits for the device.
     Never divides by zero: an empty or constant map comes back as zeros and is flagged.
     """
     cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -73,8 +79,8 @@ def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[st
         scale = flat.abs().amax(dim=1)
         ok = scale > 0
         out = cam / torch.where(ok, scale, 1.0)[:, None, None]
-        reasons = [None if o else CONSTANT for o in ok.tolist()]
-        return out, ~ok, reasons
+        code = torch.where(ok, 0, REASONS.index(CONSTANT)).to(torch.uint8)
+        return out, ~ok, code
     cam = torch.relu(cam)
     flat = cam.flatten(1)
     lo, hi = flat.amin(dim=1), flat.amax(dim=1)
@@ -82,8 +88,9 @@ def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, list[st
     ok = span > 1e-12 * torch.clamp(hi, min=1.0)
     out = (cam - lo[:, None, None]) / torch.where(ok, span, 1.0)[:, None, None]
     out = torch.where(ok[:, None, None], out, torch.zeros_like(out))
-    reasons = [None if o else (EMPTY if h <= 0 else CONSTANT) for o, h in zip(ok.tolist(), hi.tolist())]
-    return out, ~ok, reasons
+    blank = torch.where(hi <= 0, REASONS.index(EMPTY), REASONS.index(CONSTANT))
+    code = torch.where(ok, 0, blank).to(torch.uint8)
+    return out, ~ok, code
 
 
 def fuse_layers(maps: Sequence[Tensor]) -> Tensor:
@@ -233,11 +240,13 @@ class CamEngine:
         """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all.
 
         ``sizes``: each image's original (H, W), for a segmentation region given in image pixels.
+        Everything stays on the model's device until one packed copy brings the batch's maps,
+        flags, scores, probabilities, top-k and saturation to the host (camcli.hostcopy).
         """
-        outputs, targets = self._explain(x, specs, None, sizes)
-        if not self.aug_smooth:
-            return outputs
-        return self._aug_average(x, specs, outputs, targets)
+        batch, targets = self._explain(x, specs, None, sizes)
+        if self.aug_smooth:
+            self._aug_average(x, specs, batch, targets)
+        return self._to_host(batch)
 
     def _explain(
         self,
@@ -245,7 +254,7 @@ class CamEngine:
         specs: Sequence[tgt.TargetSpec],
         fixed: list[tgt.Target] | None,
         sizes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[list[ImageOutput], list[tgt.Target]]:
+    ) -> tuple[_Batch, list[tgt.Target]]:
         b = x.shape[0]
         grad_mode = self.needs_gradients
         with frozen(self.model), LayerTap(self.model, self.layers) as tap:
@@ -261,20 +270,11 @@ class CamEngine:
             # Per class and image: the softmax probability, or for segmentation the pixel share.
             probs = tgt.pixel_shares(scores) if scores.dim() == 4 else scores.softmax(dim=1)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
-            outputs = [
-                ImageOutput(
-                    top=list(zip(top_i[i].tolist(), [float(p) for p in top_p[i].tolist()])),
-                    saturation=meter.report(i),
-                )
-                for i in range(b)
-            ]
+            batch = _Batch(scores, probs, top_p, top_i, meter.saturated, meter.units, list(meter.modules))
             targets = tgt.resolve(specs, scores, self.region, sizes) if fixed is None else fixed
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:
-                col = target.classes
-                if bool((col < 0).all()):
-                    continue
                 grads: Sequence[Tensor | None] = [None] * len(acts)
                 if grad_mode:
                     grads = self._gradients(target.score(logits, rows).sum(), raws, x)
@@ -298,9 +298,9 @@ class CamEngine:
                             results.append(self._reduce(method.fn(inputs)))
                         if method.pixel_space and not method.needs_gradients:
                             break  # the layer plays no part: one map is enough
-                    self._collect(outputs, method, target, scores, probs, results)
+                    batch.entries.extend(self._entries(method, target, scores, results))
                 agnostic_done = True
-        return outputs, targets
+        return batch, targets
 
     def _gradients(self, score: Tensor, raws: Sequence[Tensor], x: Tensor) -> list[Tensor]:
         """d score / d each raw layer output, put in (B, C, h, w) by the same layout (a pure reshape)."""
@@ -321,73 +321,130 @@ class CamEngine:
             self._classifier[layer] = find_classifier(self.model, a, logits, layer)
         return self._classifier[layer]
 
-    def _collect(
-        self,
-        outputs: list[ImageOutput],
-        method: MethodInfo,
-        target: tgt.Target,
-        scores: Tensor,
-        probs: Tensor,
-        results: list[MethodOutput],
-    ) -> None:
-        col = target.classes
-        target_scores = target.score(scores, torch.arange(scores.shape[0], device=scores.device))
-        describe = getattr(target, "describe", None)
+    def _entries(
+        self, method: MethodInfo, target: tgt.Target, scores: Tensor, results: list[MethodOutput]
+    ) -> list[_Entry]:
+        """Finalised maps of one method and target slot: the fused map, then each layer's (--per-layer)."""
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        target_scores = target.score(scores, rows)
+        shares, kind = (target.shares(), target.kind) if isinstance(target, tgt.SegmentTarget) else (None, None)
         finals = [finalize(r.cam, self.signed) for r in results]
-        entries: list[tuple[str, tuple[Tensor, Tensor, list[str | None]], MethodOutput]] = []
+        named: list[tuple[str, tuple[Tensor, Tensor, Tensor], MethodOutput]] = []
         if len(results) == 1:
             only = "input" if method.pixel_space and not method.needs_gradients else self.layers[0]
-            entries.append((only, finals[0], results[0]))
+            named.append((only, finals[0], results[0]))
         else:
             fused = finalize(fuse_layers([f[0] for f in finals]), self.signed)
-            entries.append(("+".join(self.layers), fused, results[-1]))
+            named.append(("+".join(self.layers), fused, results[-1]))
             if self.per_layer:
-                entries.extend((n, f, r) for n, f, r in zip(self.layers, finals, results))
-        for layer_name, (maps, empty, reasons), res in entries:
-            maps_np = maps.cpu().numpy().astype(np.float32, copy=False)
+                named.extend(zip(self.layers, finals, results))
+        entries = []
+        for layer_name, (maps, _, code), res in named:
             chans = None
             if res.channels is not None:
-                chans = finalize(res.channels.flatten(0, 1), False)[0].reshape(res.channels.shape).cpu().numpy()
+                chans = finalize(res.channels.flatten(0, 1), False)[0].reshape(res.channels.shape)
+            entries.append(_Entry(method, layer_name, target.classes, target_scores, shares, kind, maps, code,
+                                  chans, res.channel_ids))
+        return entries
+
+    def _to_host(self, batch: _Batch) -> list[ImageOutput]:
+        """One packed device-to-host copy for the batch, then per-image records from numpy."""
+        pack = HostPack()
+        top = (pack.add(batch.top_i), pack.add(batch.top_p))
+        sat = None
+        if batch.saturated is not None and batch.units is not None:
+            sat = (pack.add(batch.saturated), pack.add(batch.units))
+        handles = []
+        for e in batch.entries:
+            col = e.classes.clamp(min=0)[:, None]
+            handles.append((
+                pack.add(e.classes), pack.add(e.scores),
+                pack.add(batch.probs.gather(1, col)[:, 0]), pack.add(e.maps), pack.add(e.code),
+                None if e.channels is None else pack.add(e.channels),
+                None if e.channel_ids is None else pack.add(e.channel_ids),
+                None if e.shares is None else pack.add(e.shares),
+            ))
+        host = pack.fetch()
+        top_i, top_p = host[top[0]], host[top[1]]
+        outputs = [ImageOutput(top=list(zip(top_i[i].tolist(), top_p[i].tolist()))) for i in range(len(top_i))]
+        if sat is not None:
+            saturated, units = host[sat[0]], host[sat[1]]
             for i, out in enumerate(outputs):
-                c = int(col[i])
+                out.saturation = {
+                    "share": round(float(saturated[i]) / float(units[i]), 6),
+                    "units": int(units[i]),
+                    "modules": list(batch.modules),
+                }
+        for e, (hc, hs, hp, hm, hcode, hch, hids, hsh) in zip(batch.entries, handles):
+            classes, score, prob, maps, code = host[hc], host[hs], host[hp], host[hm], host[hcode]
+            chans = None if hch is None else host[hch]
+            ids = None if hids is None else host[hids]
+            share = None if hsh is None else host[hsh]
+            has_target = e.method.needs_target
+            for i, out in enumerate(outputs):
+                c = int(classes[i])
                 if c < 0:
                     continue
-                has_target = method.needs_target
                 out.maps.append(
                     CamMap(
-                        method=method.name,
-                        layer=layer_name,
+                        method=e.method.name,
+                        layer=e.layer,
                         target=c if has_target else None,
-                        score=float(target_scores[i]) if has_target else None,
-                        probability=float(probs[i, c]) if has_target else None,
-                        cam=maps_np[i],
-                        empty=bool(empty[i]),
-                        note=reasons[i],
+                        score=float(score[i]) if has_target else None,
+                        probability=float(prob[i]) if has_target else None,
+                        cam=maps[i],
+                        empty=bool(code[i]),
+                        note=REASONS[int(code[i])],
                         channels=None if chans is None else chans[i],
-                        channel_ids=None if res.channel_ids is None else [int(v) for v in res.channel_ids[i]],
-                        region=describe(i) if (describe is not None and has_target) else None,
+                        channel_ids=None if ids is None else ids[i].tolist(),
+                        region=None if (share is None or not has_target) else tgt.describe_region(e.region_kind, float(share[i])),
                     )
                 )
+        return outputs
 
     def _aug_average(
-        self, x: Tensor, specs: Sequence[tgt.TargetSpec], base: list[ImageOutput], targets: list[tgt.Target]
-    ) -> list[ImageOutput]:
-        """--aug-smooth: the same targets under flips and rescales, maps mapped back and averaged."""
-        sums = [[torch.from_numpy(m.cam.copy()) for m in o.maps] for o in base]
+        self, x: Tensor, specs: Sequence[tgt.TargetSpec], base: _Batch, targets: list[tgt.Target]
+    ) -> None:
+        """--aug-smooth: the same targets under flips and rescales, maps mapped back and averaged (on the device)."""
+        sums = [e.maps.clone() for e in base.entries]
         h, w = x.shape[-2:]
         for flip, scale in AUGMENTATIONS[1:]:
             xa = x.flip(-1) if flip else x
             if scale != 1.0:
                 xa = F.interpolate(xa, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False)
-            outs, _ = self._explain(xa, specs, targets)
-            for i, o in enumerate(outs):
-                for j, m in enumerate(o.maps):
-                    cam = torch.from_numpy(m.cam)
-                    ref = sums[i][j]
-                    cam = F.interpolate(cam[None, None], size=ref.shape, mode="bilinear", align_corners=False)[0, 0]
-                    sums[i][j] = ref + (cam.flip(-1) if flip else cam)
-        for i, o in enumerate(base):
-            for j, m in enumerate(o.maps):
-                maps, empty, reasons = finalize(sums[i][j][None] / len(AUGMENTATIONS), self.signed)
-                m.cam, m.empty, m.note = maps[0].numpy(), bool(empty[0]), reasons[0]
-        return base
+            other, _ = self._explain(xa, specs, targets)
+            for j, e in enumerate(other.entries):
+                cam = F.interpolate(e.maps[:, None], size=sums[j].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                sums[j] = sums[j] + (cam.flip(-1) if flip else cam)
+        for e, total in zip(base.entries, sums):
+            e.maps, _, e.code = finalize(total / len(AUGMENTATIONS), self.signed)
+
+
+@dataclass
+class _Entry:
+    """One method x layer x target slot for the whole batch, still on the device."""
+
+    method: MethodInfo
+    layer: str
+    classes: Tensor  # (B,) long; -1: this image has no map in this slot
+    scores: Tensor  # (B,) the target's score per image
+    shares: Tensor | None  # (B,) a segmentation region's share of the output grid
+    region_kind: str | None
+    maps: Tensor  # (B, h, w) finalised
+    code: Tensor  # (B,) uint8 blank-map reason, an index into REASONS
+    channels: Tensor | None = None  # (B, N, h, w) normalised strongest channels (`activations` topN)
+    channel_ids: Tensor | None = None  # (B, N)
+
+
+@dataclass
+class _Batch:
+    """A batch's results on the device, until :meth:`CamEngine._to_host` copies them in one go."""
+
+    scores: Tensor  # (B, classes) float logits
+    probs: Tensor
+    top_p: Tensor  # (B, k)
+    top_i: Tensor
+    saturated: Tensor | None  # (B,) saturated bounded units at/after the layer
+    units: Tensor | None
+    modules: list[str]
+    entries: list[_Entry] = field(default_factory=list)

@@ -187,12 +187,3 @@ class SaturationMeter(Hooks):
                 self.modules.append(name)
 
         return hook
-
-    def report(self, i: int) -> dict[str, object] | None:
-        if self.saturated is None or self.units is None:
-            return None
-        return {
-            "share": round(float(self.saturated[i]) / float(self.units[i]), 6),
-            "units": int(self.units[i]),
-            "modules": list(self.modules),
-        }

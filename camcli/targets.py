@@ -218,9 +218,14 @@ class SegmentTarget:
             masks = torch.nn.functional.interpolate(masks[:, None], size=maps.shape[-2:], mode="nearest")[:, 0]
         return (maps * masks).sum(dim=(-2, -1))
 
-    def describe(self, i: int) -> dict[str, object]:
-        m = self.masks[i]
-        return {"kind": self.kind, "share": round(float(m.mean()), 6)}
+    def shares(self) -> Tensor:
+        """(B,) the share of the output grid inside each image's region (stays on the device)."""
+        return self.masks.flatten(1).float().mean(dim=1)
+
+
+def describe_region(kind: str | None, share: float) -> dict[str, object]:
+    """A segmentation target's region as the summary records it."""
+    return {"kind": kind, "share": round(share, 6)}
 
 
 def pixel_shares(scores: Tensor) -> Tensor:
@@ -232,17 +237,26 @@ def pixel_shares(scores: Tensor) -> Tensor:
 def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
     b = logits.shape[0]
+    # topK columns are prefixes of one another: a later topK adds only the ranks not taken yet, so a
+    # slot that is a duplicate in every row (top1 then top3) never exists and nobody has to look at
+    # the values (on a GPU that would be a wait per slot).
+    k_max = max((s.k for s in specs if isinstance(s, TopK)), default=0)
+    ranked = logits.topk(k_max, dim=1).indices if k_max else None
     cols: list[Tensor] = []
+    ranks_taken = 0
     for s in specs:
         if isinstance(s, TopK):
-            cols.append(logits.topk(s.k, dim=1).indices)
+            if s.k > ranks_taken:
+                assert ranked is not None
+                cols.append(ranked[:, ranks_taken : s.k])
+                ranks_taken = s.k
         else:
             cols.append(torch.full((b, 1), s.index, dtype=torch.long, device=logits.device))
     idx = torch.cat(cols, dim=1)
     out = idx.clone()
     for j in range(1, idx.shape[1]):
         dup = (idx[:, :j] == idx[:, j : j + 1]).any(dim=1)
-        out[dup, j] = -1
+        out[:, j] = torch.where(dup, -1, idx[:, j])  # no boolean indexing: it would wait for the device
     return out
 
 

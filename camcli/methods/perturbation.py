@@ -82,11 +82,11 @@ def sscam(inputs: CamInputs) -> Tensor:
     scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
     opts = inputs.options
     gen = noise_generator(opts.seed)
-    sigma = [0.0]
+    sigma: list[Tensor | float] = [0.0]
 
     def start(x1: Tensor) -> None:  # the same noise for an image whatever its batch
         gen.manual_seed(opts.seed)
-        sigma[0] = opts.smooth_sigma * float(x1.max() - x1.min())
+        sigma[0] = opts.smooth_sigma * (x1.max() - x1.min())  # stays a device scalar: no wait
 
     def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
         masked = x1 * masks[:, None]
@@ -141,12 +141,12 @@ def ablationcam(inputs: CamInputs) -> Tensor:
     b_, k = a.shape[:2]
     weights = torch.zeros(b_, k, device=a.device, dtype=torch.float32)
     for b in range(b_):
-        base = float(score_with(b, a[b : b + 1])[0])
+        base = score_with(b, a[b : b + 1])[0]  # a device scalar: no wait per image
+        divisor = torch.where(base != 0, base.abs(), torch.ones_like(base))
         chans = channel_subset(a[b], opts.score_channels)
         for start in chunks(len(chans), opts.perturbation_batch, f"ablationcam image {b + 1}", opts.progress):
             idx = chans[start : start + opts.perturbation_batch]
             ablated = a[b : b + 1].repeat(len(idx), 1, 1, 1)
             ablated[torch.arange(len(idx)), idx] = 0
-            drop = base - score_with(b, ablated)
-            weights[b, idx] = drop / abs(base) if base != 0 else drop
+            weights[b, idx] = (base - score_with(b, ablated)) / divisor
     return weigh(weights, a.float())
