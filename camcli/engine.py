@@ -190,34 +190,46 @@ class CamEngine:
         with self.autocast(x.device):
             return pick_logits(self.model(x), self.output_key)
 
-    def _activations(self, tap: LayerTap, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _activations(self, outputs: Mapping[str, Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(raw layer outputs as tapped, the same put in (B, C, h, w) by each layer's layout)."""
-        missing = [n for n in self.layers if n not in tap.activations]
+        missing = [n for n in self.layers if n not in outputs]
         if missing:
             raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
-        raws = [tap.activations[n] for n in self.layers]
+        raws = [outputs[n] for n in self.layers]
         return raws, [self.layouts.to_nchw(n, r.detach(), x) for n, r in zip(self.layers, raws)]
 
-    def prepare(self, example: Tensor) -> None:
-        """Checks that need a forward pass (layer shapes, the CAM head, each method's own) before real work."""
-        with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
-            logits = self._forward(example)
-            for layer, a in zip(self.layers, self._activations(tap, example)[1]):
-                if any(m.needs_classifier for m in self.methods):
-                    self._classifier[layer] = find_classifier(self.model, a, logits, layer)
-                for m in self.methods:
-                    if m.prepare is not None:
-                        m.prepare(self.options, a)
+    def prepare(self, example: Tensor, seen: tuple[Tensor, Any, Mapping[str, Tensor]] | None = None) -> None:
+        """Checks that need a forward pass (layer shapes, the CAM head, each method's own) before real work.
+
+        ``seen``: (input, model output, layer outputs) of a forward already made (the model's
+        load-time probe, ``LoadedModel.probe``), used instead of running the model again.
+        """
+        if seen is None:
+            with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
+                logits = self._forward(example)
+                self._check(logits, self._activations(tap.activations, example)[1])
+        else:
+            x, output, outputs = seen
+            with torch.inference_mode():
+                self._check(pick_logits(output, self.output_key), self._activations(outputs, x)[1])
         for m in self.methods:  # methods that cannot work on this model say so before any work
             if m.check is not None:
                 m.check(self.model, example)
+
+    def _check(self, logits: Tensor, acts: list[Tensor]) -> None:
+        for layer, a in zip(self.layers, acts):
+            if any(m.needs_classifier for m in self.methods):
+                self._classifier[layer] = find_classifier(self.model, a, logits, layer)
+            for m in self.methods:
+                if m.prepare is not None:
+                    m.prepare(self.options, a)
 
     def unfit(self, example: Tensor) -> dict[str, str]:
         """Methods that cannot work on this model, each with a one-line reason (``--method all``)."""
         reasons: dict[str, str] = {}
         with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
             logits = self._forward(example)
-            acts = self._activations(tap, example)[1]
+            acts = self._activations(tap.activations, example)[1]
         for m in self.methods:
             if m.needs_classifier:
                 try:
@@ -265,7 +277,7 @@ class CamEngine:
                 else:
                     with torch.inference_mode():
                         logits = self._forward(x)
-            raws, acts = self._activations(tap, x)
+            raws, acts = self._activations(tap.activations, x)
             scores = logits.detach().float()
             # Per class and image: the softmax probability, or for segmentation the pixel share.
             probs = tgt.pixel_shares(scores) if scores.dim() == 4 else scores.softmax(dim=1)

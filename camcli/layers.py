@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from camcli.layouts import NCHW, Grid, Layout, LayoutError, Tokens, as_layout, d
 class LayerInfo:
     name: str
     type: str
-    shape: tuple[int, ...] | None  # output shape for a batch of one, None when not a tensor / not run
+    shape: tuple[int, ...] | None  # output shape on the traced input, None when not a tensor / not run
     finished: int  # order in which its forward finished (-1: not called)
     layout: Layout | None = None  # how the output lies on the input (None: no feature map camcli can read)
     norm: bool = False  # a normalisation layer (LayerNorm, RMSNorm, ...)
@@ -68,6 +69,71 @@ def _blocks(model: nn.Module) -> dict[str, str]:
     return out
 
 
+class LayerTrace:
+    """Forward hooks on every named module while inside: each output's shape, the order in which the
+    forwards finished, and the outputs of the layers in ``keep`` (copied: later operations may write
+    into them) and of the last module with a 4-D spatial output (the usual default layer, kept
+    without a copy when nothing wrote into it afterwards). One forward then serves the model's
+    load-time probe, the default layer and the engine's checks. Hooks are removed on every path.
+    """
+
+    def __init__(self, model: nn.Module, keep: Iterable[str] = ()) -> None:
+        self.model = model
+        self.keep = set(keep)
+        self.shapes: dict[str, tuple[int, ...] | None] = {}
+        self.order: dict[str, int] = {}
+        self.kept: dict[str, object] = {}
+        self._last_spatial: tuple[str, Tensor, int | None] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "LayerTrace":
+        try:
+            for name, mod in self.model.named_modules():
+                if name:
+                    self._handles.append(mod.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._last_spatial is not None:
+            name, out, version = self._last_spatial
+            # Under inference mode tensors have no version counter: then it is not kept.
+            if version is not None and _version(out) == version:
+                self.kept.setdefault(name, out)
+            self._last_spatial = None
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(mod: nn.Module, args: object, out: object) -> None:
+            self.shapes[name] = tuple(out.shape) if isinstance(out, Tensor) else None
+            self.order[name] = len(self.order)
+            if name in self.keep:
+                self.kept[name] = out.clone() if isinstance(out, Tensor) else out
+            if isinstance(out, Tensor) and out.dim() == 4 and (out.shape[2] > 1 or out.shape[3] > 1):
+                self._last_spatial = (name, out, _version(out))
+
+        return hook
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def layer_names(spec: str | Sequence[str] | None) -> list[str]:
+    """``--layer`` text as dotted names (``blocks[6]`` -> ``blocks.6``), unchecked."""
+    if not spec:
+        return []
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    return [p.strip().replace("[", ".").replace("]", "") for part in parts for p in str(part).split(",") if p.strip()]
+
+
 def trace_layers(model: nn.Module, example: Tensor, layout: Layout | str | None = None) -> list[LayerInfo]:
     """Every named module with its output shape and layout on ``example``, in module-tree order.
 
@@ -75,35 +141,23 @@ def trace_layers(model: nn.Module, example: Tensor, layout: Layout | str | None 
     One layer may be marked ``preferred``: the default the model family's rule picks (see
     ``family_default``); ``default_layer`` returns it.
     """
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    order: dict[str, int] = {}
-    counter = [0]
-    handles = []
+    with LayerTrace(model) as trace, torch.inference_mode():
+        model(example)
+    return layer_infos(model, trace, tuple(example.shape), layout)
 
-    def make(name: str):  # noqa: ANN202
-        def hook(mod: nn.Module, args: object, out: object) -> None:
-            shapes[name] = tuple(out.shape) if isinstance(out, Tensor) else None
-            order[name] = counter[0]
-            counter[0] += 1
 
-        return hook
-
-    try:
-        for name, mod in model.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(make(name)))
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+def layer_infos(
+    model: nn.Module, trace: LayerTrace, input_shape: tuple[int, ...], layout: Layout | str | None = None
+) -> list[LayerInfo]:
+    """:func:`trace_layers`' answer from a trace already made on an input of ``input_shape``."""
+    shapes, order = trace.shapes, trace.order
     hints = model_hints(model)
     forced = as_layout(layout)
-    hw = (int(example.shape[-2]), int(example.shape[-1]))
+    hw = (int(input_shape[-2]), int(input_shape[-1]))
     blocks = _blocks(model)
 
     def layout_of(shape: tuple[int, ...] | None) -> Layout | None:
-        if shape is None or not shape or shape[0] != example.shape[0]:
+        if shape is None or not shape or shape[0] != input_shape[0]:
             return None  # not a tensor, or its first axis is not the batch (attention windows)
         if forced is None:
             return detect(shape, hw, hints)
@@ -182,8 +236,7 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
     names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
     known = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
-    for n in names:
-        dotted = n.replace("[", ".").replace("]", "")
+    for n, dotted in zip(names, layer_names(names)):
         if dotted not in known:
             raise UsageError(
                 f"unknown layer {n!r}{suggest(dotted, known) or ';'} see `camcli layers --model {model_name}`"
@@ -202,8 +255,11 @@ def choose_layers(
     example: Tensor,
     layout: Layout | str | None = None,
     score_channels: int | None = None,
+    traced: list[LayerInfo] | None = None,
 ) -> list[str]:
-    """``--layer`` resolved, or the default layer traced on ``example`` when none was given."""
+    """``--layer`` resolved, or the default layer when none was given: from ``traced`` (the model's
+    load-time trace) when given, else traced on ``example``."""
     if spec:
         return resolve_layers(model, spec, model_name)
-    return [default_layer(trace_layers(model, example, layout), score_channels)]
+    infos = traced if traced is not None else trace_layers(model, example, layout)
+    return [default_layer(infos, score_channels)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -296,8 +297,10 @@ def model_hints(model: nn.Module) -> ModelHints:
     if getattr(model, "output_fmt", None) == "NHWC" and hasattr(model, "patch_embed"):  # timm Swin family
         patch = _pair(getattr(model.patch_embed, "patch_size", None))
         return ModelHints(0, patch, True, "swin", f"timm {type(model).__name__}")
-    import torchvision.models as tvm
-
+    # A torchvision model was built by torchvision: no need to import it (a second) for anything else.
+    tvm = sys.modules.get("torchvision.models")
+    if tvm is None:
+        return ModelHints()
     if isinstance(model, tvm.VisionTransformer):
         return ModelHints(1, _pair(model.patch_size), False, "vit", "torchvision VisionTransformer")
     if isinstance(model, tvm.SwinTransformer):

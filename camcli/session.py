@@ -17,7 +17,7 @@ from camcli import targets as tgt
 from camcli.engine import CamEngine, ImageOutput
 from camcli.errors import UsageError
 from camcli.images import Preprocess
-from camcli.layers import choose_layers
+from camcli.layers import choose_layers, layer_infos, layer_names
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.models.outputs import pick_logits
@@ -36,6 +36,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("--device mps: MPS is not available on this machine (accepted here: auto, cpu)")
     return torch.device(name)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name one device (when 0 is the current one)."""
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -116,6 +124,7 @@ class Session:
             O.get(opts, "model"), O.get(opts, "weights"), O.get(opts, "labels"),
             unsafe_load=bool(O.get(opts, "unsafe_load")), image_size=O.get(opts, "image_size"), device=device,
             output_key=output_key, mean=O.get(opts, "mean"), std=O.get(opts, "std"),
+            layers=layer_names(O.get(opts, "layer")),
         )
         layout = O.get(opts, "layout")
         # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
@@ -123,7 +132,11 @@ class Session:
         # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         seg_classes = lm.num_classes if lm.task == "segmentation" else None
-        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes)
+        # The load-time probe's forward serves the default layer and the engine's checks when it ran on
+        # this device and kept what they need; otherwise they run forwards of their own.
+        probe = lm.probe if lm.probe is not None and _same_device(lm.probe.inputs.device, device) else None
+        traced = None if probe is None else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout)
+        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes, traced)
         engine = CamEngine(
             lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
@@ -143,7 +156,7 @@ class Session:
                 engine.methods = [m for m in engine.methods if m.name != name]
             methods = engine.methods
         try:
-            engine.prepare(example)
+            engine.prepare(example, None if probe is None else probe.seen(layers))
         except UsageError as e:
             if "output-key" in str(e) or "camcli layers" in str(e):
                 raise

