@@ -19,7 +19,7 @@ from camcli import metrics as M
 from camcli import targets as tgt
 from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
-from camcli.images import ImageSource, discover, image_size, read_image
+from camcli.images import ImageSource, discover, image_size, read_image, stack_images
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
 from camcli.outdir import check_writable, locked
@@ -342,7 +342,7 @@ def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Ite
             by_shape.setdefault(tuple(t.shape), []).append(i)
         results: dict[int, Any] = {}
         for ids in by_shape.values():
-            for i, o in zip(ids, session.explain(torch.stack([tensors[i] for i in ids]))):
+            for i, o in zip(ids, session.explain(stack_images([tensors[i] for i in ids], session.device))):
                 results[i] = o
         for i, src in chunk:
             if isinstance(sizes[i], ImageError):

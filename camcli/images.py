@@ -350,6 +350,21 @@ class ImageDataset(torch.utils.data.Dataset):
         return item
 
 
+def stack_images(images: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """Resized (3, h, w) images of one size -> a (B, 3, h, w) batch in channels-last memory, in one copy.
+
+    Preprocess.resize returns views of (h, w, 3) arrays: stacking them as they lie in memory gives the
+    NHWC batch the engine feeds the model, instead of an NCHW copy converted back afterwards. For a
+    CUDA ``device`` the batch is built in page-locked memory, so its copy to the GPU does not block.
+    """
+    hwc = [im.permute(1, 2, 0) for im in images]
+    if not hwc:
+        raise ValueError("stack_images: no images")
+    pin = device is not None and device.type == "cuda"
+    out = torch.empty((len(hwc), *hwc[0].shape), dtype=hwc[0].dtype, pin_memory=pin)
+    return torch.stack(hwc, out=out).permute(0, 3, 1, 2)
+
+
 def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 

@@ -23,7 +23,9 @@ from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, OutputError, UsageError
-from camcli.images import ImageDataset, ImageSource, collate, find_images, worker_ignores_interrupts
+from camcli.images import (
+    ImageDataset, ImageSource, collate, find_images, stack_images, worker_ignores_interrupts,
+)
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
 from camcli.outdir import check_writable, locked
@@ -74,10 +76,28 @@ class RunResult:
         return with_records(self.summary, self.records())
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and job schedulers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_workers() -> int:
     """Decoding workers when --workers is not given: none on 2 cores or fewer, else up to 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def writer_threads(decoders: int) -> int:
+    """Threads that render, measure and write while the engine computes: the cores left after the
+    decoding processes and the main thread, at least 2 and at most 32. OpenCV, zlib and numpy release
+    the GIL for that work, so the threads run in parallel."""
+    return max(2, min(32, available_cores() - decoders - 1))
+
+
+def writer_queue(batch_size: int, threads: int) -> int:
+    """Images waiting for a writer thread at most: a few batches, and enough to keep every thread busy.
+    The pixel budget bounds the same queue by size (see _run's submit_write)."""
+    return max(4 * batch_size, 2 * threads)
 
 
 def shard_of(rel: Path, n: int) -> int:
@@ -317,7 +337,7 @@ class ImageWriter:
         """Maps for one group of same-shape inputs, or why the model failed on them. ``sizes``: each
         image's original (H, W), for a segmentation --region in image pixels."""
         try:
-            return self.session.explain(torch.stack(list(tensors)), sizes=sizes)
+            return self.session.explain(stack_images(tensors, self.session.device), sizes=sizes)
         except UsageError:
             raise
         except (RuntimeError, ValueError) as e:
@@ -457,11 +477,13 @@ def _run(
         num_workers=workers,
         worker_init_fn=worker_ignores_interrupts if workers else None,
         collate_fn=collate,
-        pin_memory=session.device.type == "cuda",
+        pin_memory=False,  # stack_images builds each batch in page-locked memory on CUDA: one copy, not two
     )
+    threads = writer_threads(workers)
 
     def body() -> None:
-        with WriterPool(workers=2, max_pending=4 * opts.batch_size) as pool:
+        # Bounded twice: by count (writer_queue) and by decoded pixels (PIXEL_BUDGET, in submit_write).
+        with WriterPool(workers=threads, max_pending=writer_queue(opts.batch_size, threads)) as pool:
             # Images of one input shape are batched together; other shapes wait in their own bucket.
             # A bucket also runs early when the images waiting hold more than PIXEL_BUDGET pixels.
             pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)

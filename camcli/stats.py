@@ -28,30 +28,36 @@ def map_stats(cam: np.ndarray, empty: bool = False) -> dict[str, Any]:
 
     Energy is the map's value (after ReLU and normalisation). ``bbox`` is the box [x0, y0, x1, y1]
     (inclusive-exclusive) of the connected region >= 0.5 that holds the peak.
+
+    Measured on the float32 map with float64 sums, the box by cv2.boundingRect of the peak's
+    component: no float64 copy of the map and no list of the region's pixels (several times faster
+    than the straightforward definition, the same values; tests/test_throughput.py compares them).
     """
     h, w = cam.shape
-    pos = np.clip(cam, 0, None).astype(np.float64)
-    total = float(pos.sum())
+    pos = np.asarray(cam, dtype=np.float32)  # no float64 copy of the map: sums are taken in float64
+    if pos.size and float(pos.min()) < 0:
+        pos = np.maximum(pos, 0)
+    flat = pos.ravel()
+    total = float(flat.sum(dtype=np.float64))
     if empty or total <= 0:
         return {"empty": True, "peak": None, "centroid": None, "top10_energy_share": 0.0, "bbox": None, "mean": 0.0}
-    flat = pos.ravel()
     peak_i = int(flat.argmax())
     py, px = divmod(peak_i, w)
-    cy = float(pos.sum(axis=1) @ np.arange(h) / total)
-    cx = float(pos.sum(axis=0) @ np.arange(w) / total)
+    cy = float(pos.sum(axis=1, dtype=np.float64) @ np.arange(h) / total)
+    cx = float(pos.sum(axis=0, dtype=np.float64) @ np.arange(w) / total)
     k = max(1, int(round(0.1 * flat.size)))
     top = np.partition(flat, flat.size - k)[flat.size - k :]
-    mask = (pos >= 0.5 * pos.max()).astype(np.uint8)
+    mask = (pos >= 0.5 * flat[peak_i]).view(np.uint8)
     _, labels = cv2.connectedComponents(mask, connectivity=8)
-    region = labels == labels[py, px]
-    rys, rxs = np.nonzero(region)
+    # The box of the peak's component, without listing its pixels.
+    x0, y0, bw, bh = cv2.boundingRect((labels == labels[py, px]).view(np.uint8))
     return {
         "empty": False,
         "peak": [px, py],
         "centroid": [round(cx, 2), round(cy, 2)],
-        "top10_energy_share": round(float(top.sum() / total), 6),
-        "bbox": [int(rxs.min()), int(rys.min()), int(rxs.max()) + 1, int(rys.max()) + 1],
-        "mean": round(float(pos.mean()), 6),
+        "top10_energy_share": round(float(top.sum(dtype=np.float64)) / total, 6),
+        "bbox": [x0, y0, x0 + bw, y0 + bh],
+        "mean": round(total / flat.size, 6),
     }
 
 
