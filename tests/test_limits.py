@@ -134,12 +134,18 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path: Path, many: Path, worker
 
 
 # -- the pieces that keep memory flat, in process -------------------------------------------------
-def test_banded_rendering_matches_the_whole_image_functions() -> None:
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_banded_rendering_matches_the_whole_image_functions(deflate: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
     import cv2
 
+    import camcli.render as R
     from camcli.render import encode_png, overlay, overlay_png, raw_npy, resolve_colormap, upsample
+
+    if deflate == "zlib":  # the fallback where the isal package is missing
+        monkeypatch.setattr(R, "_isal", None)
+    assert (R._isal is not None) == (deflate == "isal")
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (301, 457, 3), dtype=np.uint8)
