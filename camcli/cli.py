@@ -440,6 +440,9 @@ _on_interrupt.seen = False  # type: ignore[attr-defined]
 def main() -> None:
     import signal
 
+    from camcli.allocator import keep_heap_memory
+
+    keep_heap_memory()  # the command owns its process: batches reuse the heap instead of faulting pages in
     signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
