@@ -57,15 +57,19 @@ def bench(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     return B
 
 
-def test_a_section_rerun_rewrites_its_blocks_only(bench, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("present", [True, False], ids=["replaced", "inserted"])
+def test_a_section_rerun_rewrites_its_blocks_only(bench, tmp_path: Path, present: bool) -> None:  # noqa: ANN001
     out = tmp_path / "RESULTS.md"
+    ours = ["bench/startup", "bench/targets/startup"]
     before = RESULTS.read_text(encoding="utf-8")
+    if not present:  # a RESULTS.md written before the section existed
+        before = outside(before, ours)
+        assert "bench/startup" not in before
     out.write_text(before, encoding="utf-8")
     blocks = bench.section_blocks("startup", ["| a table |"], {"startup_ratio": 1.5}, "_Measured now._")
     bench.write_blocks(out, blocks, "cpu")
     after = out.read_text(encoding="utf-8")
-    ours = ["bench/startup", "bench/targets/startup"]
-    assert outside(after, ours) == outside(before, [])  # every other block (Ray's too) and all text kept byte for byte
+    assert outside(after, ours) == outside(before, ours)  # every other block (Ray's too) and all text kept byte for byte
     keys = R.keys(after)
     assert keys.index("bench/memory") < keys.index("bench/startup") < keys.index("bench/targets")
     assert keys.index("bench/targets/memory") < keys.index("bench/targets/startup") < keys.index("bench/cuda")
