@@ -8,13 +8,13 @@ malloc and a high trim threshold, freed blocks stay in the heap and the next bat
 the process holds its peak (one batch's working set) instead of returning and faulting it back.
 
 This changes the whole process's allocator, so the ``camcli`` command calls it (it owns its
-process) and a Python program may call it itself; importing camcli does not.
+process) and a Python program may call it itself; importing camcli does not. The price: resident
+memory does not shrink below the run's peak (one batch's working set and the writers' images)
+until the process ends, and forked decoding workers inherit the setting.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -28,10 +28,12 @@ def keep_heap_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        import ctypes
+
+        libc = ctypes.CDLL(None)  # the C library the interpreter already runs on
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has it: musl's mallopt does nothing
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # no _ctypes, or not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -404,10 +404,10 @@ class CamEngine:
                         target=c if has_target else None,
                         score=float(score[i]) if has_target else None,
                         probability=float(prob[i]) if has_target else None,
-                        cam=maps[i],
+                        cam=maps[i].copy(),  # its own memory, not a view of the batch's (pinned) buffer
                         empty=bool(code[i]),
                         note=REASONS[int(code[i])],
-                        channels=None if chans is None else chans[i],
+                        channels=None if chans is None else chans[i].copy(),
                         channel_ids=None if ids is None else ids[i].tolist(),
                         region=None if (share is None or not has_target) else tgt.describe_region(e.region_kind, float(share[i])),
                     )

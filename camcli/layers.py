@@ -82,6 +82,7 @@ class LayerTrace:
         self.keep = set(keep)
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.order: dict[str, int] = {}
+        self._finished = 0
         self.kept: dict[str, object] = {}
         self._last_spatial: tuple[str, Tensor, int | None] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -110,7 +111,8 @@ class LayerTrace:
     def _hook(self, name: str):  # noqa: ANN202
         def hook(mod: nn.Module, args: object, out: object) -> None:
             self.shapes[name] = tuple(out.shape) if isinstance(out, Tensor) else None
-            self.order[name] = len(self.order)
+            self._finished += 1  # a module called twice finishes twice: its last call counts
+            self.order[name] = self._finished
             if name in self.keep:
                 self.kept[name] = out.clone() if isinstance(out, Tensor) else out
             if isinstance(out, Tensor) and out.dim() == 4 and (out.shape[2] > 1 or out.shape[3] > 1):

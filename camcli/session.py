@@ -133,8 +133,11 @@ class Session:
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         seg_classes = lm.num_classes if lm.task == "segmentation" else None
         # The load-time probe's forward serves the default layer and the engine's checks when it ran on
-        # this device and kept what they need; otherwise they run forwards of their own.
-        probe = lm.probe if lm.probe is not None and _same_device(lm.probe.inputs.device, device) else None
+        # this device and kept what they need; otherwise they run forwards of their own. It serves one
+        # session only: the module may change afterwards, and its tensors should not outlive the load.
+        probe, lm.probe = lm.probe, None
+        if probe is not None and not _same_device(probe.inputs.device, device):
+            probe = None
         traced = None if probe is None else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout)
         layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes, traced)
         engine = CamEngine(

@@ -250,13 +250,15 @@ def test_one_probe_forward_serves_loading_and_the_session() -> None:
                                ("features.2,features.3", "gradcam")):
             calls.clear()
             s = Session.open(ExplainOptions(model="toymodels:tiny_cnn", layer=layer, method=methods, quiet=True))
-            assert calls == [(2, 3, 256, 320)], (layer, calls)  # one forward: two images at another size
+            # the traced probe (two images at the model's size) and one image at another size
+            assert calls == [(2, 3, 224, 224), (1, 3, 256, 320)], (layer, calls)
             assert s.model.flexible_size and s.model.num_classes == 4
-        # a model that needs its own size: the other size fails, two images at 224 x 224 answer
+            assert s.model.probe is None  # used once: a later session cannot see a stale probe
+        # a model that needs its own size: the other size fails
         calls.clear()
         s = Session.open(ExplainOptions(model="toymodels:fixed_size", quiet=True))
         assert isinstance(s.model.module, FixedSize)
-        assert not s.model.flexible_size and calls == [(2, 3, 256, 320), (2, 3, 224, 224)], calls
+        assert not s.model.flexible_size and calls == [(2, 3, 224, 224), (1, 3, 256, 320)], calls
     finally:
         handle.remove()
 
@@ -294,9 +296,94 @@ def test_the_probe_is_not_trusted_for_a_layer_written_to_later() -> None:
     try:
         with pytest.raises(UsageError, match="global-average-pool"):
             Session.open(ExplainOptions(model="test_models:inplace_after", method="cam", quiet=True))
-        assert calls == [(2, 3, 256, 320), (1, 3, 224, 224)], calls
+        assert calls == [(2, 3, 224, 224), (1, 3, 256, 320), (1, 3, 224, 224)], calls
         calls.clear()
         s = Session.open(ExplainOptions(model="toymodels:tiny_cnn", method="cam", quiet=True))
         assert s.layers == ["features"] and s.engine._classifier  # kept: one forward, and the head is found
     finally:
         handle.remove()
+
+
+class FixedPool(torch.nn.Module):
+    """Runs at any size, but a fixed 7x7 average pool before a 1x1-conv head makes its output 10
+    classes only at 224 x 224 (at 256 x 320 the flattened output has 10 x 3 x 5 values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=32, padding=1), torch.nn.ReLU())
+        self.pool = torch.nn.AvgPool2d(7, stride=1)
+        self.head = torch.nn.Conv2d(8, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x))).flatten(1)
+
+
+class ConvHead(torch.nn.Module):
+    """VGG-style: a 7x7 convolution turns the 7x7 features into 1x1 at 224 (3x5 at a larger input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=32, padding=1), torch.nn.ReLU())
+        self.fc6 = torch.nn.Conv2d(8, 16, 7)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fc6(self.features(x)).mean(dim=(2, 3)))
+
+
+class SharedPool(torch.nn.Module):
+    """One pooling module called twice, then the last convolution: the default layer is conv3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(4)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
+def fixed_pool() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return FixedPool()
+
+
+def conv_head() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ConvHead()
+
+
+def shared_pool() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SharedPool()
+
+
+def test_the_probe_answers_at_the_models_own_size() -> None:
+    """Classes, flexibility and the default layer are read at the model's size: another size may
+    run and still give other classes (FixedPool) or make a 1x1 layer look spatial (ConvHead)."""
+    from camcli.layers import default_layer, trace_layers
+    from camcli.options import ExplainOptions
+    from camcli.session import Session
+
+    lm = load_model("test_models:fixed_pool")
+    assert lm.num_classes == 10 and not lm.flexible_size
+    s = Session.open(ExplainOptions(model="test_models:conv_head", quiet=True))
+    assert s.layers == ["features"]
+    assert default_layer(trace_layers(s.model.module, torch.zeros(1, 3, 224, 224))) == "features"  # `camcli layers`
+
+
+def test_a_module_called_twice_finishes_at_its_last_call() -> None:
+    from camcli.layers import default_layer, trace_layers
+    from camcli.options import ExplainOptions
+    from camcli.session import Session
+
+    s = Session.open(ExplainOptions(model="test_models:shared_pool", quiet=True))
+    assert s.layers == ["conv3"]
+    infos = {i.name: i.finished for i in trace_layers(shared_pool(), torch.zeros(1, 3, 64, 64))}
+    assert infos["conv1"] < infos["conv2"] < infos["pool"] < infos["conv3"]
+    assert default_layer(list(trace_layers(shared_pool(), torch.zeros(1, 3, 64, 64)))) == "conv3"

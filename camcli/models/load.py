@@ -506,42 +506,33 @@ def _probe(
 ) -> tuple[int, bool, str, Probe]:
     """(number of classes, whether the model accepts a non-square input of another size, task, probe).
 
-    One forward, of two images of seeded noise at (size + 2 step) x (size + 6 step), answers all of
-    it for a model that takes any size (``step``: a multiple of a transformer's patch size), and
-    traces every layer for the default layer and the engine's checks (``keep``: layers whose outputs
-    the probe keeps). More forwards run only for a model that fails it: two images at size x size
-    (a model that needs its own size), then one (to tell a model exported for one batch size).
-    Noise, not zeros: a zero image can make a non-linear head look linear (``find_classifier``).
+    Two forwards. The probe: two images of seeded noise at size x size, traced (every layer's output
+    shape and finishing order, for the default layer; ``keep``: layers whose outputs it keeps for
+    the engine's checks), so ``Session.open`` needs no forward of its own. Then one untraced image
+    at (size + 2 step) x (size + 6 step) (``step``: a multiple of a transformer's patch size): the
+    model takes any size only if that gives the same (1, classes) output. Where two images fail,
+    one image tells a model exported for one batch size. Noise, not zeros, for the probe: a zero
+    image can make a non-linear head look linear (``find_classifier``).
     """
     from camcli.layers import LayerTrace
     from camcli.models.outputs import pick_logits
 
-    def run(shape: tuple[int, ...]) -> Probe:
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
         # no_grad rather than inference mode: tensors keep version counters, so the trace can tell
         # whether a layer's output was written to after its module returned.
         with LayerTrace(module, keep) as trace, torch.no_grad():
-            out = module(x)
-        return Probe(x, out, trace)
-
-    flexible = True
-    try:
-        probe = run((2, 3, size + 2 * step, size + 6 * step))
-        pick_logits(probe.output, output_key)
-    except Exception:  # noqa: BLE001 - any failure means: it needs its own size (or fails there too)
-        flexible = False
-    if not flexible:
+            probe = Probe(x, module(x), trace)
+    except Exception as e:  # noqa: BLE001
         try:
-            probe = run((2, 3, size, size))
-        except Exception as e:  # noqa: BLE001
-            try:
-                run((1, 3, size, size))
-            except Exception:  # noqa: BLE001 - fails on one image too: report the first failure
-                raise e from None
-            raise ModelError(
-                f"the model runs on one image but not on a batch of two ({str(e).splitlines()[0]}); camcli batches "
-                "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
-            ) from None
+            with torch.inference_mode():
+                module(x[:1])
+        except Exception:  # noqa: BLE001 - fails on one image too: report the first failure
+            raise e from None
+        raise ModelError(
+            f"the model runs on one image but not on a batch of two ({str(e).splitlines()[0]}); camcli batches "
+            "images and masked inputs: export it with a dynamic batch dimension (dynamic_shapes={0: Dim.AUTO})"
+        ) from None
     try:
         scores = pick_logits(probe.output, output_key)
         n, task = int(scores.shape[1]), ("segmentation" if scores.dim() == 4 else "classification")
@@ -549,6 +540,12 @@ def _probe(
         if output_key is not None:
             raise
         n, task = -1, "classification"  # reported by the engine with the --output-key hint
+    try:
+        with torch.inference_mode():
+            other = module(torch.zeros(1, 3, size + 2 * step, size + 6 * step, device=device))
+        flexible = n > 0 and tuple(pick_logits(other, output_key).shape[:2]) == (1, n)
+    except Exception:  # noqa: BLE001 - any failure means: needs its fixed size
+        flexible = False
     return n, flexible, task, probe
 
 
