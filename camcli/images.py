@@ -6,9 +6,11 @@ import glob
 import os
 import signal
 import stat
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -21,9 +23,6 @@ from camcli.options import BY_NAME
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 DEFAULT_MAX_PIXELS: int = BY_NAME["max_pixels"].default  # Pillow's own decompression-bomb threshold
-# camcli checks --max-pixels itself, from the header and before decoding (see read_image), so a
-# user who raises it can read the image; Pillow's fixed process-wide threshold would refuse it.
-Image.MAX_IMAGE_PIXELS = None
 STRIP_PIXELS = 1 << 22  # pixels converted to RGB at a time: decoding needs one full-size copy, not three
 REDUCE_ABOVE = 1 << 24  # read_image(fit=...): larger images are decoded reduced; smaller ones exactly as usual
 
@@ -215,14 +214,32 @@ def _swaps_sides(im: Image.Image) -> bool:
     return im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
-def _open(p: Path) -> Any:  # noqa: ANN401
+# camcli checks --max-pixels itself, from the header and before decoding (see read_image), so a user
+# who raises it can read the image; Pillow's fixed threshold would refuse it. Pillow's threshold is a
+# process-wide setting: it is lifted only while camcli reads a file (one reader at a time), so the
+# rest of a program that imports camcli keeps Pillow's protection.
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _open(p: Path) -> Iterator[Image.Image]:
+    """The opened image, read inside the block with Pillow's own pixel limit lifted."""
     _regular_file(p)
-    try:
-        return Image.open(p)
-    except UnidentifiedImageError:
-        raise ImageError(f"{p}: not an image, or a format camcli cannot read ({', '.join(IMAGE_SUFFIXES)})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            try:
+                im = Image.open(p)
+            except UnidentifiedImageError:
+                raise ImageError(
+                    f"{p}: not an image, or a format camcli cannot read ({', '.join(IMAGE_SUFFIXES)})"
+                ) from None
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+            with im:
+                yield im
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -79,7 +79,8 @@ def test_huge_image_is_refused_by_default_with_its_size(huge_png: Path, tmp_path
     assert "16000x16000" in im["error"] and "256,000,000 pixels" in im["error"] and "--max-pixels" in im["error"]
 
 
-def test_huge_image_is_explained_in_bounded_memory(huge_png: Path, tmp_path: Path) -> None:
+def test_huge_image_is_explained_in_bounded_memory(huge_png: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "o"
     rc, peak_gib, err = run_measured(
         camcli("explain", str(huge_png), "--model", "toymodels:tiny_cnn", "--max-pixels", "300000000",
@@ -89,8 +90,24 @@ def test_huge_image_is_explained_in_bounded_memory(huge_png: Path, tmp_path: Pat
     from camcli.records import load_run
 
     assert load_run(out)["images"][0]["status"] == "ok"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # this test's own read of a 256 Mpx overlay
     with Image.open(out / "grey.gradcam.png") as im:  # the header only
         assert im.size == (16000, 16000)
+
+
+def test_reading_with_camcli_leaves_pillows_own_limit_in_place(huge_png: Path) -> None:
+    """camcli lifts Pillow's decompression-bomb limit only while it reads (it checks --max-pixels
+    itself): a program that imports camcli keeps Pillow's protection for its own reads."""
+    import camcli.images as I
+
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None
+    assert I.image_size(huge_png, 300_000_000) == (16000, 16000)
+    with pytest.raises(I.ImageError, match="--max-pixels"):
+        I.image_size(huge_png)  # camcli's own refusal, with the way out
+    assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(huge_png)
 
 
 def _interrupt(tmp_path: Path, folder: Path, workers: str, second_after: float | None) -> tuple[int, str, int]:
