@@ -19,7 +19,7 @@ from camcli import metrics as M
 from camcli import targets as tgt
 from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
-from camcli.images import ImageSource, discover, image_size, read_image, stack_images
+from camcli.images import ImageSource, find_images, image_size, read_image, stack_images
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
 from camcli.outdir import check_writable, locked
@@ -176,7 +176,8 @@ def _evaluate(
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)
     out_dir = Path(opts.out)
-    sources = discover(inputs, opts.recursive, exclude=out_dir)
+    found = find_images(inputs, opts.recursive, exclude=out_dir)
+    sources = found.sources
     boxes_of = match_boxes(boxes, sources, f"--boxes {opts.boxes!r}", opts.max_pixels) if boxes is not None else {}
     check_writable(out_dir)
     session = Session.open(opts, model=model)
@@ -202,6 +203,9 @@ def _evaluate(
     # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
     # perturbed inputs share forward passes across images, maps, metrics and curve steps.
     batcher = M.Batcher(session.logits, pb)
+    if found.skipped:
+        session.warn(f"skipped {len(found.skipped)} folder entries that are not regular files (a FIFO, a socket or "
+                     f"a broken link), first: {found.skipped[0]}")
     if on_start is not None:
         on_start(len(sources))
     noted = False
@@ -307,6 +311,7 @@ def _evaluate(
                                     "reinitialised": "cascade from the logits down to the target layer, final step",
                                     "modules": reinitialised}} if reinitialised else {})},
         "metrics": wanted,
+        **({"skipped_entries": len(found.skipped)} if found.skipped else {}),  # FIFOs, sockets, broken links
         "aggregate": aggregate,
         "images": per_image,
     }

@@ -238,3 +238,17 @@ def test_huge_images_are_decoded_reduced_when_only_a_model_input_is_needed(tmp_p
         assert np.abs(ref.astype(int) - small.rgb).mean() < 4, name
     monkeypatch.undo()
     assert I.read_image(tmp_path / "x.jpg", fit=lambda h, w: (h // 4, w // 4)).rgb.shape == (300, 400, 3)
+
+
+def test_evaluate_skips_and_counts_fifos_and_broken_links_in_folders(small_images: Path, tmp_path: Path) -> None:
+    import json
+
+    from camcli.evaluate import evaluate
+    from camcli.options import EvaluateOptions
+
+    os.mkfifo(small_images / "pipe.png")
+    (small_images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    res = evaluate([small_images], EvaluateOptions(model="toymodels:tiny_cnn", method="gradcam", metric="deletion_auc",
+                                                   steps=4, out=str(tmp_path / "o"), quiet=True), model=None)
+    doc = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert res.exit_code == 0 and len(doc["images"]) == 2 and doc["skipped_entries"] == 2
