@@ -19,10 +19,9 @@ from camcli.images import decode
 from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
-from camcli.pipeline import check_writable
+from camcli.outdir import check_writable, locked
 from camcli.render import encode_png, overlay, resolve_colormap, upsample
 from camcli.sanity import pearson
-from camcli.outdir import check_writable, locked
 from camcli.session import Session, stderr_warning
 from camcli.writer import npy_bytes, write_atomic
 

@@ -12,7 +12,6 @@ from PIL import Image
 from camcli.errors import UsageError
 from camcli.pipeline import ExplainOptions, explain, parse_shard
 from camcli.records import load_run
-from conftest import noise_images
 
 TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
 

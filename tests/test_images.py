@@ -241,7 +241,6 @@ def test_huge_images_are_decoded_reduced_when_only_a_model_input_is_needed(tmp_p
 
 
 def test_evaluate_skips_and_counts_fifos_and_broken_links_in_folders(small_images: Path, tmp_path: Path) -> None:
-    import json
 
     from camcli.evaluate import evaluate
     from camcli.options import EvaluateOptions
