@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Probe:
-    """The one forward made at load time, kept so that opening a session need not run the model
-    again: its input (seeded noise), the raw output, and the trace of every module (shapes, order,
-    the outputs of the layers asked for and of the last spatial layer)."""
+    """The traced forward made at load time (two images at the model's size), kept so that opening a
+    session need not run the model again: its input (seeded noise), the raw output, and the trace of
+    every module (shapes, order, the outputs of the layers asked for and of the last spatial layer).
+    ``Session.open`` takes it off the LoadedModel: it serves one session."""
 
     inputs: Tensor
     output: Any  # noqa: ANN401 - whatever the model returns
