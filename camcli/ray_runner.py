@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from camcli.allocator import keep_heap_memory
 from camcli.errors import OutputError, UsageError
 from camcli.images import ImageDataset, ImageSource, Preprocess
 from camcli.options import ExplainOptions
@@ -62,6 +63,7 @@ class CamActor:
     """
 
     def __init__(self, options: dict[str, Any], out_dir: str, cwd: str) -> None:
+        keep_heap_memory()  # the actor owns its worker process, as the command owns its own (camcli.allocator)
         if os.path.isdir(cwd):  # relative --weights/--labels and module:callable models, as on the driver
             os.chdir(cwd)
             sys.path.insert(0, cwd)

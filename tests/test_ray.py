@@ -88,3 +88,16 @@ def test_ray_address_is_optional_and_checked() -> None:
     assert O.fill_flag_values("explain", ["photos/", "--ray", "ray://head:10001"]) == ["photos/", "--ray", "ray://head:10001"]
     r = runner.invoke(app, ["explain", "x.png", "--ray=photos/"])
     assert r.exit_code == 2 and "--ray 'photos/' is not a Ray address" in r.output
+
+
+def test_an_actor_tunes_the_allocator_of_its_own_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray actor owns its worker process, as the command owns its own: it keeps freed heap memory
+    for the next batch (camcli.allocator; tests/test_allocator.py counts the page faults it saves)."""
+    import camcli.ray_runner as R
+
+    calls: list[int] = []
+    monkeypatch.setattr(R, "keep_heap_memory", lambda: calls.append(1) or True)
+    monkeypatch.chdir(tmp_path)  # the actor changes into the driver's folder: undone after the test
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    actor = R.CamActor({"model": "toymodels:tiny_cnn", "quiet": True}, str(tmp_path / "o"), str(TESTS))
+    assert calls == [1] and actor.session.layers
