@@ -20,10 +20,10 @@ from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
 from camcli.outdir import check_writable, locked
-from camcli.render import encode_png, overlay, resolve_colormap, upsample
-from camcli.sanity import pearson
+from camcli.fullmap import baseline_pearson, load_baseline, region_facts
+from camcli.render import encode_png, overlay_image, overlay_png, raw_npy, resolve_colormap
 from camcli.session import Session, stderr_warning
-from camcli.writer import npy_bytes, write_atomic
+from camcli.writer import write_atomic
 
 UNCHANGED = 0.9999  # --update-baselines: a map at least this similar to the stored one is "unchanged"
 
@@ -189,16 +189,17 @@ def _run_check(
         for cam_map in result.maps:
             if cam_map.layer != layer_name:
                 continue
-            full = upsample(cam_map.cam, case.height, case.width)
-            rows = _evaluate(case, cam_map.method, cam_map.target, full, ranked, lm, mask, cf, layer_name)
+            # The map at feature resolution; every rule reads it upsampled to the image a band at a time.
+            cam = cam_map.cam
+            rows = _evaluate(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
             if update_baselines:
                 assert cf.baselines is not None
-                report.baselines.append(_store_baseline(cf, case, cam_map.method, full, rgb, cmap, lm.name, layer_name))
+                report.baselines.append(_store_baseline(cf, case, cam_map.method, cam, rgb, cmap, lm.name, layer_name))
             else:
                 report.rules.extend(rows)
             if out_dir is not None:
                 ok = all(r.passed for r in rows)
-                bgr = _draw_region(overlay(rgb, full, cmap, 0.5), case, ok, mask)
+                bgr = _draw_region(overlay_image(rgb, cam, cmap, 0.5), case, ok, mask)
                 rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
                 write_atomic(out_dir / rel, encode_png(bgr))
                 report.overlays.append(rel)
@@ -215,7 +216,7 @@ def _evaluate(
     case: Case,
     method: str,
     target: int | None,
-    full: np.ndarray,
+    cam: np.ndarray,
     ranked: list[int],
     lm: LoadedModel,
     mask: np.ndarray | None,
@@ -234,29 +235,29 @@ def _evaluate(
         label = lm.label(target) if target is not None else None
         add("top_k", rank, ex.top_k, rank <= ex.top_k, f"class {target} ({label}): {shown}")
     if mask is not None:
-        pos = np.clip(full, 0, None)
-        total = float(pos.sum())
+        facts = region_facts(cam, mask)
+        total = facts.total
         if ex.min_energy_in_region is not None:
-            share = float(pos[mask].sum() / total) if total > 0 else 0.0
+            share = facts.inside / total if total > 0 else 0.0
             add("min_energy_in_region", round(share, 6), ex.min_energy_in_region, share >= ex.min_energy_in_region,
                 "" if total > 0 else "the map is empty")
         if ex.peak_in_region is not None:
-            py, px = np.unravel_index(int(full.argmax()), full.shape)
-            inside = bool(mask[py, px]) and total > 0
+            px, py = facts.peak
+            inside = facts.peak_inside and total > 0
             add("peak_in_region", inside, ex.peak_in_region, inside == ex.peak_in_region, f"peak at ({px}, {py})")
     if ex.min_baseline_similarity is not None and cf.baselines is not None:
         b = baseline_path(cf.baselines, case, method)
         meta_path = b.with_suffix(".json")
-        base = np.load(b) if b.is_file() else None
+        base = load_baseline(b)  # a memory map: read a band at a time
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         if base is None:
             add("min_baseline_similarity", None, ex.min_baseline_similarity, False,
                 f"baseline {b} is missing; run `camcli check {cf.path} --update-baselines`")
-        elif base.shape != full.shape:
+        elif base.shape != (case.height, case.width):
             add("min_baseline_similarity", None, ex.min_baseline_similarity, False,
-                f"baseline is {base.shape[1]}x{base.shape[0]}, the map {full.shape[1]}x{full.shape[0]}")
+                f"baseline is {base.shape[1]}x{base.shape[0]}, the map {case.width}x{case.height}")
         else:
-            r = pearson(full, base)
+            r = baseline_pearson(cam, base)
             note = ""
             if meta.get("layer") not in (None, layer):
                 note = f"baseline was made at layer {meta['layer']}, this run uses {layer}"
@@ -265,19 +266,20 @@ def _evaluate(
 
 
 def _store_baseline(
-    cf: CheckFile, case: Case, method: str, full: np.ndarray, rgb: np.ndarray, cmap: Any, model: str, layer: str  # noqa: ANN401
+    cf: CheckFile, case: Case, method: str, cam: np.ndarray, rgb: np.ndarray, cmap: Any, model: str, layer: str  # noqa: ANN401
 ) -> dict[str, Any]:
     assert cf.baselines is not None
     b = baseline_path(cf.baselines, case, method)
     status, sim = "new", None
-    if b.is_file():
-        old = np.load(b)
-        sim = round(pearson(full, old), 6) if old.shape == full.shape else None
+    old = load_baseline(b)
+    if old is not None:
+        sim = round(baseline_pearson(cam, old), 6) if old.shape == (case.height, case.width) else None
         status = "unchanged" if sim is not None and sim >= UNCHANGED else "changed"
-    write_atomic(b, npy_bytes(full.astype(np.float32)))
+        del old  # the memory map, before the file is replaced
+    write_atomic(b, bytes(raw_npy(cam, case.height, case.width)))
     meta = {"model": model, "layer": layer, "method": method, "case": case.name, "image": str(case.image)}
     write_atomic(b.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
-    write_atomic(b.with_suffix(".png"), encode_png(overlay(rgb, full, cmap, 0.5)))
+    write_atomic(b.with_suffix(".png"), overlay_png(rgb, cam, cmap, 0.5))
     return {"case": case.name, "case_index": case.index, "method": method, "status": status,
             "similarity_to_previous": sim, "path": str(b)}
 

@@ -107,6 +107,18 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, colormap: int | np.ndarray, alpha:
     return cv2.addWeighted(bgr, 1.0 - alpha, heat, alpha, 0.0)
 
 
+def overlay_image(rgb: np.ndarray, cam: np.ndarray, colormap: int | np.ndarray, alpha: float = 0.5,
+                  signed: bool = False) -> np.ndarray:
+    """overlay() of ``cam`` (any resolution) upsampled to ``rgb``'s size, rendered a band of rows at a
+    time into one BGR image: no full-resolution float map (for drawing on it before encoding)."""
+    h, w = rgb.shape[:2]
+    up = Upsampler(cam, h, w)
+    out = np.empty((h, w, 3), np.uint8)
+    for y0, y1 in row_tiles(h, w):
+        out[y0:y1] = overlay(rgb[y0:y1], up.rows(y0, y1), colormap, alpha, signed)
+    return out
+
+
 # Fast settings measured on 640x427 overlays: the 'sub' filter halves the encode time of the
 # default adaptive filters at about the same file size, and Huffman-only coding (no match search)
 # takes another 10-15% off, the files 1% larger than with run-length matches.

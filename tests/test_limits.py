@@ -23,16 +23,18 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def grey_png(path: Path, width: int, height: int, value: int = 128) -> Path:
-    """A constant grey PNG of any size, streamed: the test never holds the decoded image."""
+def grey_png(path: Path, width: int, height: int, value: int = 128, lower: int | None = None) -> Path:
+    """A constant grey PNG of any size (``lower``: another grey for the lower half, from a row that is
+    a multiple of 500), streamed: the test never holds the decoded image."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     z = zlib.compressobj(9)
-    block = (b"\x00" + bytes([value]) * width) * 500
     body = []
     for y in range(0, height, 500):
+        grey = value if lower is None or y < height // 2 else lower
+        block = (b"\x00" + bytes([grey]) * width) * 500
         body.append(z.compress(block if height - y >= 500 else block[: (height - y) * (width + 1)]))
     body.append(z.flush())
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
@@ -93,6 +95,33 @@ def test_huge_image_is_explained_in_bounded_memory(huge_png: Path, tmp_path: Pat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # this test's own read of a 256 Mpx overlay
     with Image.open(out / "grey.gradcam.png") as im:  # the header only
         assert im.size == (16000, 16000)
+
+
+def test_check_on_a_huge_image_measures_its_rules_in_bounded_memory(tmp_path: Path) -> None:
+    """Region energy, peak and baseline similarity at 16000 x 16000 are measured a band at a time
+    (camcli/fullmap.py): a full-resolution float map, its float64 copies and the loaded baseline
+    took over 8 GB."""
+    import json
+
+    import yaml
+
+    image = grey_png(tmp_path / "two.png", 16000, 16000, 230, lower=20)  # a map with an edge to find
+    doc = {"model": "toymodels:tiny_cnn", "max_pixels": 300_000_000, "baselines": "base",
+           "cases": [{"image": str(image), "expect": {"region": [0, 0, 16000, 16000], "min_energy_in_region": 0.99,
+                                                       "peak_in_region": True, "min_baseline_similarity": 0.99}}]}
+    f = tmp_path / "check.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    rc, _, err = run_measured(camcli("check", str(f), "--update-baselines"), cwd=tmp_path)
+    assert rc == 0, err
+    assert (tmp_path / "base" / "000-two.gradcam.npy").stat().st_size > 16000 * 16000 * 4  # full resolution
+    rc, peak_gib, err = run_measured(camcli("check", str(f), "--out", str(tmp_path / "report"), "--json",
+                                            str(tmp_path / "report.json")), cwd=tmp_path)
+    assert rc == 0, err
+    rules = {r["rule"]: r["value"] for r in json.loads((tmp_path / "report.json").read_text())["rules"]}
+    # the whole image is the region; the map is its own baseline
+    assert rules == {"min_energy_in_region": 1.0, "peak_in_region": True, "min_baseline_similarity": 1.0}
+    assert (tmp_path / "report" / "000-two.gradcam.png").is_file()
+    assert peak_gib < 3.5, f"peak resident memory {peak_gib:.2f} GiB"
 
 
 def test_reading_with_camcli_leaves_pillows_own_limit_in_place(huge_png: Path) -> None:
@@ -173,6 +202,8 @@ def test_banded_rendering_matches_the_whole_image_functions(deflate: str, monkey
         a = cv2.imdecode(np.frombuffer(mine, np.uint8), cv2.IMREAD_COLOR).astype(int)
         b = cv2.imdecode(np.frombuffer(ref, np.uint8), cv2.IMREAD_COLOR).astype(int)
         assert np.abs(a - b).max() <= 2 and (a != b).mean() < 1e-3  # float rounding at a few pixels
+        drawn = R.overlay_image(rgb, cam * 2 - 1 if signed else cam, cmap, 0.4, signed).astype(int)  # check's
+        assert np.abs(drawn - b).max() <= 2 and (drawn != b).mean() < 1e-3
         with Image.open(io.BytesIO(mine)) as im:
             assert im.size == (457, 301) and im.mode == "RGB"
     raw = np.load(io.BytesIO(bytes(raw_npy(cam, 301, 457))))
