@@ -54,13 +54,11 @@ def make_images(tmp_path: Path):  # noqa: ANN201
     img00.png ... (every ``sub``-th in ``sub/``), plus an unreadable broken.png if asked."""
 
     def make(name: str, n: int, *, seed: int = 1, sub: int = 0, broken: bool = False) -> Path:
-        d = tmp_path / name
-        (d / "sub" if sub else d).mkdir(parents=True)
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            h, w = SIZES[i % len(SIZES)]
-            where = d / "sub" if sub and i % sub == 0 else d
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(where / f"img{i:02d}.png")
+        d = noise_images(tmp_path / name, [SIZES[i % len(SIZES)] for i in range(n)], seed, "img{:02d}.png")
+        if sub:
+            (d / "sub").mkdir()
+            for i in range(0, n, sub):
+                (d / f"img{i:02d}.png").rename(d / "sub" / f"img{i:02d}.png")
         if broken:
             (d / "broken.png").write_text("not an image")
         return d
