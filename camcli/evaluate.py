@@ -19,7 +19,7 @@ from camcli import metrics as M
 from camcli import targets as tgt
 from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
-from camcli.images import ImageSource, find_images, image_size, read_image, stack_images
+from camcli.images import ImageSource, find_images, image_size, read_image, skipped_warning, stack_images
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
 from camcli.outdir import check_writable, locked
@@ -203,9 +203,8 @@ def _evaluate(
     # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
     # perturbed inputs share forward passes across images, maps, metrics and curve steps.
     batcher = M.Batcher(session.logits, pb)
-    if found.skipped:
-        session.warn(f"skipped {len(found.skipped)} folder entries that are not regular files (a FIFO, a socket or "
-                     f"a broken link), first: {found.skipped[0]}")
+    if (skipped := skipped_warning(found.skipped)) is not None:
+        session.warn(skipped)
     if on_start is not None:
         on_start(len(sources))
     noted = False

@@ -41,6 +41,14 @@ class Found:
     skipped: list[Path] = field(default_factory=list)  # FIFOs, sockets, broken links with an image suffix
 
 
+def skipped_warning(skipped: Sequence[str | Path]) -> str | None:
+    """The one warning explain and evaluate give about folder entries they passed over, if any."""
+    if not skipped:
+        return None
+    return (f"skipped {len(skipped)} folder entries that are not regular files (a FIFO, a socket or a broken link), "
+            f"first: {skipped[0]}")
+
+
 def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES
 

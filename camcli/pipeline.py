@@ -24,7 +24,7 @@ from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, OutputError, UsageError
 from camcli.images import (
-    ImageDataset, ImageSource, collate, find_images, stack_images, worker_ignores_interrupts,
+    ImageDataset, ImageSource, collate, find_images, skipped_warning, stack_images, worker_ignores_interrupts,
 )
 from camcli.models import LoadedModel
 from camcli.options import ExplainOptions, parse_shard
@@ -430,11 +430,8 @@ def _run(
     if reused:
         session.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
     writer = ImageWriter(session, out_dir)
-    if plan.skipped:
-        session.warn(
-            f"skipped {len(plan.skipped)} folder entries that are not regular files (a FIFO, a socket or a broken "
-            f"link), first: {plan.skipped[0]}"
-        )
+    if (skipped := skipped_warning(plan.skipped)) is not None:
+        session.warn(skipped)
     writing: list[tuple[Any, int]] = []  # (future, full-resolution pixels) of writes in flight
 
     def submit_write(pool: WriterPool, i: int, rec: dict[str, Any], rgb: np.ndarray, out: ImageOutput) -> None:
