@@ -171,6 +171,7 @@ class CamEngine:
         self._classifier: dict[str, Tensor] = {}
         # Layer outputs -> (B, C, h, w) before any method sees them (tokens, NHWC); None: found from the model.
         self.layouts = LayerLayouts(model, self.layers, layout)
+        self._methods_checked = False  # each method's own check (MethodInfo.check) has run on this model
 
     @property
     def needs_gradients(self) -> bool:
@@ -212,9 +213,15 @@ class CamEngine:
             x, output, outputs = seen
             with torch.inference_mode():
                 self._check(pick_logits(output, self.output_key), self._activations(outputs, x)[1])
-        for m in self.methods:  # methods that cannot work on this model say so before any work
+        self._check_methods(example)
+
+    def _check_methods(self, example: Tensor) -> None:
+        """Methods that cannot work on this model say so before any work, on every path: from
+        ``prepare`` (Session.open) or, for an engine built and used directly, on its first batch."""
+        for m in self.methods:
             if m.check is not None:
                 m.check(self.model, example)
+        self._methods_checked = True
 
     def _check(self, logits: Tensor, acts: list[Tensor]) -> None:
         for layer, a in zip(self.layers, acts):
@@ -255,6 +262,8 @@ class CamEngine:
         Everything stays on the model's device until one packed copy brings the batch's maps,
         flags, scores, probabilities, top-k and saturation to the host (camcli.hostcopy).
         """
+        if not self._methods_checked:
+            self._check_methods(x[:1])
         batch, targets = self._explain(x, specs, None, sizes)
         if self.aug_smooth:
             self._aug_average(x, specs, batch, targets)

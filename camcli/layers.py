@@ -186,7 +186,8 @@ def family_default(infos: list[LayerInfo], family: str | None = None) -> str | N
     ViT-like (the head reads prefix tokens): the first norm of the last block, because the last
     block's output reaches the head only through its class token, so its patch tokens get no
     gradient. Swin-like (the head pools the grid): the last norm with a spatial output, i.e. the
-    final norm after the last stage. ``family`` comes from the model; without it, a model whose last
+    final norm after the last stage; when that norm lies inside a block (an average-pooled ViT
+    without a class token has no final norm on the grid), the output of its block. ``family`` comes from the model; without it, a model whose last
     spatial output is tokens (with prefix: ViT-like) or NHWC (Swin-like) counts as a transformer.
     """
     spatial = [i for i in infos if i.spatial and i.finished >= 0]
@@ -207,7 +208,16 @@ def family_default(infos: list[LayerInfo], family: str | None = None) -> str | N
             return None
         last_block = max(in_blocks, key=lambda i: i.finished).block
         return min((i for i in in_blocks if i.block == last_block), key=lambda i: i.finished).name
-    return max(norms, key=lambda i: i.finished).name if norms else None
+    if not norms:
+        return None
+    last_norm = max(norms, key=lambda i: i.finished)
+    if last_norm.block is not None:
+        # A norm inside a repeated block feeds one branch only (an average-pooled ViT's last
+        # blocks.N.norm2 feeds just the MLP): take that block's output, which the head pools.
+        block = next((i for i in spatial if i.name == last_norm.block), None)
+        if block is not None:
+            return block.name
+    return last_norm.name
 
 
 def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:

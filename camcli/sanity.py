@@ -6,6 +6,15 @@ re-initialised (the target layer included). A faithful map must change: |Spearma
 trained model's map and the randomised one's near 0 passes, near 1 fails. The sign of rho is not
 evidence (a re-initialised layer flips signs at random), so its absolute value is averaged over
 SANITY_SEEDS re-initialisations, and its spread over them is reported.
+
+The reference points follow the paper: a map that does not depend on the model (an edge detector
+there, camcli's random and centre baselines here) is unchanged by the randomisation, rho = 1. A
+method passes when its mean |rho| falls clearly below that: under SANITY_THRESHOLD (the randomised
+model's map shares at most a quarter of its rank variance with the trained model's).
+
+Each seed draws different weights, normalisation layers included: their own ``reset_parameters``
+sets weight 1 and bias 0 whatever the seed, so a cascade that ends at a BatchNorm would re-initialise
+the target layer the same way three times.
 """
 
 from __future__ import annotations
@@ -21,6 +30,14 @@ from torch import nn
 from camcli.layers import trace_layers
 
 SANITY_SEEDS = 3  # re-initialisations per image; the metric is the mean |rho| over them
+SANITY_THRESHOLD = 0.5  # a method passes when its mean |rho| is below this; model-independent maps score 1
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+NORM_WEIGHT_STD = 0.5  # a re-initialised normalisation layer: weight ~ N(1, 0.5), bias ~ N(0, 0.5)
+
+
+def sanity_passes(mean_abs_rho: float | None) -> bool | None:
+    """The verdict on a mean |rho|: True below SANITY_THRESHOLD, None when undefined."""
+    return None if mean_abs_rho is None else mean_abs_rho < SANITY_THRESHOLD
 
 
 def cascade(net: nn.Module, layer: str, example: torch.Tensor) -> list[str]:
@@ -39,7 +56,9 @@ def cascade(net: nn.Module, layer: str, example: torch.Tensor) -> list[str]:
 
 def randomized_copy(model: nn.Module, modules: Sequence[str], seed: int = 0) -> nn.Module:
     """A deep copy with the named sub-modules (and everything inside them) re-initialised, in the
-    order given (the cascade's: top first), from one seeded generator."""
+    order given (the cascade's: top first), from one seeded generator. Normalisation layers get
+    seeded random affine parameters (weight ~ N(1, 0.5), bias ~ N(0, 0.5)) and fresh running
+    statistics, so every seed gives a different model."""
     clone = copy.deepcopy(model)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -50,6 +69,12 @@ def randomized_copy(model: nn.Module, modules: Sequence[str], seed: int = 0) -> 
                     sub.reset_parameters()  # type: ignore[operator]
                 if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                     sub.reset_running_stats()
+                if isinstance(sub, NORM_LAYERS):
+                    with torch.no_grad():
+                        if isinstance(getattr(sub, "weight", None), torch.Tensor):
+                            sub.weight.normal_(1.0, NORM_WEIGHT_STD)
+                        if isinstance(getattr(sub, "bias", None), torch.Tensor):
+                            sub.bias.normal_(0.0, NORM_WEIGHT_STD)
     finally:
         torch.random.set_rng_state(gen_state)
     return clone

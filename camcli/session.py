@@ -78,6 +78,7 @@ def method_options(opts: Any) -> MethodOptions:  # noqa: ANN401
         finer_base=O.get(opts, "finer_base"),
         finer_alpha=O.get(opts, "finer_alpha"),
         finer_references=O.get(opts, "finer_references"),
+        discard_ratio=O.get(opts, "discard_ratio"),
     )
 
 

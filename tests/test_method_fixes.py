@@ -170,3 +170,157 @@ def test_fullgrad_refuses_a_bias_it_cannot_place_by_name() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), OddNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     with pytest.raises(UsageError, match=r"layer '1' \(OddNorm\)"):
         full_gradients(model, lambda t: model(t)[:, 0], torch.randn(1, 3, 8, 8))
+
+
+# -- sanity_spearman: Adebayo et al.'s reference points -----------------------------------------------
+
+
+def test_sanity_reinitialisations_differ_by_seed_even_at_a_batchnorm() -> None:
+    # A cascade ending at a BatchNorm: its own reset_parameters gives weight 1, bias 0 whatever the
+    # seed, so before issue 24 the three seeds gave one and the same target layer.
+    from camcli.sanity import cascade, randomized_copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    modules = cascade(model, "1", torch.zeros(1, 3, 8, 8))
+    assert modules == ["5", "4", "3", "2", "1"]
+    a, b, again = (randomized_copy(model, modules, seed=s) for s in (0, 1, 0))
+    for name in ("1.weight", "1.bias", "5.weight"):
+        pa, pb = a.get_parameter(name), b.get_parameter(name)
+        assert not torch.equal(pa, pb), name
+        assert torch.equal(pa, again.get_parameter(name)), name  # the same seed, the same model
+    assert torch.equal(a[0].weight, model[0].weight)  # below the target layer: untouched
+    assert torch.equal(a[1].running_mean, torch.zeros(4)) and torch.equal(a[1].running_var, torch.ones(4))
+
+
+def test_sanity_verdicts_on_the_sample_photos(samples, tmp_path, bundled) -> None:  # noqa: ANN001
+    # Adebayo et al. 2018: Grad-CAM's map changes when the model is randomised (it passes), guided
+    # backprop's hardly does (it fails); a map that does not depend on the model stays at rho = 1.
+    import json
+
+    from camcli.evaluate import EvaluateOptions, evaluate
+    from camcli.sanity import SANITY_THRESHOLD
+
+    res = evaluate([samples], EvaluateOptions(method="gradcam,guided-backprop,fem", metric="sanity_spearman",
+                                              out=str(tmp_path), quiet=True), model=bundled)
+    agg = {name: stats["sanity_spearman"] for name, stats in res.aggregate.items()}
+    assert agg["gradcam"]["n"] == 4 and agg["gradcam"]["mean"] < SANITY_THRESHOLD == 0.5
+    assert agg["gradcam"]["beats_baselines"] is True
+    assert agg["guided-backprop"]["mean"] > 0.9 and agg["guided-backprop"]["beats_baselines"] is False
+    assert agg["baseline:random"]["mean"] == agg["baseline:center"]["mean"] == 1.0
+    for im in res.images:  # the seeds differ: fem's map at the BatchNorm target layer moves with them
+        rho = im["sanity"]["fem"]["rho"]
+        assert len(set(rho)) == 3, rho
+    settings = json.loads(res.path.read_text())["settings"]["sanity"]
+    assert settings["threshold"] == 0.5 and "score 1" in settings["pass"]
+
+
+# -- FEM as the paper defines it ----------------------------------------------------------------------
+
+
+def test_fem_paper_weights_each_mask_by_the_channel_mean() -> None:
+    # Fuad et al. 2020: B_k = [A_k > mean_k + 2 std_k], w_k = mean_k, map = sum_k w_k B_k (xplique's
+    # FEM is the same). On FEM_A (test_newer_methods): channel 1 mean 1, mask at its 9; channel 2
+    # mean 11/9, mask at its 3 -> [[1, 0, 0], [0, 0, 0], [0, 0, 11/9]], the peak at channel 2's 3.
+    # `fem` keeps pytorch-grad-cam's share-of-positions weights: its peak is channel 1's 9.
+    from camcli.methods import CamInputs
+    from test_newer_methods import FEM_A
+
+    def paper_reference(a: torch.Tensor) -> torch.Tensor:  # written from the paper, loops and all
+        b, k = a.shape[:2]
+        out = torch.zeros(b, *a.shape[2:])
+        for i in range(b):
+            for c in range(k):
+                ch = a[i, c]
+                mu = ch.mean()
+                sigma = ((ch - mu) ** 2).mean().sqrt()
+                out[i] += mu * (ch > mu + 2 * sigma).float()
+        return out
+
+    def run(name: str, a: torch.Tensor) -> torch.Tensor:
+        out = get_method(name).fn(CamInputs(activations=a, targets=torch.zeros(a.shape[0], dtype=torch.long)))
+        return out.sum(dim=1) if out.dim() == 4 else out
+
+    expected = torch.tensor([[[1.0, 0, 0], [0, 0, 0], [0, 0, 11 / 9]]])
+    torch.testing.assert_close(paper_reference(FEM_A), expected)
+    torch.testing.assert_close(run("fem-paper", FEM_A), expected)
+    assert get_method("fem-fuad").name == "fem-paper"
+    gen = torch.Generator().manual_seed(5)
+    a = torch.rand(2, 6, 9, 9, generator=gen) ** 4
+    torch.testing.assert_close(run("fem-paper", a), paper_reference(a), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(run("fem", a), run("fem-paper", a), atol=1e-3)
+
+
+# -- attention rollout with a discard ratio -----------------------------------------------------------
+
+
+def test_attention_rollout_discard_ratio_matches_a_hand_written_reference() -> None:
+    # vit-explain's rollout (Gildenblat), written out: per block, the head mean; the lowest
+    # int(N^2 * ratio) entries set to 0 except entry (0, 0), the class token's attention to itself;
+    # a = (A + I) / 2, rows normalised; R = a R. Map: the class token's row over the patches.
+    # vit-explain zeroes only image 0 of a batch (flat[0, indices]); here each image's own entries.
+    from camcli.sanity import pearson
+    from camcli.methods import MethodOptions
+
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    mats: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.attn.fused_attn = False  # timm's unfused path runs attn_drop on the matrix
+        block.attn.attn_drop.register_forward_hook(lambda m, a, o: mats.append(o.detach()))
+    with torch.no_grad():
+        model(x)
+    ratio = 0.9
+    refs = []
+    for img in range(2):
+        n = mats[0].shape[-1]
+        result = torch.eye(n)
+        for attn in mats:
+            fused = attn[img].mean(dim=0)
+            flat = fused.flatten().clone()
+            _, idx = flat.topk(int(flat.numel() * ratio), largest=False)
+            idx = idx[idx != 0]
+            flat[idx] = 0
+            a = (flat.view(n, n) + torch.eye(n)) / 2
+            a = a / a.sum(dim=-1, keepdim=True)
+            result = a @ result
+        refs.append(result[0, 1:].reshape(4, 4).numpy())
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    maps = {}
+    for r in (0.0, ratio):
+        outs = CamEngine(model, ["blocks.2"], [get_method("attention-rollout")],
+                         options=MethodOptions(discard_ratio=r)).explain(x, [ClassIndex(0)] * 2)
+        maps[r] = [o.maps[0].cam for o in outs]
+    for img in range(2):
+        assert pearson(maps[ratio][img], refs[img]) > 0.9999
+        assert pearson(maps[0.0][img], refs[img]) < 0.999  # the discard changes the map
+
+
+# -- the default layer of an average-pooled ViT without a class token ----------------------------------
+
+
+def test_avg_pooled_vit_defaults_to_the_last_block_output() -> None:
+    # blocks.N.norm2 feeds only the MLP branch; the head pools the last block's output (fc_norm
+    # comes after the pooling, on no grid).
+    from camcli.layers import choose_layers
+
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, global_pool="avg",
+        class_token=False).eval()
+    assert choose_layers(model, None, "vit", torch.randn(1, 3, 32, 32)) == ["blocks.1"]
+
+
+# -- every method's check runs on the Python API path -------------------------------------------------
+
+
+def test_shapleycam_check_runs_when_the_engine_is_used_directly() -> None:
+    # timm's fused attention on the CPU has no second derivative: before issue 24 the engine built
+    # directly (not through Session.open) raised a raw RuntimeError mid-run.
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5).eval()
+    assert model.blocks[0].attn.fused_attn
+    engine = CamEngine(model, ["blocks.0.norm1"], [get_method("shapleycam")])
+    with pytest.raises(UsageError, match="shapleycam needs second derivatives"):
+        engine.explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])

@@ -115,6 +115,7 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "finer_base": ("layercam", lambda s, v: s.engine.options.finer_base == "layercam"),
     "finer_alpha": (1.0, lambda s, v: s.engine.options.finer_alpha == 1.0),
     "finer_references": (1, lambda s, v: s.engine.options.finer_references == 1),
+    "discard_ratio": (0.9, lambda s, v: s.engine.options.discard_ratio == 0.9),
     "quiet": (True, lambda s, v: s.engine.options.progress is False and s.warn.__name__ == "_quiet"),
 }
 # Options that act outside the Session (files, inputs, metrics): the test that proves each effect.

@@ -127,13 +127,29 @@ def _class_row(inputs: CamInputs, relevance: Tensor, method: str) -> Tensor:
     return relevance[:, 0, prefix:].reshape(-1, h, w)
 
 
+def discard_lowest(attn: Tensor, ratio: float) -> Tensor:
+    """Head-mean attention (B, N, N) with each image's floor(ratio * N^2) lowest entries set to 0, as
+    vit-explain's ``discard_ratio``; as there, the class token's attention to itself (entry 0, 0) is
+    never dropped, even when it is among the lowest. Ratio 0 (the paper's rollout) changes nothing."""
+    b, n, _ = attn.shape
+    count = int(n * n * ratio)
+    if count == 0:
+        return attn
+    flat = attn.reshape(b, n * n)
+    lowest = flat.topk(count, dim=1, largest=False).indices
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True)
+    drop[:, 0] = False
+    return flat.masked_fill(drop, 0.0).reshape(b, n, n)
+
+
 @register(
     "attention-rollout",
     aliases=("rollout", "attention_rollout"),
     needs_target=False,
     check=_needs_attention("attention-rollout"),
     extra_forwards="1",
-    description="attention rolled out over the blocks (0.5 A + 0.5 I, head mean): class token -> patches",
+    description="attention rolled out over the blocks (0.5 A + 0.5 I, head mean; --discard-ratio drops the "
+    "lowest weights first): class token -> patches",
     paper="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (arXiv:2005.00928)",
 )
 def attention_rollout(inputs: CamInputs) -> Tensor:
@@ -146,7 +162,8 @@ def attention_rollout(inputs: CamInputs) -> Tensor:
     eye = torch.eye(n, device=x.device)
     rolled = eye.expand(x.shape[0], n, n)
     for attn in maps:
-        a = 0.5 * attn.float().mean(dim=1) + 0.5 * eye  # the residual connection as identity
+        fused = discard_lowest(attn.float().mean(dim=1), inputs.options.discard_ratio)
+        a = 0.5 * fused + 0.5 * eye  # the residual connection as identity
         rolled = (a / a.sum(dim=-1, keepdim=True)) @ rolled
     return _class_row(inputs, rolled, "attention-rollout").clone()
 

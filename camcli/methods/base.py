@@ -41,6 +41,7 @@ class MethodOptions:
     finer_base: str = "gradcam"  # finercam: the method whose target becomes the contrast
     finer_alpha: float = 0.6  # finercam: weight of the reference classes' mean score
     finer_references: int = 3  # finercam: how many of the most similar classes
+    discard_ratio: float = 0.0  # attention-rollout: share of the lowest head-mean attention entries set to 0
 
 
 @dataclass

@@ -73,12 +73,30 @@ def fem(inputs: CamInputs) -> Tensor:
     """w_k = share of positions where A_k > mean(A_k) + k std(A_k) (k = 2, population std); map
     sum_k w_k A_k. A channel matters by how often it fires unusually strongly.
 
-    This is the definition camcli's issue #13 gives and pytorch-grad-cam implements. Some
-    descriptions of the paper (xplique's) instead weight each channel's binary mask by its mean;
-    tests/test_newer_methods.py shows where the two differ.
+    This is the definition camcli's issue #13 gives and pytorch-grad-cam implements. The paper (and
+    xplique) weights each channel's binary mask by its mean instead: that is ``fem-paper``.
     """
     a = inputs.activations.float()
     mean = a.mean(dim=(2, 3), keepdim=True)
     std = a.std(dim=(2, 3), keepdim=True, correction=0)
     share = (a > mean + FEM_K * std).to(a.dtype).mean(dim=(2, 3))
     return weigh(share, a)
+
+
+@register(
+    "fem-paper",
+    aliases=("fem-fuad",),
+    needs_target=False,
+    description="FEM as the paper defines it: each channel's k-sigma mask (A_k > mean + 2 std) weighted by "
+    "the channel's mean activation (class-agnostic)",
+    paper="Fuad et al. 2020, Features Understanding in 3D CNNs for Actions Recognition in Video (IPTA 2020)",
+)
+def fem_paper(inputs: CamInputs) -> Tensor:
+    """Fuad et al.'s FEM: B_k = [A_k > mean(A_k) + k std(A_k)] (k = 2, population std), w_k =
+    mean(A_k); map sum_k w_k B_k. A channel matters by how strongly it fires on average, and shows
+    only where it fires unusually strongly. ``fem`` keeps pytorch-grad-cam's weighting."""
+    a = inputs.activations.float()
+    mean = a.mean(dim=(2, 3), keepdim=True)
+    std = a.std(dim=(2, 3), keepdim=True, correction=0)
+    mask = (a > mean + FEM_K * std).to(a.dtype)
+    return weigh(mean[:, :, 0, 0], mask)
