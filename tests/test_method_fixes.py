@@ -324,3 +324,56 @@ def test_shapleycam_check_runs_when_the_engine_is_used_directly() -> None:
     engine = CamEngine(model, ["blocks.0.norm1"], [get_method("shapleycam")])
     with pytest.raises(UsageError, match="shapleycam needs second derivatives"):
         engine.explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
+
+
+# -- KPCA-CAM above KPCA_MAX_POSITIONS: Nystrom, at full resolution -----------------------------------
+
+
+def _exact_kpca(a: torch.Tensor) -> np.ndarray:
+    """Karmani et al.'s KPCA-CAM written out for one image: RBF kernel (gamma 1/K) over all positions,
+    centred, top eigenpair, scores sqrt(lambda) u, sign as the channel sum (pytorch-grad-cam's sign is arbitrary)."""
+    m = a[0].reshape(a.shape[1], -1).T.double()
+    kern = torch.exp(-torch.cdist(m, m).square() / a.shape[1])
+    n = kern.shape[0]
+    one = torch.full((n, n), 1.0 / n, dtype=kern.dtype)
+    centred = kern - one @ kern - kern @ one + one @ kern @ one
+    vals, vecs = torch.linalg.eigh(centred)
+    proj = vecs[:, -1] * vals[-1].sqrt()
+    ref = m.sum(dim=1) - m.sum(dim=1).mean()
+    return (proj * torch.sign((proj * ref).sum())).reshape(a.shape[2:]).numpy()
+
+
+def test_kpca_nystrom_is_exact_with_every_position_a_landmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    from camcli.methods import eigen
+
+    a = torch.rand(1, 6, 12, 12, generator=torch.Generator().manual_seed(7))
+    monkeypatch.setattr(eigen, "KPCA_MAX_POSITIONS", 100)  # 144 positions: Nystrom
+    monkeypatch.setattr(eigen, "KPCA_LANDMARKS", 144)
+    np.testing.assert_allclose(eigen.kernel_first_component(a)[0].numpy(), _exact_kpca(a), atol=1e-4)
+
+
+def test_kpca_on_a_large_layer_follows_the_unpooled_map(monkeypatch: pytest.MonkeyPatch, samples) -> None:  # noqa: ANN001
+    # ResNet-18's layer1 on the cat photo, 40x40 = 1,600 positions, limits scaled down with it (400
+    # positions exact, 400 landmarks: the same ratio as 1,024 of a 64x64 layer). Average-pooling to the
+    # limit, as before issue 24, correlates less with the exact map than the Nystrom approximation.
+    from PIL import Image
+
+    from camcli.methods import eigen
+    from camcli.sanity import pearson
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    img = Image.open(samples / "chelsea.jpg").convert("RGB").resize((160, 160))
+    x = torch.tensor(np.asarray(img) / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        a = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+    assert a.shape[-2:] == (40, 40)
+    exact = _exact_kpca(a)
+    monkeypatch.setattr(eigen, "KPCA_MAX_POSITIONS", 400)
+    monkeypatch.setattr(eigen, "KPCA_LANDMARKS", 400)
+    ours = eigen.kernel_first_component(a)[0].numpy()
+    pooled = torch.nn.functional.interpolate(
+        eigen.kernel_first_component(torch.nn.functional.adaptive_avg_pool2d(a, (20, 20)))[:, None],
+        size=(40, 40), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert pearson(ours, exact) > 0.999
+    assert pearson(ours, exact) > pearson(pooled, exact)

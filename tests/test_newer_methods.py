@@ -344,15 +344,16 @@ def test_new_methods_are_listed_with_their_costs() -> None:
     assert get_method("fullgrad").pixel_space
 
 
-def test_kpca_cam_on_a_large_layer_pools_first() -> None:
-    """A 96x120 layer would need an 11,520^2 kernel matrix per image: it is pooled to at most
-    KPCA_MAX_POSITIONS positions and upsampled back, with the map of the pooled activations."""
+def test_kpca_cam_on_a_large_layer_runs_at_full_resolution() -> None:
+    """A 96x120 layer would need an 11,520^2 kernel matrix per image: the kernel is approximated on
+    KPCA_LANDMARKS positions (Nystrom) and the map computed at every position, not pooled and
+    upsampled (issue 24; accuracy against the exact map in tests/test_method_fixes.py)."""
     from camcli.methods.eigen import KPCA_MAX_POSITIONS, kernel_first_component
 
-    a = torch.rand(1, 4, 96, 120)
+    a = torch.rand(1, 4, 96, 120, generator=torch.Generator().manual_seed(0))
     out = kernel_first_component(a)
-    assert out.shape == (1, 96, 120)
+    assert out.shape == (1, 96, 120) and torch.isfinite(out).all()
     gh, gw = int(96 * (KPCA_MAX_POSITIONS / (96 * 120)) ** 0.5), int(120 * (KPCA_MAX_POSITIONS / (96 * 120)) ** 0.5)
     coarse = kernel_first_component(torch.nn.functional.adaptive_avg_pool2d(a, (gh, gw)))
     back = torch.nn.functional.interpolate(coarse[:, None], size=(96, 120), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(out, back, atol=1e-6)
+    assert not torch.allclose(out, back, atol=1e-3)

@@ -39,10 +39,15 @@ def oriented(proj: Tensor, m: Tensor) -> Tensor:
     return proj * sign[:, None]
 
 
-# The kernel matrix has (h w)^2 entries per image and its eigendecomposition costs (h w)^3: above
-# this many positions the activations are average-pooled to a grid of at most this size first, and
-# the map is upsampled back (a 224x336 layer would otherwise need 22 GB for one image).
+# The kernel matrix has (h w)^2 entries per image and its eigendecomposition costs (h w)^3: up to
+# this many positions it is computed exactly; above, by the Nystrom method on this many landmark
+# positions (a 224x336 layer would otherwise need 22 GB for one image).
 KPCA_MAX_POSITIONS = 1024
+KPCA_LANDMARKS = 1024
+
+
+def _rbf(a: Tensor, b: Tensor, gamma: float) -> Tensor:
+    return torch.exp(-gamma * torch.cdist(a, b).square())
 
 
 def kernel_first_component(x: Tensor, gamma: float | None = None) -> Tensor:
@@ -51,19 +56,16 @@ def kernel_first_component(x: Tensor, gamma: float | None = None) -> Tensor:
     Positions are the samples, channels the features. k(p, q) = exp(-gamma |a_p - a_q|^2), gamma
     defaults to 1 / K (scikit-learn's default). The kernel matrix is centred in feature space; the
     scores of the top eigenpair (lambda, u) are sqrt(lambda) * u, as scikit-learn's KernelPCA
-    returns them. The sign is fixed as for Eigen-CAM. Layers larger than KPCA_MAX_POSITIONS are
-    pooled first and the map upsampled back to (h, w).
+    returns them. The sign is fixed as for Eigen-CAM. Layers larger than KPCA_MAX_POSITIONS use a
+    Nystrom approximation of the kernel (``nystrom_first_component``), at full resolution.
     """
     b, k, h, w = x.shape
-    if h * w > KPCA_MAX_POSITIONS:
-        scale = (KPCA_MAX_POSITIONS / (h * w)) ** 0.5
-        gh, gw = max(1, int(h * scale)), max(1, int(w * scale))
-        small = torch.nn.functional.adaptive_avg_pool2d(x.detach().float(), (gh, gw))
-        coarse = kernel_first_component(small, gamma)
-        return torch.nn.functional.interpolate(coarse[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
     g = 1.0 / k if gamma is None else gamma
-    kern = torch.exp(-g * torch.cdist(m, m).square())
+    if h * w > KPCA_MAX_POSITIONS:
+        proj = torch.stack([nystrom_first_component(m[i], g, KPCA_LANDMARKS) for i in range(b)])
+        return oriented(proj, m).reshape(b, h, w)
+    kern = _rbf(m, m, g)
     centred = (
         kern
         - kern.mean(dim=1, keepdim=True)
@@ -73,6 +75,26 @@ def kernel_first_component(x: Tensor, gamma: float | None = None) -> Tensor:
     vals, vecs = torch.linalg.eigh(centred)
     proj = vecs[:, :, -1] * vals[:, -1:].clamp(min=0).sqrt()
     return oriented(proj, m).reshape(b, h, w)
+
+
+def nystrom_first_component(m: Tensor, gamma: float, landmarks: int) -> Tensor:
+    """The first kernel principal component's scores of one image's positions (P, K) -> (P,), with
+    the kernel approximated from ``landmarks`` positions spread evenly over the grid (Williams &
+    Seeger 2001): K ~ Phi Phi^T, Phi = K_pl K_ll^(-1/2). Centring Phi over the positions centres the
+    approximate kernel in feature space, and the scores are Phi_c v for the top eigenvector v of
+    Phi_c^T Phi_c (l x l): exactly sqrt(lambda) u of the approximate kernel, and of the exact one
+    when every position is a landmark. Memory and time grow with P * l, not P^2.
+    """
+    p = m.shape[0]
+    idx = torch.linspace(0, p - 1, min(landmarks, p), device=m.device).round().long()
+    centres = m[idx]
+    vals, vecs = torch.linalg.eigh(_rbf(centres, centres, gamma))
+    keep = vals > vals[-1] * 1e-6  # a numerically singular landmark kernel: drop its null directions
+    inv_sqrt = (vecs[:, keep] * vals[keep].rsqrt()) @ vecs[:, keep].T
+    phi = _rbf(m, centres, gamma) @ inv_sqrt  # (P, l)
+    phi = phi - phi.mean(dim=0, keepdim=True)
+    _, top = torch.linalg.eigh(phi.T @ phi)
+    return phi @ top[:, -1]
 
 
 @register(
