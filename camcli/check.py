@@ -20,7 +20,7 @@ from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
 from camcli.outdir import check_writable, locked
-from camcli.fullmap import baseline_pearson, load_baseline, region_facts
+from camcli.fullmap import baseline_pearson, baseline_problem, load_baseline, region_facts
 from camcli.render import encode_png, overlay_image, overlay_png, raw_npy, resolve_colormap
 from camcli.session import Session, stderr_warning
 from camcli.writer import write_atomic
@@ -271,7 +271,10 @@ def _store_baseline(
     assert cf.baselines is not None
     b = baseline_path(cf.baselines, case, method)
     status, sim = "new", None
-    old = load_baseline(b)
+    # A baseline that cannot be read (truncated, not finite) is replaced, like one that changed.
+    old = load_baseline(b) if b.is_file() and baseline_problem(b) is None else None
+    if b.is_file() and old is None:
+        status = "changed"
     if old is not None:
         sim = round(baseline_pearson(cam, old), 6) if old.shape == (case.height, case.width) else None
         status = "unchanged" if sim is not None and sim >= UNCHANGED else "changed"

@@ -235,4 +235,13 @@ def load_check_file(
                         f"baseline {str(b)!r} for method {m.name} is missing; create it with "
                         f"`camcli check {p} --update-baselines`",
                     )
+                from camcli.fullmap import baseline_problem  # numpy's .npy reader, only when there are baselines
+
+                problem = baseline_problem(b)
+                if problem is not None:
+                    raise _err(
+                        p, f"cases[{case.index}].expect.min_baseline_similarity",
+                        f"baseline {str(b)!r} for method {m.name} {problem}; recreate it with "
+                        f"`camcli check {p} --update-baselines`",
+                    )
     return cf

@@ -65,6 +65,41 @@ def baseline_pearson(cam: np.ndarray, baseline: np.ndarray) -> float:
     return sxy / den if den > 0 else 0.0
 
 
+def baseline_problem(path: Path) -> str | None:
+    """What is wrong with a stored baseline file, None when it is usable: a readable ``.npy`` header,
+    a 2-D array of real numbers, as many bytes as the header says (a truncated copy has fewer), and
+    finite values only (read through a memory map a band of rows at a time)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        return f"not a readable .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if len(shape) != 2:
+        return f"holds an array of shape {tuple(shape)}, not a 2-D map (height, width)"
+    if dtype.kind not in "fiu":
+        return f"holds {dtype} values, not real numbers"
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        return f"is truncated: {size} bytes, its header ({shape[0]}x{shape[1]} {dtype}) needs {need}"
+    if dtype.kind == "f" and shape[0] * shape[1] > 0:
+        data = np.load(path, mmap_mode="r")
+        h, w = shape
+        for y0, y1 in row_tiles(h, w):
+            band = np.asarray(data[y0:y1])
+            if not np.isfinite(band).all():
+                bad = ~np.isfinite(band)
+                y, x = divmod(int(bad.argmax()), w)
+                return (f"holds non-finite values ({int(bad.sum())}+ of them; first {band.flat[bad.argmax()]} "
+                        f"at x={x}, y={y0 + y})")
+    return None
+
+
 def load_baseline(path: Path) -> np.ndarray | None:
     """A stored baseline map as a read-only memory map (nothing read yet), None if there is none."""
     return np.load(path, mmap_mode="r") if path.is_file() else None

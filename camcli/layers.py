@@ -22,6 +22,7 @@ class LayerInfo:
     norm: bool = False  # a normalisation layer (LayerNorm, RMSNorm, ...)
     block: str | None = None  # the repeated block it belongs to (an item of a ModuleList/Sequential)
     preferred: bool = False  # the layer the model family's rule picks as default (transformers)
+    calls: int = 1  # how many times its forward ran in the traced forward pass (0: not called)
 
     @property
     def grid(self) -> Grid | None:
@@ -82,6 +83,7 @@ class LayerTrace:
         self.keep = set(keep)
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.order: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
         self._finished = 0
         self.kept: dict[str, object] = {}
         self._last_spatial: tuple[str, Tensor, int | None] | None = None
@@ -113,6 +115,7 @@ class LayerTrace:
             self.shapes[name] = tuple(out.shape) if isinstance(out, Tensor) else None
             self._finished += 1  # a module called twice finishes twice: its last call counts
             self.order[name] = self._finished
+            self.calls[name] = self.calls.get(name, 0) + 1
             if name in self.keep:
                 self.kept[name] = out.clone() if isinstance(out, Tensor) else out
             if isinstance(out, Tensor) and out.dim() == 4 and (out.shape[2] > 1 or out.shape[3] > 1):
@@ -171,7 +174,7 @@ def layer_infos(
     infos = [
         LayerInfo(
             name, type(mod).__name__, shapes.get(name), order.get(name, -1), layout_of(shapes.get(name)),
-            _is_norm(mod), blocks.get(name),
+            _is_norm(mod), blocks.get(name), calls=trace.calls.get(name, 0),
         )
         for name, mod in model.named_modules()
         if name
@@ -222,16 +225,24 @@ def family_default(infos: list[LayerInfo], family: str | None = None) -> str | N
 
 def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:
     """The family rule's layer for transformers (``preferred``), else the last layer (by when its
-    forward finished) whose output is a spatial map.
+    forward finished) whose output is a spatial map. A module that ran more than once in the forward
+    (one module used at several places) is never the default: its output is not one map.
 
     ``score_channels``: a segmentation model's class count; layers with that many channels are its
-    score maps, not features, and are passed over when a feature layer exists.
+    score maps, not features, and are passed over when a feature layer exists. A segmentation model
+    with a ``backbone`` (torchvision's fcn, deeplabv3, lraspp) gets the backbone's last stage: its
+    head's last layers are followed only by a 1x1 convolution and an upsampling, where Grad-CAM's
+    weights are the class's convolution weights whatever the region, so ``--region`` would change
+    nothing there (see ``segmentation_default``).
     """
     for i in infos:
         if i.preferred:
             return i.name
-    spatial = [i for i in infos if i.spatial and i.finished >= 0]
+    spatial = [i for i in infos if i.spatial and i.finished >= 0 and i.calls <= 1]
     if score_channels is not None:
+        stage = segmentation_default(spatial)
+        if stage is not None:
+            return stage
         features = [i for i in spatial if i.shape is not None and i.shape[1] != score_channels]
         spatial = features or spatial
     if not spatial:
@@ -240,6 +251,28 @@ def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> 
             "on the input's patch grid); pass --layer, and --layout nchw|nhwc|tokens:P to say how it lies"
         )
     return max(spatial, key=lambda i: i.finished).name
+
+
+def segmentation_default(spatial: list[LayerInfo]) -> str | None:
+    """The last stage of a segmentation model's ``backbone`` (the direct child of ``backbone`` with a
+    spatial output that finishes last: ``backbone.layer4`` of a ResNet, ``backbone.16`` of a
+    MobileNetV3), as pytorch-grad-cam's segmentation tutorial uses; None without a backbone."""
+    stages = [i for i in spatial if i.name.startswith("backbone.") and i.name.count(".") == 1]
+    return max(stages, key=lambda i: i.finished).name if stages else None
+
+
+def check_single_calls(layers: Sequence[str], infos: list[LayerInfo], model_name: str) -> None:
+    """UsageError when a chosen layer's module ran more than once in one forward pass (one module
+    used at several places): a tap sees only one of its outputs, so the map would silently follow
+    one call, or the logits would not depend on the output it sees at all."""
+    calls = {i.name: i.calls for i in infos}
+    for name in layers:
+        if calls.get(name, 1) > 1:
+            raise UsageError(
+                f"layer {name!r} runs {calls[name]} times in one forward pass (one module used at several places); "
+                "a map needs the layer's one output per image: choose a layer that runs once, such as the block "
+                f"that holds it (see `camcli layers --model {model_name}`)"
+            )
 
 
 def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -137,6 +138,9 @@ RAY_ADDRESSES = ("default", "auto", "local")
 def _ray_address(v: Any) -> str | None:  # noqa: ANN401
     if v in RAY_ADDRESSES or "://" in str(v) or re.fullmatch(r"[\w.-]+:\d+", str(v)):
         return None
+    if re.fullmatch(r"[\w.-]+:[^/\\]*", str(v)):
+        return (f"is not a Ray address: the port {str(v).rpartition(':')[2]!r} is not a number "
+                f"(accepted: {', '.join(RAY_ADDRESSES)}, HOST:PORT or ray://HOST:PORT)")
     return (f"is not a Ray address (accepted: {', '.join(RAY_ADDRESSES)}, HOST:PORT or ray://HOST:PORT); "
             "give --ray after the input paths, or write --ray=ADDRESS")
 
@@ -287,6 +291,10 @@ OPTIONS: tuple[Option, ...] = (
            "or auto, HOST:PORT, ray://HOST:PORT. Needs pip install 'camcli[ray]'.",
            frozenset({_E}), check=_ray_address, flag_value="default", metavar="[ADDRESS]", default_text="off",
            example="auto"),
+    Option("ray_timeout", ("--ray-timeout",), Kind.FLOAT, 60.0,
+           "Seconds --ray waits for the cluster at its address to answer before giving up (exit 2).",
+           frozenset({_E}), check=lambda v: None if v is None or v > 0 else "must be greater than 0 seconds",
+           example=5.0),
     # -- evaluate -----------------------------------------------------------------------------
     Option("metric", ("--metric",), Kind.LIST, None,
            "Comma-separated metrics (box metrics need --boxes).", frozenset({_V}), check=_items,
@@ -501,6 +509,12 @@ def typer_parameters(command: str) -> list[Any]:
     return params
 
 
+def _meant_as_value(word: str) -> bool:
+    """A word after an optional-value flag that is no existing path and reads HOST:SOMETHING (``--ray
+    nosuch:xx``) is the flag's value gone wrong, not an input: its check then says what is wrong."""
+    return re.fullmatch(r"[\w.-]+:[^/\\]*", word) is not None and not os.path.lexists(word)
+
+
 def fill_flag_values(command: str, args: Sequence[str]) -> list[str]:
     """Options whose value is optional (``--ray`` or ``--ray ADDRESS``): a flag that is not followed
     by a value the option accepts becomes ``--flag=<flag_value>``, so the next word stays an input."""
@@ -512,7 +526,8 @@ def fill_flag_values(command: str, args: Sequence[str]) -> list[str]:
             break
         o = optional.get(a)
         nxt = args[i + 1] if i + 1 < len(args) else None
-        if o is not None and (nxt is None or (o.check is not None and o.check(nxt) is not None)):
+        if o is not None and (nxt is None or (o.check is not None and o.check(nxt) is not None
+                                              and not _meant_as_value(nxt))):
             out.append(f"{a}={o.flag_value}")
         else:
             out.append(a)

@@ -16,7 +16,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +32,7 @@ from camcli.errors import OutputError, UsageError
 from camcli.images import ImageDataset, ImageSource, Preprocess
 from camcli.options import ExplainOptions
 from camcli.pipeline import (
-    ImageWriter, Plan, RunResult, error_record, finish, open_records, output_stems, source_key,
+    ImageWriter, Plan, RunResult, error_record, finish, open_records, output_stems, remove_files, source_key,
 )
 from camcli.records import summary_name
 from camcli.session import Session
@@ -62,13 +65,19 @@ class CamActor:
     Returns one JSON record per image; an output error ends the batch with ``{"output_error": ...}``.
     """
 
-    def __init__(self, options: dict[str, Any], out_dir: str, cwd: str) -> None:
+    def __init__(self, options: dict[str, Any], out_dir: str, cwd: str, journal: str | None = None) -> None:
         keep_heap_memory()  # the actor owns its worker process, as the command owns its own (camcli.allocator)
         if os.path.isdir(cwd):  # relative --weights/--labels and module:callable models, as on the driver
             os.chdir(cwd)
             sys.path.insert(0, cwd)
         self.session = Session.open(ExplainOptions(**options))
         self.writer = ImageWriter(self.session, Path(out_dir))
+        # The records of the images whose files this actor wrote, as they are written: an interrupted
+        # driver adopts the ones it never received (adopt_journals), so no file stays without a record.
+        self.journal = None
+        if journal is not None:
+            Path(journal).mkdir(parents=True, exist_ok=True)
+            self.journal = open(Path(journal) / f"{os.getpid()}-{id(self):x}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"record": np.array([json.dumps(r) for r in self.explain_rows(batch)], dtype=object)}
@@ -95,21 +104,94 @@ class CamActor:
                     records.append(self.writer.write(rec, rgb, out, Path(str(batch["stem"][i]))))
                 except OutputError as e:
                     return [*records, {"output_error": str(e)}]
+                if self.journal is not None:
+                    self.journal.write(json.dumps(records[-1]) + "\n")
+                    self.journal.flush()
         return records
 
 
-def connect(address: str) -> bool:
-    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a cluster address (``HOST:PORT``, ``ray://HOST:PORT``, or ``RAY_ADDRESS`` for
+    the default); None where Ray finds or starts the cluster itself (auto, local, nothing set)."""
+    if address == "default":
+        address = os.environ.get("RAY_ADDRESS", "").strip() or "local"
+    if address in ("auto", "local"):
+        return None
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray {address!r} is not a Ray address (accepted: auto, HOST:PORT or ray://HOST:PORT)")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_cluster(address: str, timeout: float) -> None:
+    """Until ``timeout`` seconds have passed, try to open a TCP connection to the cluster's address;
+    UsageError (exit 2) when nothing answers by then, or at once for a host that does not resolve.
+    ray.init itself retries a refused connection for ever."""
+    where = _host_port(address)
+    if where is None:
+        return
+    host, port = where
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))).close()
+            return
+        except socket.gaierror as e:
+            raise UsageError(f"--ray {address!r}: unknown host {host!r} ({e.strerror})") from None
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise UsageError(
+                f"--ray {address!r}: no Ray cluster answered at {host}:{port} within {timeout:g} s ({why}); start one "
+                "there (ray start --head), check the address, or wait longer with --ray-timeout SECONDS"
+            )
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def connect(address: str, timeout: float = 60.0) -> bool:
+    """Connect to (or start) Ray; True when this call started it (and must shut it down).
+    ``timeout``: seconds to wait for a cluster at the address to answer (``--ray-timeout``)."""
     import ray
 
     if ray.is_initialized():
         return False
+    wait_for_cluster(address, timeout)
     try:
         ray.init(address=None if address == "default" else address, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"--ray {address!r}: cannot reach Ray: {str(e).splitlines()[0]}") from None
     return True
+
+
+JOURNALS = ".camcli-ray"  # in the output folder: the actors' records of the files they wrote, while a run lasts
+
+
+def adopt_journals(journal: Path, stream: Any, out_dir: Path, have: set[str]) -> int:  # noqa: ANN401 - a RecordStream
+    """After an interrupted run (the actors stopped): append to ``stream`` the record of every image
+    whose files an actor wrote but whose record never reached the driver, so each file on disk is
+    listed, as in a local run; a record whose files are not all there has them removed instead.
+    ``have``: the keys ``stream`` already holds (updated). Returns the number of records adopted."""
+    from camcli.records import output_files
+
+    adopted = 0
+    for path in sorted(journal.glob("*.jsonl")) if journal.is_dir() else []:
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # the line an actor was writing when it stopped
+            if not isinstance(rec, dict) or rec.get("key") in have:
+                continue
+            files = [out_dir / f for f in output_files(rec)]
+            if all(f.is_file() for f in files):
+                stream.add(rec)
+                have.add(rec.get("key"))
+                adopted += 1
+            else:
+                remove_files(files)
+    return adopted
 
 
 def actor_pool(device: str) -> tuple[int, float]:
@@ -142,7 +224,7 @@ def explain_on_ray(
     # header needs the model, and a bad option must fail here, not in a remote actor.
     driver = Session.open(dataclasses.replace(opts, device="cpu"))
     driver.options = opts  # record the options as given (--device included)
-    started_here = connect(opts.ray)
+    started_here = connect(opts.ray, opts.ray_timeout)
     try:
         actors, gpus = actor_pool(opts.device)
         sources = plan.sources
@@ -161,16 +243,39 @@ def explain_on_ray(
         items = [{"path": str(sources[i].path), "file": str(sources[i].path.resolve()), "rel": sources[i].rel.as_posix(),
                   "key": keys[i], "stem": stems[i].as_posix()} for i in todo]
         actor_options = {**dataclasses.asdict(opts), "ray": None}
+        journal = out_dir.resolve() / f"{JOURNALS}.{os.getpid()}"  # this run's: shards may share the folder
+        have = set(reused)
+
+        def stop_and_adopt() -> None:
+            """Stop the actors, then list the images whose files they wrote but whose records never
+            reached the driver, as the local runner lists every image it wrote."""
+            if started_here:
+                ray.shutdown()
+            adopted = adopt_journals(journal, stream, out_dir, have)
+            if adopted:
+                driver.warn(f"recorded {adopted} image(s) the Ray actors had finished when the run stopped")
 
         def body() -> None:
+            try:
+                if not run_actors():  # --fail-fast stopped it: actors may have gone on
+                    stop_and_adopt()
+            except BaseException:  # interrupted (Ctrl-C), or an output error
+                stop_and_adopt()
+                raise
+            finally:
+                shutil.rmtree(journal, ignore_errors=True)
+
+        def run_actors() -> bool:
+            """True when every image's record arrived, False when --fail-fast stopped early."""
             if not items:
-                return
+                return True
             # Half a CPU per decoding task: other resources than the actors' keep Ray Data from fusing
             # decoding into the actors, so images are read and decoded in tasks while actors compute.
             ds = ray.data.from_items(items).map(decode_row, fn_kwargs={"preprocess": driver.preprocess}, num_cpus=0.5)
             ds = ds.map_batches(
                 CamActor, batch_size=opts.batch_size, batch_format="numpy",
-                fn_constructor_kwargs={"options": actor_options, "out_dir": str(out_dir.resolve()), "cwd": os.getcwd()},
+                fn_constructor_kwargs={"options": actor_options, "out_dir": str(out_dir.resolve()), "cwd": os.getcwd(),
+                                       "journal": str(journal)},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=1,
             )
             for row in ds.iter_rows():
@@ -178,10 +283,12 @@ def explain_on_ray(
                 if "output_error" in rec:
                     raise OutputError(rec["output_error"])
                 stream.add(rec)
+                have.add(rec.get("key"))
                 if progress is not None:
                     progress(1)
                 if rec["status"] != "ok" and opts.fail_fast:
-                    break
+                    return False
+            return True
 
         return finish(stream, out_dir / summary_name(plan.shard), body, len(sources))
     finally:

@@ -17,7 +17,7 @@ from camcli import targets as tgt
 from camcli.engine import CamEngine, ImageOutput
 from camcli.errors import UsageError
 from camcli.images import Preprocess
-from camcli.layers import choose_layers, layer_infos, layer_names
+from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_names, trace_layers
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.models.outputs import pick_logits
@@ -139,8 +139,10 @@ class Session:
         probe, lm.probe = lm.probe, None
         if probe is not None and not _same_device(probe.inputs.device, device):
             probe = None
-        traced = None if probe is None else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout)
+        traced = (trace_layers(lm.module, example, layout) if probe is None
+                  else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout))
         layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes, traced)
+        check_single_calls(layers, traced, lm.name)  # at load, not once per image
         engine = CamEngine(
             lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
             output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),

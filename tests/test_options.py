@@ -130,6 +130,7 @@ OTHER_EFFECTS = {
     "shard": "test_shards_partition_the_inputs_exactly",
     "fail_fast": "test_corrupt_truncated_empty_and_non_image_files_give_exit_3",
     "ray": "test_ray_run_equals_the_local_run",
+    "ray_timeout": "test_refused_ray_address_fails_within_ray_timeout",
     "unsafe_load": "test_pickled_module_is_refused_without_opt_in",
     "metric": "test_evaluate_metric_steps_and_plots_have_their_effect",
     "steps": "test_evaluate_metric_steps_and_plots_have_their_effect",

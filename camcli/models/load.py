@@ -244,13 +244,35 @@ def _torchvision(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Modul
     if weights == RANDOM:
         return _tv_build(name), {**meta, "weights": RANDOM}
     sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
-    n = _classes_in(sd)
+    if name in tvm.list_models(module=tvm.segmentation):
+        kw = _segmentation_shape(name, sd)
+    else:
+        n = _classes_in(sd)
+        kw = {"num_classes": n} if n else {}
     try:
-        module = _tv_build(name, **({"num_classes": n} if n else {}))
+        module = _tv_build(name, **kw)
     except (TypeError, ValueError):
         module = _tv_build(name)
     load_into(module, sd, weights, name)
     return module, {**meta, "weights": weights, "sha": file_sha256(weights)}
+
+
+def _segmentation_shape(name: str, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A torchvision segmentation builder's ``num_classes`` and ``aux_loss``, read from a state dict:
+    the class count is the output channels of the main head's last convolution (``classifier.4`` of
+    fcn/deeplabv3, ``classifier.high_classifier`` of lraspp), and the auxiliary head is built when the
+    file has one (torchvision's own weights do). Builders without ``aux_loss`` (lraspp) get none."""
+    import inspect
+
+    import torchvision.models as tvm
+
+    heads = [k for k, v in sd.items() if k.startswith("classifier.") and k.endswith("weight") and v.dim() == 4]
+    kw: dict[str, Any] = {}
+    if heads:
+        kw["num_classes"] = int(sd[heads[-1]].shape[0])
+    if "aux_loss" in inspect.signature(tvm.get_model_builder(name)).parameters:
+        kw["aux_loss"] = any(k.startswith("aux_classifier.") for k in sd)
+    return kw
 
 
 def _timm(name: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]] | None:
