@@ -246,17 +246,27 @@ def check(
 
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
-    from camcli.check import check_report_path, junit_xml, run_check
+    from camcli.check import CheckReport, CheckStopped, check_report_path, junit_xml, run_check
     from camcli.writer import write_report
 
     _quiet_warnings(given.get("quiet"))
     quiet = bool(given.get("quiet"))
 
+    def write_reports(report: CheckReport) -> None:
+        if junit is not None:
+            write_report(junit, junit_xml(report))
+        if json_report is not None:
+            write_report(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+
     def go() -> ExitCode:
         for flag, path in (("--junit", junit), ("--json", json_report)):
             if path is not None:
                 check_report_path(flag, path)
-        report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+        try:
+            report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+        except CheckStopped as stopped:  # the reports say what was done, and that the rest was not
+            write_reports(stopped.report)
+            raise stopped.cause from None
         console = _stdout()
         if update_baselines:
             table = Table(title=f"camcli check --update-baselines: {file}")
@@ -279,10 +289,7 @@ def check(
                 "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", escape(r.message),
             )
         console.print(table)
-        if junit is not None:
-            write_report(junit, junit_xml(report))
-        if json_report is not None:
-            write_report(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        write_reports(report)
         failed = sum(1 for r in report.rules if not r.passed)
         verdict = "all rules passed" if report.passed else f"{failed} of {len(report.rules)} rules FAILED"
         if not quiet:

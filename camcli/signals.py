@@ -70,15 +70,17 @@ def stop_on_signals() -> Iterator[_Handler]:
 
     The previous handlers come back on the way out, except after a signal: then the stop signals
     stay ignored, so that one more while Python shuts down does not turn the documented exit code
-    into a death by signal."""
+    into a death by signal. A signal the process was started with ignored stays ignored: under
+    ``nohup`` (SIGHUP) or as a shell's background job (SIGINT) it is not meant to stop the run."""
     handler = _Handler()
     saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
+    taken = [s for s in STOP_SIGNALS if saved[s] is not signal.SIG_IGN]
+    for s in taken:
         signal.signal(s, handler)
     try:
         yield handler
     finally:
-        for s in STOP_SIGNALS:
+        for s in taken:
             signal.signal(s, signal.SIG_IGN if handler.seen is not None else saved[s])
 
 

@@ -362,3 +362,48 @@ def test_the_input_folder_as_output_folder_explains_its_images_only(tmp_path: Pa
         assert _explained(images) == ["00.png", "01.png", "02.png"]
     assert sorted(p.name for p in images.glob("*.png")) == [
         "00.gradcam.png", "00.png", "01.gradcam.png", "01.png", "02.gradcam.png", "02.png"]
+
+
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    """Under nohup (SIGHUP ignored) a hangup must not stop the run; the others are taken and given back."""
+    from camcli.signals import Interrupted, stop_on_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # nothing happens
+            with pytest.raises(Interrupted) as e:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs at the next bytecode; never reached
+        assert e.value.exit_code == 143 and e.value.name == "SIGTERM"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # after a signal: one more must not kill
+    finally:
+        signal.signal(signal.SIGHUP, before)
+        signal.signal(signal.SIGTERM, term)
+
+
+def test_check_stopped_by_sigterm_still_writes_its_reports(tmp_path: Path, many: Path) -> None:
+    import yaml
+
+    cases = [{"image": str(p), "class": 0, "expect": {"top_k": 3}} for p in sorted(many.glob("*.png"))[:20]]
+    (tmp_path / "check.yaml").write_text(yaml.safe_dump({"model": "toymodels:slow_cnn", "cases": cases}))
+    marker = tmp_path / "started"
+    p = subprocess.Popen(camcli("check", "check.yaml", "--junit", "r.xml", "--json", "r.json"), env=child_env(
+        CAMCLI_TEST_STARTED=str(marker)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists() and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is False and report["interrupted"] == "SIGTERM"
+    assert report["not_run"] == 20 - len({r["case_index"] for r in report["rules"]}) > 0
+    junit = (tmp_path / "r.xml").read_text()
+    assert 'errors="1"' in junit and f"stopped by SIGTERM; {report['not_run']} cases not run" in junit
