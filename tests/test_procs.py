@@ -368,8 +368,8 @@ def test_a_signal_ignored_at_start_stays_ignored() -> None:
     """Under nohup (SIGHUP ignored) a hangup must not stop the run; the others are taken and given back."""
     from camcli.signals import Interrupted, stop_on_signals
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    term = signal.getsignal(signal.SIGTERM)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with stop_on_signals():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
@@ -381,8 +381,8 @@ def test_a_signal_ignored_at_start_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # after a signal: one more must not kill
     finally:
-        signal.signal(signal.SIGHUP, before)
-        signal.signal(signal.SIGTERM, term)
+        for s, handler in saved.items():  # later tests' children inherit what this process ignores
+            signal.signal(s, handler)
 
 
 def test_check_stopped_by_sigterm_still_writes_its_reports(tmp_path: Path, many: Path) -> None:
