@@ -48,10 +48,12 @@ class CheckReport:
     rules: list[RuleResult] = field(default_factory=list)
     baselines: list[dict[str, Any]] = field(default_factory=list)  # --update-baselines
     overlays: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # the signal that stopped the check before its last case
+    not_run: int = 0  # cases it did not reach
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rules)
+        return self.interrupted is None and all(r.passed for r in self.rules)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -66,7 +68,18 @@ class CheckReport:
             "rules": [asdict(r) for r in self.rules],
             "baselines": self.baselines,
             "overlays": self.overlays,
+            **({"interrupted": self.interrupted, "not_run": self.not_run} if self.interrupted else {}),
         }
+
+
+class CheckStopped(KeyboardInterrupt):
+    """A signal stopped the check: ``report`` holds the cases done, so the reports can still be
+    written; ``cause`` is the interruption to raise on."""
+
+    def __init__(self, report: CheckReport, cause: KeyboardInterrupt) -> None:
+        super().__init__(str(cause))
+        self.report = report
+        self.cause = cause
 
 
 def check_report_path(flag: str, path: str | Path) -> Path:
@@ -176,11 +189,22 @@ def _run_check(
             )
         except UsageError as e:
             raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
-    cmap = resolve_colormap("jet")
-    layer_name = session.layer_name
-    report = CheckReport(file=str(cf.path), model=lm.name, layer=layer_name)
+    report = CheckReport(file=str(cf.path), model=lm.name, layer=session.layer_name)
     out_dir = Path(out) if out is not None else None
 
+    try:
+        _run_cases(cf, session, specs_by_case, report, update_baselines, out_dir)
+    except KeyboardInterrupt as e:
+        done = len({r.case_index for r in report.rules} | {b["case_index"] for b in report.baselines})
+        report.interrupted = getattr(e, "name", "SIGINT")
+        report.not_run = len(cf.cases) - done
+        raise CheckStopped(report, e) from None
+    return report
+
+
+def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tgt.TargetSpec]], report: CheckReport,
+               update_baselines: bool, out_dir: Path | None) -> None:
+    lm, layer_name, cmap = session.model, session.layer_name, resolve_colormap("jet")
     for case in cf.cases:
         rgb = decode(case.image, cf.options.max_pixels)
         result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
@@ -203,7 +227,6 @@ def _run_check(
                 rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
                 write_atomic(out_dir / rel, encode_png(bgr))
                 report.overlays.append(rel)
-    return report
 
 
 def _rank_of(target: int | None, ranked: list[int]) -> int:
@@ -293,7 +316,9 @@ def junit_xml(report: CheckReport) -> bytes:
     for r in report.rules:
         groups.setdefault((r.case_index, r.method), []).append(r)
     failures = sum(1 for rows in groups.values() if not all(r.passed for r in rows))
-    suite = ET.Element("testsuite", name="camcli check", tests=str(len(groups)), failures=str(failures), errors="0")
+    stopped = report.interrupted is not None
+    suite = ET.Element("testsuite", name="camcli check", tests=str(len(groups) + stopped), failures=str(failures),
+                       errors=str(int(stopped)))
     for (_, method), rows in groups.items():
         tc = ET.SubElement(suite, "testcase", classname=f"camcli.check.{report.layer}", name=f"{rows[0].case} [{method}]")
         failed = [r for r in rows if not r.passed]
@@ -303,6 +328,9 @@ def junit_xml(report: CheckReport) -> bytes:
             f.text = "\n".join(lines)
         else:
             ET.SubElement(tc, "system-out").text = "\n".join(lines)
+    if stopped:  # the cases not reached are not passes
+        tc = ET.SubElement(suite, "testcase", classname=f"camcli.check.{report.layer}", name="interrupted")
+        ET.SubElement(tc, "error", message=f"stopped by {report.interrupted}; {report.not_run} cases not run")
     root = ET.Element("testsuites")
     root.append(suite)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)

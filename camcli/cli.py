@@ -53,9 +53,13 @@ def _run(fn: Callable[[], T]) -> T:
     except CamcliError as e:
         err.print(f"[bold red]camcli: error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(int(e.exit_code)) from None
-    except KeyboardInterrupt:
-        err.print("camcli: interrupted; files written so far are complete, the rest were not started")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except KeyboardInterrupt as e:
+        from camcli.signals import Interrupted, exit_code
+
+        by = f" by {e.name}" if isinstance(e, Interrupted) else ""
+        err.print(f"camcli: interrupted{by}; files written so far are complete, the rest were not started",
+                  highlight=False)
+        raise typer.Exit(exit_code(e)) from None
 
 
 def _version(value: bool) -> None:
@@ -242,17 +246,27 @@ def check(
 
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
-    from camcli.check import check_report_path, junit_xml, run_check
-    from camcli.writer import write_atomic
+    from camcli.check import CheckReport, CheckStopped, check_report_path, junit_xml, run_check
+    from camcli.writer import write_report
 
     _quiet_warnings(given.get("quiet"))
     quiet = bool(given.get("quiet"))
+
+    def write_reports(report: CheckReport) -> None:
+        if junit is not None:
+            write_report(junit, junit_xml(report))
+        if json_report is not None:
+            write_report(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
 
     def go() -> ExitCode:
         for flag, path in (("--junit", junit), ("--json", json_report)):
             if path is not None:
                 check_report_path(flag, path)
-        report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+        try:
+            report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+        except CheckStopped as stopped:  # the reports say what was done, and that the rest was not
+            write_reports(stopped.report)
+            raise stopped.cause from None
         console = _stdout()
         if update_baselines:
             table = Table(title=f"camcli check --update-baselines: {file}")
@@ -275,10 +289,7 @@ def check(
                 "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", escape(r.message),
             )
         console.print(table)
-        if junit is not None:
-            write_atomic(junit, junit_xml(report))
-        if json_report is not None:
-            write_atomic(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        write_reports(report)
         failed = sum(1 for r in report.rules if not r.passed)
         verdict = "all rules passed" if report.passed else f"{failed} of {len(report.rules)} rules FAILED"
         if not quiet:
@@ -419,38 +430,13 @@ def models() -> None:
     _stdout().print(table)
 
 
-def _on_interrupt(signum: int, frame: Any) -> None:  # noqa: ANN401
-    """SIGINT: the first one stops the run in order (KeyboardInterrupt: running writes finish, exit
-    130); a second one, while that cleanup runs, exits 130 at once, without a traceback."""
-    if _on_interrupt.seen:  # type: ignore[attr-defined]
-        import multiprocessing
-        import os
-
-        os.write(2, b"\ncamcli: interrupted again; stopping now (a file being written may remain as .*.part)\n")
-        for child in multiprocessing.active_children():  # decoding workers
-            child.terminate()
-        os._exit(int(ExitCode.INTERRUPTED))
-    _on_interrupt.seen = True  # type: ignore[attr-defined]
-    raise KeyboardInterrupt
-
-
-_on_interrupt.seen = False  # type: ignore[attr-defined]
-
-
 def main() -> None:
-    import signal
-
     from camcli.allocator import keep_heap_memory
+    from camcli.signals import stop_on_signals
 
     keep_heap_memory()  # the command owns its process: batches reuse the heap instead of faulting pages in
-    signal.signal(signal.SIGINT, _on_interrupt)
-    try:
+    with stop_on_signals():  # SIGINT, SIGTERM, SIGHUP: stop in order, exit 128 + the signal's number
         app()
-    finally:
-        if _on_interrupt.seen:  # type: ignore[attr-defined]
-            # Already leaving with 130: a further Ctrl-C while Python shuts down must not turn that
-            # into a death by signal (Python resets its own handlers at shutdown, not an ignored one).
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import stat
 import threading
 from contextlib import contextmanager
@@ -67,6 +66,41 @@ def _folder_images(folder: Path, recursive: bool, skipped: list[Path]) -> list[P
     return sorted(files)
 
 
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob pattern searches: its components up to the first with a wildcard."""
+    parts = Path(pattern).parts
+    fixed = [c for c in parts[: next((i for i, c in enumerate(parts) if glob.has_magic(c)), len(parts))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+class _Outputs:
+    """Recognises camcli's outputs in the output folder, so that no input list ever includes them.
+
+    When the folder searched holds the output folder (``explain in -r -o in/heat``), everything in
+    the output folder is an output. When the output folder is the folder searched, or holds it
+    (``explain in -o in``), the user's images live there too: then only files named as camcli
+    names its maps (``<image>.<method>[.<layer>][.<class>][.grid].png`` or ``.npy``) are outputs.
+    """
+
+    def __init__(self, out: Path) -> None:
+        from camcli.methods import available_methods
+
+        self.out = Path(os.path.realpath(out))
+        self.methods = {m.name.replace("+", "p") for m in available_methods()}
+
+    def holds(self, f: Path, searched: Path) -> bool:
+        real = Path(os.path.realpath(f.parent)) / f.name  # the file's own name, in its real folder
+        if self.out not in real.parents:
+            return False
+        if Path(os.path.realpath(searched)) in self.out.parents:
+            return True  # an output folder inside the folder searched: nothing in it is an input
+        return self.is_output_name(f.name)
+
+    def is_output_name(self, name: str) -> bool:
+        parts = name.split(".")
+        return parts[-1].lower() in ("png", "npy") and any(p in self.methods for p in parts[1:-1])
+
+
 def discover(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[ImageSource]:
     """Files, folders (``recursive`` to descend) and glob patterns -> sorted image sources."""
     return find_images(paths, recursive, exclude).sources
@@ -77,36 +111,42 @@ def find_images(paths: Sequence[str | Path], recursive: bool = False, exclude: P
 
     A file named explicitly is always taken (and fails later if it is no image): a FIFO or a broken
     link named on the command line becomes that image's error, not the run's. Folders and globs
-    contribute regular files with an image suffix. ``exclude`` (the output folder) is never read.
+    contribute regular files with an image suffix. ``exclude`` (the output folder) holds outputs,
+    never inputs, whatever kind of input finds them (see :class:`_Outputs`).
     Paths are kept as given: an image that is a symbolic link keeps its own name and folder in
     the outputs.
     """
     if not paths:
         raise UsageError("no input given: pass image files, folders or glob patterns")
-    excl = exclude.resolve() if exclude is not None else None
+    outputs = _Outputs(exclude) if exclude is not None else None
     found: list[Path] = []
     skipped: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             files = _folder_images(p, recursive, skipped)
-            if excl is not None:
-                files = [f for f in files if excl not in f.resolve().parents]
+            if outputs is not None:
+                files = [f for f in files if not outputs.holds(f, searched=p)]
             if not files:
                 hint = "" if recursive else " (use -r/--recursive to look in subfolders)"
                 raise UsageError(f"no images in folder {str(p)!r}{hint}; accepted types: {', '.join(IMAGE_SUFFIXES)}")
             found.extend(files)
         elif os.path.lexists(p):  # a file, or a FIFO, socket or broken link named on purpose
-            found.append(p)
+            if outputs is None or not outputs.holds(p, searched=p.parent):  # a shell's glob names outputs too
+                found.append(p)
         elif glob.has_magic(str(raw)):
             hits = sorted(Path(h) for h in glob.glob(str(raw), recursive=recursive))
             files = [h for h in hits if h.is_file() and _is_image_name(h)]
+            if outputs is not None:
+                files = [f for f in files if not outputs.holds(f, searched=_glob_root(str(raw)))]
             skipped.extend(h for h in hits if _is_image_name(h) and not h.is_file() and not h.is_dir())
             if not files:
                 raise UsageError(f"no images match {str(raw)!r}")
             found.extend(files)
         else:
             raise UsageError(f"no such file or folder: {str(raw)!r}")
+    if not found:
+        raise UsageError(f"no images to explain: every input given is an output in {str(exclude)!r}")
     unique: dict[Path, Path] = {}
     for f in found:
         unique.setdefault(Path(os.path.abspath(f)), f)  # the same path twice, not the same target
@@ -394,8 +434,9 @@ def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def worker_ignores_interrupts(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process
-    acts on it and then stops the workers. A worker interrupted on its own would exit while its
-    decoded images still fill the pipe, and the main process would wait seconds for each one."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def worker_ignores_interrupts(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the stop signals are the main process's to act on, and the worker
+    dies with the main process (see camcli.signals.worker_init)."""
+    from camcli.signals import worker_init
+
+    worker_init(worker_id)

@@ -7,6 +7,11 @@ so a lock file left behind by a killed run is simply taken over (and the caller 
 was). Shards of one job array (``--shard K/N``) write into one folder side by side: each holds a
 shared lock on ``.camcli.lock`` and an exclusive one on ``.camcli.shard-K-of-N.lock``, so shards
 do not block each other, but two runs of the same shard do, and a whole-folder run waits for none.
+A ``flock`` belongs to the open file, which a forked child (a DataLoader worker) shares: the lock
+would outlive a killed run in its children. So every forked child closes the lock descriptors at
+once (``os.register_at_fork``; closing a shared descriptor leaves the parent's lock in place), and
+exec-ed programs never get them (``O_CLOEXEC``). A run that takes over a killed run's folder
+removes the ``.*.part`` files the killed writes left.
 On file systems without ``flock`` the record alone decides: a record of a live process on this
 host, or of any process on another host, holds the folder.
 """
@@ -75,6 +80,36 @@ def read_holder(path: Path) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
+_HELD_FDS: set[int] = set()  # lock descriptors this process holds; closed in every forked child
+
+
+def _close_in_child() -> None:
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def remove_stale_parts(out: Path) -> int:
+    """Remove the temporary ``.*.part`` files under ``out`` that writes of a killed run left (only
+    while holding the folder exclusively: then no write of another run is in flight). Returns how many."""
+    removed = 0
+    for folder, dirs, files in os.walk(out):
+        for name in files:
+            if name.startswith(".") and name.endswith(".part"):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
 @dataclass
 class _Held:
     path: Path
@@ -86,7 +121,7 @@ class _Held:
 def _acquire(path: Path, exclusive: bool) -> _Held | None:
     """Lock ``path`` without waiting; None when another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -96,6 +131,7 @@ def _acquire(path: Path, exclusive: bool) -> _Held | None:
             if e.errno not in _NO_FLOCK:
                 os.close(fd)
                 raise
+            _HELD_FDS.add(fd)
             return _Held(path, fd, exclusive, flock=False)
         # The previous holder may have removed the file between our open and our lock: then we
         # hold a lock on a file nobody else can find. Lock the file that is there now instead.
@@ -104,6 +140,7 @@ def _acquire(path: Path, exclusive: bool) -> _Held | None:
         except FileNotFoundError:
             same = False
         if same:
+            _HELD_FDS.add(fd)
             return _Held(path, fd, exclusive, flock=True)
         os.close(fd)
 
@@ -121,6 +158,7 @@ def _release(held: _Held) -> None:
     except FileNotFoundError:
         pass
     finally:
+        _HELD_FDS.discard(held.fd)
         os.close(held.fd)
 
 
@@ -175,6 +213,7 @@ class OutputLock:
         if old and not held.flock and old.get("pid") != os.getpid():
             same_host = old.get("host") == socket.gethostname()
             if not same_host or (isinstance(old.get("pid"), int) and _pid_alive(old["pid"])):
+                _HELD_FDS.discard(held.fd)
                 os.close(held.fd)  # not ours: leave the holder's record alone
                 raise self._busy(path)
         if old and old.get("pid") != os.getpid():
@@ -203,6 +242,10 @@ def locked(out: Path, command: str, shard: tuple[int, int] | None = None,
     """Acquire the output folder's lock (UsageError naming the holder when busy); warn when a
     killed run's lock was taken over."""
     lock = OutputLock(out, command, shard).acquire()
-    if lock.previous is not None and warn is not None:
-        warn(f"took over {str(lock.record_path)!r} from a run that ended without releasing it ({describe(lock.previous)})")
+    if lock.previous is not None:
+        parts = remove_stale_parts(lock.out) if shard is None else 0
+        if warn is not None:
+            left = f"; removed {parts} unfinished .part files it left" if parts else ""
+            warn(f"took over {str(lock.record_path)!r} from a run that ended without releasing it "
+                 f"({describe(lock.previous)}){left}")
     return lock

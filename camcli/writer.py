@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,6 +89,31 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise cannot_write(p, e) from None
         raise
+
+
+def write_report(path: str | Path, data: bytes) -> None:
+    """Write a file the user named (a report): a regular file (or a new one) is replaced atomically;
+    a symbolic link keeps being a link, its target replaced atomically (or written through when the
+    target is no regular file); a named pipe, a device or ``/dev/stdout`` is written through, as a
+    shell's ``>`` would. A folder is refused (OutputError)."""
+    p = Path(path)
+    target = Path(os.path.realpath(p)) if p.is_symlink() else p
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise cannot_write(p, e) from None
+    if st is None or stat.S_ISREG(st.st_mode):
+        write_atomic(target, data)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"cannot write {str(p)!r}: it is a folder")
+    try:  # a FIFO waits for its reader here, as it would for any writer
+        with open(target, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise cannot_write(p, e) from None
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
