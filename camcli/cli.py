@@ -156,10 +156,13 @@ def summary(
 
     Example: camcli summary camcli-out/ --write
     """
-    from camcli.records import iter_records, rebuild, with_records
+    from camcli.records import bad_lines_warning, iter_records, rebuild, with_records
 
     def go() -> None:
         doc, path = rebuild(target, write=write)
+        if bad := doc.get("unreadable_lines"):
+            err.print(f"camcli: warning: {bad_lines_warning(path, bad['count'], bad['lines'])}", highlight=False,
+                      markup=False)
         if as_json:
             sys.stdout.write(json.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
             return
@@ -206,6 +209,8 @@ def merge(
     def go() -> ExitCode:
         res = run_merge(out, shards or [])
         s = res.summary
+        for w in res.warnings:
+            err.print(f"camcli: warning: {w}", highlight=False, markup=False)
         if as_json:
             sys.stdout.write(json.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
         c = s["counts"]

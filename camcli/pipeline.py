@@ -303,6 +303,8 @@ def open_records(
     summary_path = out_dir / summary_name(plan.shard)
     # from the swap on, an older run's summary would describe another run
     reused = stream.open(reuse, before_swap=lambda: summary_path.unlink(missing_ok=True))
+    if (bad := stream.bad.warning()) is not None:
+        session.warn(bad)
     return stream, reused
 
 

@@ -1,0 +1,151 @@
+"""Issue 23: merge never loses a source, records files are read defensively, every JSON file camcli
+writes is strict JSON, YAML aliases are refused, output names never collide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from camcli.cli import app
+from camcli.pipeline import ExplainOptions, explain
+from conftest import noise_images
+
+runner = CliRunner()
+TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)
+TINY_FLAGS = ["--model", "toymodels:tiny_cnn", "--workers", "0", "-q"]
+
+
+def strict(text: str):  # noqa: ANN201
+    """json.loads that refuses NaN and ±Infinity, as JSON.parse and strict parsers do."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def record_lines(path: Path) -> list[dict]:
+    return [strict(line) for line in path.read_text().splitlines()]
+
+
+# item 1 -----------------------------------------------------------------------------------------
+
+def test_merge_into_a_source_folder_reads_it_before_replacing_it(make_images, tmp_path: Path) -> None:  # noqa: ANN001
+    pa, pb = tmp_path / "pa", tmp_path / "pb"
+    explain([make_images("in", 2, seed=3)], ExplainOptions(out=str(pa), **TINY))
+    explain([noise_images(tmp_path / "in2", [(32, 32), (40, 40)], 4, "other{:02d}.png")], ExplainOptions(out=str(pb), **TINY))
+    in_a = sorted(r["rel"] for r in record_lines(pa / "records.jsonl")[1:])
+    in_b = sorted(r["rel"] for r in record_lines(pb / "records.jsonl")[1:])
+    assert in_a == ["img00.png", "img01.png"] and in_b == ["other00.png", "other01.png"]
+    r = runner.invoke(app, ["merge", str(pa), str(pa), str(pb)])
+    assert r.exit_code == 0, r.output
+    header, *recs = record_lines(pa / "records.jsonl")
+    assert sorted(x["rel"] for x in recs) == sorted(in_a + in_b)
+    assert strict((pa / "summary.json").read_text())["counts"] == {"images": 4, "ok": 4, "error": 0, "reused": 0}
+    assert not [p.name for p in pa.iterdir() if ".merging-" in p.name or p.name.endswith(".part")]
+    # every overlay a merged record names is on disk, relative to pa
+    assert all((pa / e["overlay"]).is_file() for x in recs for e in x["explanations"])
+
+
+def test_merge_counts_duplicates_between_the_output_folder_and_another_source(make_images, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = make_images("in", 3, seed=4)
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    explain([folder], ExplainOptions(out=str(m1), **TINY))
+    explain([folder], ExplainOptions(out=str(m2), **TINY))
+    before = {x["rel"]: x for x in record_lines(m1 / "records.jsonl")[1:]}
+    r = runner.invoke(app, ["merge", str(m1), str(m1), str(m2)])
+    assert r.exit_code == 0, r.output
+    assert "3 images done by more than one shard" in r.stderr
+    summary = strict((m1 / "summary.json").read_text())
+    assert summary["merge"]["duplicates"]["count"] == 3 and summary["counts"]["images"] == 3
+    after = {x["rel"]: x for x in record_lines(m1 / "records.jsonl")[1:]}
+    # m1's own records are the ones kept (the first source): their overlays are in m1, not ../m2
+    assert {k: v["explanations"][0]["overlay"] for k, v in after.items()} == {
+        k: v["explanations"][0]["overlay"] for k, v in before.items()}
+
+
+def test_merge_refuses_a_source_named_twice(make_images, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = make_images("in", 2, seed=5)
+    a = tmp_path / "a"
+    explain([folder], ExplainOptions(out=str(a), **TINY))
+    kept = (a / "records.jsonl").read_bytes()
+    for twice in ([str(a), str(a)], [str(a), str(a / "records.jsonl")]):
+        r = runner.invoke(app, ["merge", str(tmp_path / "m"), *twice])
+        assert r.exit_code == 2, r.output
+        assert "name each folder or records file once" in r.stderr and "Traceback" not in r.output
+    assert (a / "records.jsonl").read_bytes() == kept and not (tmp_path / "m" / "records.jsonl").exists()
+
+
+# item 6 -----------------------------------------------------------------------------------------
+
+def damage(path: Path) -> list[int]:
+    """Replace record lines 3 and 5 by garbage, turn 4 into a JSON array and 6 into invalid UTF-8,
+    give 7 a null status; returns the damaged line numbers (1 is the header)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 9, "this test needs 8 records"
+    lines[2] = b'{"rel": "img0\n'
+    lines[3] = b'["an", "array"]\n'
+    lines[4] = b"#!garbled\n"
+    lines[5] = b'{"rel": "\xff\xfe"}\n'
+    rec = json.loads(lines[6])
+    rec["status"] = None
+    lines[6] = (json.dumps(rec) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+    return [3, 4, 5, 6, 7]
+
+
+def test_summary_skips_and_names_bad_lines_and_reads_on(make_images, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = make_images("in", 8, seed=6)
+    out = tmp_path / "out"
+    explain([folder], ExplainOptions(out=str(out), **TINY))
+    bad = damage(out / "records.jsonl")
+    with open(out / "records.jsonl", "ab") as f:
+        f.write(b'{"rel": "cut by a kil')  # a crash mid-line: no damage, no warning
+    r = runner.invoke(app, ["summary", str(out), "--write"])
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "error: None" not in r.output
+    assert "images: 3 of 8 planned: 3 ok, 0 failed, 0 reused, 5 not processed" in r.stdout
+    assert "skipped 5 unreadable line(s)" in r.stderr and "line 3, 4, 5, 6, 7)" in r.stderr
+    written = strict((out / "summary.json").read_text())
+    assert written["counts"]["images"] == 3 and written["unreadable_lines"] == {"count": 5, "lines": bad}
+    # only a cut last line: read silently
+    out2 = tmp_path / "out2"
+    explain([folder], ExplainOptions(out=str(out2), **TINY))
+    with open(out2 / "records.jsonl", "ab") as f:
+        f.write(b'{"rel": "cut')
+    r = runner.invoke(app, ["summary", str(out2)])
+    assert r.exit_code == 0 and "unreadable" not in r.output and "images: 8 of 8 planned" in r.stdout
+
+
+def test_skip_existing_over_bad_lines_redoes_their_images(make_images, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = make_images("in", 8, seed=6)
+    out = tmp_path / "out"
+    explain([folder], ExplainOptions(out=str(out), **TINY))
+    damage(out / "records.jsonl")
+    r = runner.invoke(app, ["explain", str(folder), "--out", str(out), "--skip-existing", *TINY_FLAGS[:-1]])
+    assert r.exit_code == 0, r.output
+    assert "skipped 5 unreadable line(s)" in r.stderr and "Traceback" not in r.output
+    assert "--skip-existing: 3 of 8 images already done" in r.stderr
+    recs = record_lines(out / "records.jsonl")[1:]
+    assert sorted(x["rel"] for x in recs) == [f"img{i:02d}.png" for i in range(8)]
+    assert sum(bool(x.get("reused")) for x in recs) == 3
+    assert not list(out.glob(".*.part"))
+
+
+# item 12 ----------------------------------------------------------------------------------------
+
+def test_yaml_alias_bomb_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    levels = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = "\n".join(levels) + "\nclass: *a9\n"
+    check = tmp_path / "check.yaml"
+    check.write_text(bomb + "cases: []\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(bomb)
+    for args in (["check", str(check)], ["explain", str(tmp_path), "--config", str(config), *TINY_FLAGS]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert "line 2: YAML aliases (*a0) are not accepted" in r.stderr and "Traceback" not in r.output
+        assert len(r.output) < 400  # the value is never printed
