@@ -12,6 +12,7 @@ from xml.etree import ElementTree as ET
 import cv2
 import numpy as np
 
+from camcli import jsonout
 from camcli import targets as tgt
 from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, case_id, load_check_file
 from camcli.errors import ExitCode, UsageError
@@ -278,7 +279,7 @@ def _store_baseline(
         del old  # the memory map, before the file is replaced
     write_atomic(b, bytes(raw_npy(cam, case.height, case.width)))
     meta = {"model": model, "layer": layer, "method": method, "case": case.name, "image": str(case.image)}
-    write_atomic(b.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(b.with_suffix(".json"), (jsonout.dumps(meta, indent=2) + "\n").encode())
     write_atomic(b.with_suffix(".png"), overlay_png(rgb, cam, cmap, 0.5))
     return {"case": case.name, "case_index": case.index, "method": method, "status": status,
             "similarity_to_previous": sim, "path": str(b)}

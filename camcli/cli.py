@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from camcli import jsonout
 from camcli import __version__
 from camcli import options as O
 from camcli.errors import CamcliError, ExitCode
@@ -123,7 +123,7 @@ def explain(
             result = run_explain(paths, opts, progress=bar.update, on_start=bar.start)
         s = result.summary
         if as_json:
-            sys.stdout.write(json.dumps(result.with_records(), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(result.with_records(), indent=2) + "\n")
         if not opts.quiet:
             c = s["counts"]
             err.print(
@@ -164,7 +164,7 @@ def summary(
             err.print(f"camcli: warning: {bad_lines_warning(path, bad['count'], bad['lines'])}", highlight=False,
                       markup=False)
         if as_json:
-            sys.stdout.write(json.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
             return
         out = _stdout()
 
@@ -212,7 +212,7 @@ def merge(
         for w in res.warnings:
             err.print(f"camcli: warning: {w}", highlight=False, markup=False)
         if as_json:
-            sys.stdout.write(json.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
         c = s["counts"]
         err.print(f"camcli merge: {s['merge']['shards']} shards -> {res.summary_path}: {c['images']} images, "
                   f"{c['ok']} ok, {c['error']} failed", highlight=False, markup=False)
@@ -283,7 +283,7 @@ def check(
         if junit is not None:
             write_atomic(junit, junit_xml(report))
         if json_report is not None:
-            write_atomic(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+            write_atomic(json_report, (jsonout.dumps(report.to_dict(), indent=2) + "\n").encode())
         failed = sum(1 for r in report.rules if not r.passed)
         verdict = "all rules passed" if report.passed else f"{failed} of {len(report.rules)} rules FAILED"
         if not quiet:
@@ -362,7 +362,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
         for m in available_methods()
     ]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(jsonout.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="camcli methods")
     for col in ("name", "aliases", "gradients", "extra forwards", "description", "paper"):  # gradients: to the layer

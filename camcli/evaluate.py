@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections import defaultdict
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from camcli import jsonout
 from camcli import metrics as M
 from camcli import targets as tgt
 from camcli.config import read_yaml
@@ -315,7 +315,7 @@ def _evaluate(
         "images": per_image,
     }
     path = out_dir / "evaluation.json"
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+    write_atomic(path, (jsonout.dumps(doc, indent=2) + "\n").encode())
     result = EvaluationResult(aggregate, per_image, path, ExitCode.PARTIAL if failed else ExitCode.OK, curves)
     if opts.plots:
         write_plots(result, out_dir)

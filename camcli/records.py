@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, TextIO
 
+from camcli import jsonout
 from camcli.errors import UsageError
 from camcli.outdir import locked, shard_suffix
 from camcli.writer import cannot_write, write_atomic
@@ -216,13 +217,13 @@ class RecordStream:
         kept: set[str] = set()
         try:
             self._file = open(part, "w", encoding="utf-8")
-            self._file.write(json.dumps(self.header) + "\n")
+            self._file.write(jsonout.dumps(self.header) + "\n")
             if reuse is not None and self.path.is_file():
                 if _header_or_none(self.path).get("fingerprint") == self.header["fingerprint"]:
                     for rec in iter_records(self.path, self.bad):
                         if rec.get("key") not in kept and reuse(rec):
                             rec["reused"] = True  # done by an earlier run
-                            self._file.write(json.dumps(rec) + "\n")
+                            self._file.write(jsonout.dumps(rec) + "\n")
                             self.tally.add(rec)
                             kept.add(rec["key"])
             self._file.flush()
@@ -238,7 +239,8 @@ class RecordStream:
         return kept
 
     def add(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec) + "\n"
+        rec = jsonout.strict(rec)  # a NaN from the model: null, and named in rec["non_finite"]
+        line = jsonout.dumps(rec) + "\n"
         with self._lock:
             if self._file is None:
                 return
@@ -331,7 +333,7 @@ def build_summary(
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> None:
-    write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_atomic(path, (jsonout.dumps(summary, indent=2) + "\n").encode("utf-8"))
 
 
 def summary_path_for(records_path: Path) -> Path:

@@ -149,3 +149,46 @@ def test_yaml_alias_bomb_is_refused_before_anything_is_built(tmp_path: Path) -> 
         assert r.exit_code == 2, r.output
         assert "line 2: YAML aliases (*a0) are not accepted" in r.stderr and "Traceback" not in r.output
         assert len(r.output) < 400  # the value is never printed
+
+
+# item 7 -----------------------------------------------------------------------------------------
+
+def nan_cnn():  # noqa: ANN201
+    """tiny_cnn with a NaN bias on class 0: every logit's softmax is NaN, the maps stay finite."""
+    import torch
+    from toymodels import tiny_cnn
+
+    m = tiny_cnn()
+    with torch.no_grad():
+        m.fc.bias[0] = float("nan")
+    return m
+
+
+def test_every_json_file_is_strict_json_when_the_model_returns_nan(tmp_path: Path) -> None:
+    folder = noise_images(tmp_path / "in", [(32, 32), (40, 32)], 7)
+    nan = ["--model", "test_data_safety:nan_cnn", "-q"]
+    r = runner.invoke(app, ["explain", str(folder), "-o", str(tmp_path / "a"), "--workers", "0", "--json", *nan])
+    assert r.exit_code == 0, r.output
+    doc = strict(r.stdout)
+    header, *recs = record_lines(tmp_path / "a" / "records.jsonl")
+    assert len(recs) == 2 and doc["counts"]["ok"] == 2
+    for rec in recs:  # the NaN is null, and the record says where
+        assert rec["predictions"][0]["probability"] is None and "predictions.0.probability" in rec["non_finite"]
+    strict((tmp_path / "a" / "summary.json").read_text())
+    r = runner.invoke(app, ["summary", str(tmp_path / "a"), "--write", "--json"])
+    assert r.exit_code == 0, r.output
+    strict(r.stdout), strict((tmp_path / "a" / "summary.json").read_text())
+    runner.invoke(app, ["explain", str(folder), "-o", str(tmp_path / "b"), "--workers", "0", *nan])
+    r = runner.invoke(app, ["merge", str(tmp_path / "m"), str(tmp_path / "a"), str(tmp_path / "b"), "--json"])
+    assert r.exit_code == 0, r.output
+    strict(r.stdout), record_lines(tmp_path / "m" / "records.jsonl"), strict((tmp_path / "m" / "summary.json").read_text())
+    r = runner.invoke(app, ["evaluate", str(folder), "-o", str(tmp_path / "e"), "--metric", "deletion_auc,average_drop", *nan])
+    assert r.exit_code == 0, r.output
+    ev = strict((tmp_path / "e" / "evaluation.json").read_text())
+    assert ev["non_finite"]
+    check = tmp_path / "check.yaml"
+    check.write_text(f"model: {{name: 'test_data_safety:nan_cnn'}}\nmethod: [gradcam]\ncases:\n"
+                     f"  - image: {folder / '00.png'}\n    expect: {{top_k: 4, min_energy_in_region: 0.1, region: [0, 0, 16, 16]}}\n")
+    r = runner.invoke(app, ["check", str(check), "--json", str(tmp_path / "check.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    strict((tmp_path / "check.json").read_text())
