@@ -3,6 +3,7 @@ writes is strict JSON, YAML aliases are refused, output names never collide."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -192,3 +193,47 @@ def test_every_json_file_is_strict_json_when_the_model_returns_nan(tmp_path: Pat
     r = runner.invoke(app, ["check", str(check), "--json", str(tmp_path / "check.json"), "-q"])
     assert r.exit_code == 0, r.output
     strict((tmp_path / "check.json").read_text())
+
+
+# item 5 -----------------------------------------------------------------------------------------
+
+def test_output_names_are_unique_and_the_same_in_every_shard(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from camcli.images import discover
+    from camcli.pipeline import output_stems
+
+    folder = tmp_path / "in"
+    names = ["y.jpg", "y.png", "y.jpg.png",  # same stem; name.ext against name.ext.ext
+             "Cat.png", "cat.jpg", "B.png", "b.png",  # case differences (case-insensitive file systems)
+             "sub/a.png", "sub/a.jpg", "sub/a.png.jpg", "a.png", "solo.png", "sub/solo.png"]
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), (i * 20, 0, 0)).save(folder / name, format="PNG")
+    every = discover([folder], recursive=True)
+    stems = dict(zip((s.rel.as_posix() for s in every), (p.as_posix() for p in output_stems(every))))
+    assert len({s.casefold() for s in stems.values()}) == len(names)
+    # unchanged where nothing collides; the suffix where only the stem does; a hash beyond that
+    assert stems["solo.png"] == "solo" and stems["sub/solo.png"] == "sub/solo" and stems["a.png"] == "a"
+    assert stems["y.png"] == "y.png" and stems["sub/a.jpg"] == "sub/a.jpg"
+    # y.jpg.png wants y.jpg, which y.jpg wants beside y.png: both step up
+    assert stems["y.jpg"] == "y.jpg-" + hashlib.sha1(b"y.jpg").hexdigest()[:8] and stems["y.jpg.png"] == "y.jpg.png"
+    assert stems["sub/a.png"].startswith("sub/a.png-") and stems["sub/a.png.jpg"] == "sub/a.png.jpg"
+    assert stems["Cat.png"] == "Cat.png" and stems["cat.jpg"] == "cat.jpg"
+    assert stems["B.png"].startswith("B.png-") and stems["b.png"].startswith("b.png-")
+    # stable: the same from any order of the inputs, and for a shard's share of them
+    assert output_stems(every[::-1], every) == output_stems(every)[::-1]
+    assert output_stems(every[:3], every) == output_stems(every)[:3]
+    # a real run: every image its own files, in one folder and in shards of one --out
+    r = runner.invoke(app, ["explain", str(folder), "-r", "-o", str(tmp_path / "o"), *TINY_FLAGS])
+    assert r.exit_code == 0, r.output
+    overlays = [e["overlay"] for x in record_lines(tmp_path / "o" / "records.jsonl")[1:] for e in x["explanations"]]
+    assert len(overlays) == len(names) == len({o.casefold() for o in overlays})
+    assert all((tmp_path / "o" / o).is_file() for o in overlays)
+    for k in (1, 2, 3):
+        r = runner.invoke(app, ["explain", str(folder), "-r", "-o", str(tmp_path / "s"), "--shard", f"{k}/3", *TINY_FLAGS])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    sharded = [e["overlay"] for x in record_lines(tmp_path / "s" / "records.jsonl")[1:] for e in x["explanations"]]
+    assert sorted(sharded) == sorted(overlays)
