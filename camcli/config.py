@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,20 @@ class _AliasRefused(Exception):
         self.anchor, self.line = anchor, line
 
 
+def _read_json(text: str, what: str, error: type[UsageError]) -> Any:  # noqa: ANN401
+    def refuse(name: str) -> Any:  # noqa: ANN401
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as e:
+        raise error(f"{what}: not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise error(f"{what}: not valid JSON: nested too deeply") from None
+
+
 def read_yaml(path: Path, what: str, error: type[UsageError] = UsageError) -> Any:  # noqa: ANN401
-    """Load a YAML file; a missing, binary or non-UTF-8 file or a syntax error raises ``error`` naming ``what``."""
+    """Load a YAML file (a .json file as JSON); a missing, binary or non-UTF-8 file or a syntax error raises ``error`` naming ``what``."""
     if not path.is_file():
         raise error(f"{what}: no such file")
     try:
@@ -42,6 +55,8 @@ def read_yaml(path: Path, what: str, error: type[UsageError] = UsageError) -> An
         raise error(f"{what}: cannot be read ({e.strerror or e})") from None
     if "\x00" in text:
         raise error(f"{what}: not a text file (expected UTF-8 YAML)")
+    if path.suffix.lower() == ".json":  # YAML 1.1 reads some JSON otherwise (5e1 is a string there)
+        return _read_json(text, what, error)
     loader = _NoAliasLoader(text)
     try:
         return loader.get_single_data()
