@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
 import cv2
@@ -81,8 +82,11 @@ def check_report_path(flag: str, path: str | Path) -> Path:
         folder = folder.parent  # the nearest existing folder: the rest is created when writing
     if not folder.is_dir():
         raise UsageError(f"{flag} {str(p)!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(p)!r}: the folder {str(folder)!r} is not writable")
+    try:  # a real probe: access() says yes for root, and for /proc, where nothing can be created
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".camcli-write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {str(p)!r}: cannot create a file in {str(folder)!r} ({e.strerror or e})") from None
     return p
 
 
@@ -134,18 +138,22 @@ def run_check(
     out: str | Path | None = None,
     model: LoadedModel | None = None,
     overrides: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> CheckReport:
     """Run every case x method of a check file; see CheckReport.exit_code for the outcome.
 
     ``overrides``: option values from the command line, which win over the file's. While it runs,
-    the check holds ``out`` (when given) for itself: another run into it exits 2.
+    the check holds ``out`` (when given) for itself: another run into it exits 2. ``on_start``
+    gets the number of cases once the model is loaded, ``progress`` 1 per case done.
     """
+    hooks = dict(progress=progress, on_start=on_start)
     if out is None:
-        return _run_check(path, update_baselines=update_baselines, out=None, model=model, overrides=overrides)
+        return _run_check(path, update_baselines=update_baselines, out=None, model=model, overrides=overrides, **hooks)
     check_writable(Path(out))
     quiet = bool((overrides or {}).get("quiet"))
     with locked(Path(out), "camcli check", warn=None if quiet else stderr_warning):
-        return _run_check(path, update_baselines=update_baselines, out=out, model=model, overrides=overrides)
+        return _run_check(path, update_baselines=update_baselines, out=out, model=model, overrides=overrides, **hooks)
 
 
 def _run_check(
@@ -155,6 +163,8 @@ def _run_check(
     out: str | Path | None,
     model: LoadedModel | None,
     overrides: dict[str, Any] | None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> CheckReport:
     cf = load_check_file(path, require_baselines=not update_baselines, overrides=overrides)
     if update_baselines and cf.baselines is None:
@@ -182,6 +192,8 @@ def _run_check(
     report = CheckReport(file=str(cf.path), model=lm.name, layer=layer_name)
     out_dir = Path(out) if out is not None else None
 
+    if on_start is not None:
+        on_start(len(cf.cases))
     for case in cf.cases:
         rgb = decode(case.image, cf.options.max_pixels)
         result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
@@ -204,6 +216,8 @@ def _run_check(
                 rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
                 write_atomic(out_dir / rel, encode_png(bgr))
                 report.overlays.append(rel)
+        if progress is not None:
+            progress(1)
     return report
 
 

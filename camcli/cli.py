@@ -248,6 +248,7 @@ def check(
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
     from camcli.check import check_report_path, junit_xml, run_check
+    from camcli.progress import Progress
     from camcli.writer import write_atomic
 
     _quiet_warnings(given.get("quiet"))
@@ -257,7 +258,9 @@ def check(
         for flag, path in (("--junit", junit), ("--json", json_report)):
             if path is not None:
                 check_report_path(flag, path)
-        report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+        with Progress(disable=quiet, unit="case") as bar:  # a bar on a terminal, not with -q
+            report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given,
+                               progress=bar.update, on_start=bar.start)
         console = _stdout()
         if update_baselines:
             table = Table(title=f"camcli check --update-baselines: {file}")

@@ -237,3 +237,55 @@ def test_output_names_are_unique_and_the_same_in_every_shard(tmp_path: Path) -> 
     assert r.exit_code == 0, r.output
     sharded = [e["overlay"] for x in record_lines(tmp_path / "s" / "records.jsonl")[1:] for e in x["explanations"]]
     assert sorted(sharded) == sorted(overlays)
+
+
+# item 13 ----------------------------------------------------------------------------------------
+
+def test_boxes_state_their_unit_and_json_files_are_read_as_json(tmp_path: Path) -> None:
+    from camcli.boxes import BoxError, parse_box
+    from camcli.evaluate import load_boxes
+
+    f = tmp_path / "boxes.json"
+    f.write_text('{"a.png": [[0, 0, 5e1, 40]]}')  # 5e1 is a JSON number (YAML 1.1 reads a string)
+    assert [b.pixels(100, 100) for b in load_boxes(f)["a.png"]] == [(0.0, 0.0, 50.0, 40.0)]
+    f.write_text('{"a.png": [[0.1, 0.1, 0.5, 0.5]]}')
+    with pytest.raises(Exception, match=r"ambiguous.*\{fraction: \[0.1, 0.1, 0.5, 0.5\]\}.*\{pixels: "):
+        load_boxes(f)
+    f.write_text('{"a.png": {"fraction": [0.1, 0.1, 0.5, 0.5]}}')
+    assert [b.pixels(200, 100) for b in load_boxes(f)["a.png"]] == [(20.0, 10.0, 100.0, 50.0)]
+    # check regions and --region: [0, 0, 1, 1] is refused; documented plain fractions still work
+    with pytest.raises(BoxError, match="ambiguous"):
+        parse_box([0, 0, 1, 1], plain_fractions=True)
+    assert parse_box({"pixels": [0, 0, 1, 1]}, plain_fractions=True).pixels(9, 9) == (0, 0, 1, 1)
+    assert parse_box([0.28, 0.03, 0.7, 0.6], plain_fractions=True).unit == "fraction"
+    assert parse_box("fraction:0,0,1,1", plain_fractions=True, cli=True).pixels(10, 20) == (0, 0, 10, 20)
+    with pytest.raises(BoxError, match="fraction:0,0,1,1 .* or pixels:0,0,1,1"):
+        parse_box("0,0,1,1", plain_fractions=True, cli=True)
+
+
+def test_model_errors_from_user_code_are_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "badimp.py").write_text("import no_such_module_xyz\n")
+    folder = noise_images(tmp_path / "in", [(32, 32)], 1)
+    r = runner.invoke(app, ["explain", str(folder), "--model", str(tmp_path / "badimp.py"), "-q"])
+    assert r.exit_code == 2 and "Python source" in r.stderr and "unsafe-load" not in r.stderr, r.output
+    r = runner.invoke(app, ["explain", str(folder), "--model", "badimp:build", "-q"])
+    assert r.exit_code == 2 and "No module named 'no_such_module_xyz'" in r.stderr, r.output
+    check = tmp_path / "c.yaml"
+    check.write_text(f"model: {{name: 'sys:exit'}}\ncases:\n  - image: {folder / '00.png'}\n    expect: {{top_k: 1}}\n")
+    r = runner.invoke(app, ["check", str(check), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 2 and "calling it failed" in r.stderr, r.output
+    r = runner.invoke(app, ["check", str(check), "--junit", "/proc/x.xml"])
+    assert r.exit_code == 2 and "--junit '/proc/x.xml'" in r.stderr, r.output
+
+
+def test_check_reports_progress_per_case(tmp_path: Path) -> None:
+    from camcli.check import run_check
+
+    folder = noise_images(tmp_path / "in", [(32, 32), (40, 40), (32, 48)], 2)
+    check = tmp_path / "c.yaml"
+    cases = "".join(f"  - image: {p}\n    expect: {{top_k: 4}}\n" for p in sorted(folder.iterdir()))
+    check.write_text(f"model: {{name: 'toymodels:tiny_cnn'}}\nmethod: [gradcam]\ncases:\n{cases}")
+    seen: list[tuple[str, int]] = []
+    report = run_check(check, on_start=lambda n: seen.append(("start", n)), progress=lambda n: seen.append(("done", n)))
+    assert report.passed and seen == [("start", 3), ("done", 1), ("done", 1), ("done", 1)]
