@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from xml.etree import ElementTree as ET
 
 import cv2
 import numpy as np
 
+from camcli import jsonout
 from camcli import targets as tgt
 from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, case_id, load_check_file
 from camcli.errors import ExitCode, UsageError
@@ -93,8 +95,11 @@ def check_report_path(flag: str, path: str | Path) -> Path:
         folder = folder.parent  # the nearest existing folder: the rest is created when writing
     if not folder.is_dir():
         raise UsageError(f"{flag} {str(p)!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(p)!r}: the folder {str(folder)!r} is not writable")
+    try:  # a real probe: access() says yes for root, and for /proc, where nothing can be created
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".camcli-write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {str(p)!r}: cannot create a file in {str(folder)!r} ({e.strerror or e})") from None
     return p
 
 
@@ -146,18 +151,22 @@ def run_check(
     out: str | Path | None = None,
     model: LoadedModel | None = None,
     overrides: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> CheckReport:
     """Run every case x method of a check file; see CheckReport.exit_code for the outcome.
 
     ``overrides``: option values from the command line, which win over the file's. While it runs,
-    the check holds ``out`` (when given) for itself: another run into it exits 2.
+    the check holds ``out`` (when given) for itself: another run into it exits 2. ``on_start``
+    gets the number of cases once the model is loaded, ``progress`` 1 per case done.
     """
+    hooks = dict(progress=progress, on_start=on_start)
     if out is None:
-        return _run_check(path, update_baselines=update_baselines, out=None, model=model, overrides=overrides)
+        return _run_check(path, update_baselines=update_baselines, out=None, model=model, overrides=overrides, **hooks)
     check_writable(Path(out))
     quiet = bool((overrides or {}).get("quiet"))
     with locked(Path(out), "camcli check", warn=None if quiet else stderr_warning):
-        return _run_check(path, update_baselines=update_baselines, out=out, model=model, overrides=overrides)
+        return _run_check(path, update_baselines=update_baselines, out=out, model=model, overrides=overrides, **hooks)
 
 
 def _run_check(
@@ -167,6 +176,8 @@ def _run_check(
     out: str | Path | None,
     model: LoadedModel | None,
     overrides: dict[str, Any] | None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> CheckReport:
     cf = load_check_file(path, require_baselines=not update_baselines, overrides=overrides)
     if update_baselines and cf.baselines is None:
@@ -192,8 +203,10 @@ def _run_check(
     report = CheckReport(file=str(cf.path), model=lm.name, layer=session.layer_name)
     out_dir = Path(out) if out is not None else None
 
+    if on_start is not None:
+        on_start(len(cf.cases))
     try:
-        _run_cases(cf, session, specs_by_case, report, update_baselines, out_dir)
+        _run_cases(cf, session, specs_by_case, report, update_baselines, out_dir, progress)
     except KeyboardInterrupt as e:
         done = len({r.case_index for r in report.rules} | {b["case_index"] for b in report.baselines})
         report.interrupted = getattr(e, "name", "SIGINT")
@@ -203,7 +216,7 @@ def _run_check(
 
 
 def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tgt.TargetSpec]], report: CheckReport,
-               update_baselines: bool, out_dir: Path | None) -> None:
+               update_baselines: bool, out_dir: Path | None, progress: Callable[[int], None] | None) -> None:
     lm, layer_name, cmap = session.model, session.layer_name, resolve_colormap("jet")
     for case in cf.cases:
         rgb = decode(case.image, cf.options.max_pixels)
@@ -227,6 +240,8 @@ def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tg
                 rel = f"{case_id(case)}.{cam_map.method.replace('+', 'p')}.png"
                 write_atomic(out_dir / rel, encode_png(bgr))
                 report.overlays.append(rel)
+        if progress is not None:
+            progress(1)
 
 
 def _rank_of(target: int | None, ranked: list[int]) -> int:
@@ -304,7 +319,7 @@ def _store_baseline(
         del old  # the memory map, before the file is replaced
     write_atomic(b, bytes(raw_npy(cam, case.height, case.width)))
     meta = {"model": model, "layer": layer, "method": method, "case": case.name, "image": str(case.image)}
-    write_atomic(b.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(b.with_suffix(".json"), (jsonout.dumps(meta, indent=2) + "\n").encode())
     write_atomic(b.with_suffix(".png"), overlay_png(rgb, cam, cmap, 0.5))
     return {"case": case.name, "case_index": case.index, "method": method, "status": status,
             "similarity_to_previous": sim, "path": str(b)}

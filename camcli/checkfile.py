@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from camcli import options as O
+from camcli.boxes import BoxError, parse_box
 from camcli.config import read_yaml
 from camcli.errors import ImageError, UsageError, suggest
 from camcli.images import image_size
@@ -72,18 +73,14 @@ def _bound(path: Path, where: str, value: Any) -> float:  # noqa: ANN401
 
 
 def _region(path: Path, where: str, value: Any, w: int, h: int) -> tuple[int, int, int, int]:  # noqa: ANN401
-    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise _err(path, where, f"{value!r} is not a box [x0, y0, x1, y1] (pixels, or fractions in [0, 1])")
-    vals = [float(v) for v in value]
-    fractions = all(0.0 <= v <= 1.0 for v in vals) and any(isinstance(v, float) for v in value)
-    if fractions:
-        vals = [vals[0] * w, vals[1] * h, vals[2] * w, vals[3] * h]
-    x0, y0, x1, y1 = (int(round(v)) for v in vals)
+    try:
+        box = parse_box(value, plain_fractions=True)
+    except BoxError as e:
+        raise _err(path, where, f"{e} (a box [x0, y0, x1, y1] in pixels, or {{fraction: [x0, y0, x1, y1]}})") from None
+    x0, y0, x1, y1 = (int(round(v)) for v in box.pixels(w, h))
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise _err(
-            path, where, f"box {list(value)} lies outside the {w}x{h} image or is empty (need 0 <= x0 < x1 <= {w}, "
+            path, where, f"box {value} lies outside the {w}x{h} image or is empty (need 0 <= x0 < x1 <= {w}, "
             f"0 <= y0 < y1 <= {h})"
         )
     return x0, y0, x1, y1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from camcli import jsonout
 from camcli import __version__
 from camcli import options as O
 from camcli.errors import CamcliError, ExitCode
@@ -127,7 +127,7 @@ def explain(
             result = run_explain(paths, opts, progress=bar.update, on_start=bar.start)
         s = result.summary
         if as_json:
-            sys.stdout.write(json.dumps(result.with_records(), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(result.with_records(), indent=2) + "\n")
         if not opts.quiet:
             c = s["counts"]
             err.print(
@@ -160,12 +160,15 @@ def summary(
 
     Example: camcli summary camcli-out/ --write
     """
-    from camcli.records import iter_records, rebuild, with_records
+    from camcli.records import bad_lines_warning, iter_records, rebuild, with_records
 
     def go() -> None:
         doc, path = rebuild(target, write=write)
+        if bad := doc.get("unreadable_lines"):
+            err.print(f"camcli: warning: {bad_lines_warning(path, bad['count'], bad['lines'])}", highlight=False,
+                      markup=False)
         if as_json:
-            sys.stdout.write(json.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(with_records(doc, iter_records(path)), indent=2) + "\n")
             return
         out = _stdout()
 
@@ -210,8 +213,10 @@ def merge(
     def go() -> ExitCode:
         res = run_merge(out, shards or [])
         s = res.summary
+        for w in res.warnings:
+            err.print(f"camcli: warning: {w}", highlight=False, markup=False)
         if as_json:
-            sys.stdout.write(json.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
+            sys.stdout.write(jsonout.dumps(with_records(s, iter_records(res.records_path)), indent=2) + "\n")
         c = s["counts"]
         err.print(f"camcli merge: {s['merge']['shards']} shards -> {res.summary_path}: {c['images']} images, "
                   f"{c['ok']} ok, {c['error']} failed", highlight=False, markup=False)
@@ -247,6 +252,7 @@ def check(
     Example: camcli check configs/check-example.yaml --junit report.xml --out check-overlays/
     """
     from camcli.check import CheckReport, CheckStopped, check_report_path, junit_xml, run_check
+    from camcli.progress import Progress
     from camcli.writer import write_report
 
     _quiet_warnings(given.get("quiet"))
@@ -256,14 +262,16 @@ def check(
         if junit is not None:
             write_report(junit, junit_xml(report))
         if json_report is not None:
-            write_report(json_report, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+            write_report(json_report, (jsonout.dumps(report.to_dict(), indent=2) + "\n").encode())
 
     def go() -> ExitCode:
         for flag, path in (("--junit", junit), ("--json", json_report)):
             if path is not None:
                 check_report_path(flag, path)
         try:
-            report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given)
+            with Progress(disable=quiet, unit="case") as bar:  # a bar on a terminal, not with -q
+                report = run_check(file, update_baselines=update_baselines, out=out_dir, overrides=given,
+                                   progress=bar.update, on_start=bar.start)
         except CheckStopped as stopped:  # the reports say what was done, and that the rest was not
             write_reports(stopped.report)
             raise stopped.cause from None
@@ -368,7 +376,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.
         for m in available_methods()
     ]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(jsonout.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="camcli methods")
     for col in ("name", "aliases", "gradients", "extra forwards", "description", "paper"):  # gradients: to the layer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections import defaultdict
@@ -15,8 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from camcli import jsonout
 from camcli import metrics as M
 from camcli import targets as tgt
+from camcli.boxes import Box as UnitBox
+from camcli.boxes import BoxError, parse_box
 from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError, suggest
 from camcli.images import ImageSource, find_images, image_size, read_image, skipped_warning, stack_images
@@ -59,34 +61,35 @@ def parse_metrics(spec: str | list[str] | None, have_boxes: bool) -> list[str]:
 Box = list[float]
 
 
-def _box(where: str, value: object) -> Box:
-    if not isinstance(value, list) or len(value) != 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise UsageError(f"{where}: {value!r} is not a box [x0, y0, x1, y1] of numbers (pixels)")
-    return [float(v) for v in value]
+def _box(where: str, value: object) -> UnitBox:
+    """A box of the file: pixels, or {fraction: [...]} (a plain list in [0, 1] is refused as ambiguous)."""
+    try:
+        return parse_box(value, plain_fractions=False)
+    except BoxError as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
-def load_boxes(path: str | Path) -> dict[str, list[Box]]:
+def load_boxes(path: str | Path) -> dict[str, list[UnitBox]]:
     """{image: [[x0, y0, x1, y1], ...]} keyed by relative path, path or file name, in the image's
-    pixels; one box may be given without the outer list. Wrong shapes and types are usage errors."""
+    pixels (or {fraction: [x0, y0, x1, y1]}); one box may be given without the outer list. Wrong
+    shapes and types are usage errors."""
     p = Path(path)
     what = f"--boxes {str(p)!r}"
-    data = read_yaml(p, what)  # JSON is YAML too
+    data = read_yaml(p, what)  # a .json file is read as JSON
     if not isinstance(data, dict) or not data:
         raise UsageError(f"{what}: expected a mapping from image to a list of boxes [x0, y0, x1, y1]")
-    out: dict[str, list[Box]] = {}
+    out: dict[str, list[UnitBox]] = {}
     for key, boxes in data.items():
         where = f"{what}: {str(key)!r}"
-        if isinstance(boxes, list) and boxes and not isinstance(boxes[0], list):
-            boxes = [boxes]
+        if isinstance(boxes, dict) or (isinstance(boxes, list) and boxes and not isinstance(boxes[0], (list, dict))):
+            boxes = [boxes]  # one box without the outer list
         if not isinstance(boxes, list) or not boxes:
             raise UsageError(f"{where}: expected a non-empty list of boxes [x0, y0, x1, y1], got {boxes!r}")
         out[str(key)] = [_box(where, b) for b in boxes]
     return out
 
 
-def match_boxes(boxes: dict[str, list[Box]], sources: Sequence[ImageSource], what: str,
+def match_boxes(boxes: dict[str, list[UnitBox]], sources: Sequence[ImageSource], what: str,
                 max_pixels: int) -> dict[int, list[Box]]:
     """Which image each key of a boxes file means, and its boxes checked against the image's size.
 
@@ -125,14 +128,15 @@ def match_boxes(boxes: dict[str, list[Box]], sources: Sequence[ImageSource], wha
             w, h = image_size(sources[i].path, max_pixels)
         except ImageError:
             w = h = None  # the image fails on its own, with its own error
-        for b in bxs:
+        pixel_boxes = [list(ub.pixels(w, h)) if w is not None and h is not None else list(ub.values) for ub in bxs]
+        for b in pixel_boxes:
             x0, y0, x1, y1 = b
             if not (x0 < x1 and y0 < y1):
                 raise UsageError(f"{where}: box {b} is inverted or empty (need x0 < x1 and y0 < y1)")
             if w is not None and h is not None and not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
                 raise UsageError(f"{where}: box {b} lies outside the {w}x{h} image "
                                  f"(need 0 <= x0 < x1 <= {w}, 0 <= y0 < y1 <= {h})")
-        out[i] = bxs
+        out[i] = pixel_boxes
     return out
 
 
@@ -319,7 +323,7 @@ def _evaluate(
         "images": per_image,
     }
     path = out_dir / "evaluation.json"
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+    write_atomic(path, (jsonout.dumps(doc, indent=2) + "\n").encode())
     result = EvaluationResult(aggregate, per_image, path, ExitCode.PARTIAL if failed else ExitCode.OK, curves)
     if opts.plots:
         write_plots(result, out_dir)

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 from camcli import options as O
 from camcli.errors import ExitCode, UsageError
 from camcli.outdir import check_writable, locked
+from camcli.writer import cannot_write
 from camcli.records import (
-    RecordStream, build_summary, iter_records, plan_name, read_header, read_plan, records_name, shard_of_name,
+    BadLines, RecordStream, build_summary, iter_records, plan_name, read_header, read_plan, records_name, shard_of_name,
     summary_name, write_plan, write_summary,
 )
 
@@ -34,6 +35,7 @@ class MergeResult:
     missing: list[str] = field(default_factory=list)  # planned by a shard, recorded by none
     duplicates: list[str] = field(default_factory=list)  # recorded by more than one shard
     absent_shards: list[str] = field(default_factory=list)  # K/N of a job array with no records file
+    warnings: list[str] = field(default_factory=list)  # unreadable lines skipped in the shards
 
 
 def shard_files(out: Path, shards: Sequence[Path]) -> list[Path]:
@@ -58,8 +60,13 @@ def shard_files(out: Path, shards: Sequence[Path]) -> list[Path]:
                 f"{str(out)!r} holds no shard records (records.shard-K-of-N.jsonl): run `camcli explain ... "
                 "--shard K/N --out` into it, or name the shards' folders after it"
             )
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return [Path(p) for p in unique]
+    named: dict[Path, Path] = {}
+    for p in found:
+        first = named.setdefault(p.resolve(), p)
+        if first is not p:
+            same = f"{str(first)!r} twice" if str(first) == str(p) else f"{str(first)!r} and {str(p)!r}, which are one file"
+            raise UsageError(f"the shards name {same}: name each folder or records file once")
+    return list(named.values())
 
 
 def _flag(key: str) -> str:
@@ -149,22 +156,33 @@ def _merge(out: Path, headers: list[tuple[Path, dict[str, Any]]]) -> MergeResult
                    "selected": len(planned) if every_plan else None, "plan": plan_name(), "shard": None},
         "merged_from": [os.path.relpath(p, out) for p, _ in headers],
     }
-    write_plan(out / plan_name(), sorted(planned))
     seen: set[str] = set()
     dupes: dict[str, None] = {}
-    stream = RecordStream(out / records_name(), header)
+    bad: list[BadLines] = []
+    # The sources may live in ``out`` (its own records.jsonl, a shard's): every one is read in full
+    # into a file of its own, which replaces out/records.jsonl only then.
+    target = out / records_name()
+    stream = RecordStream(out / f".{records_name()}.merging-{uuid.uuid4().hex[:8]}", header)
     stream.open()
     try:
         for p, _ in headers:
-            for rec in iter_records(p):
+            bad.append(BadLines(p))
+            for rec in iter_records(p, bad[-1]):
                 rel = rec.get("rel") or rec.get("path")
                 if rel in seen:
                     dupes[rel] = None
                     continue
                 seen.add(rel)
                 stream.add(_rebase(rec, p.parent, out))
+        stream.close()
+        write_plan(out / plan_name(), sorted(planned))
+        try:
+            os.replace(stream.path, target)
+        except OSError as e:
+            raise cannot_write(target, e) from None
     finally:
         stream.close()
+        stream.path.unlink(missing_ok=True)
     missing = sorted(planned - seen)
     summary = build_summary(header, stream.tally, records=records_name(), interrupted=False, error=None)
     duplicates = sorted(dupes)
@@ -178,8 +196,8 @@ def _merge(out: Path, headers: list[tuple[Path, dict[str, Any]]]) -> MergeResult
     write_summary(summary, summary_path)
     c = summary["counts"]
     failed = c["error"] > 0 or bool(missing) or bool(absent)
-    return MergeResult(summary, ExitCode.PARTIAL if failed else ExitCode.OK, summary_path, stream.path,
-                       missing, duplicates, absent)
+    return MergeResult(summary, ExitCode.PARTIAL if failed else ExitCode.OK, summary_path, target,
+                       missing, duplicates, absent, [w for b in bad if (w := b.warning()) is not None])
 
 
 def shown(paths: Sequence[str]) -> str:

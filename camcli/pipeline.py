@@ -113,11 +113,37 @@ def select_shard(sources: Sequence[ImageSource], spec: str | None) -> list[Image
     return [s for s in sources if shard_of(s.rel, n) == k]
 
 
-def output_stems(sources: Sequence[ImageSource]) -> list[Path]:
-    """Mirror the input tree; two files with one stem in one folder (a.jpg, a.png) keep their suffix."""
-    keys = [(s.rel.parent, s.rel.stem) for s in sources]
-    counts = Counter(keys)
-    return [s.rel.parent / (s.rel.stem if counts[k] == 1 else s.rel.name) for s, k in zip(sources, keys)]
+def output_stems(sources: Sequence[ImageSource], universe: Sequence[ImageSource] | None = None) -> list[Path]:
+    """The output stem of each source: unique in the run, and the same in every run and shard of it.
+
+    The stem mirrors the input tree: ``sub/cat.jpg`` -> ``sub/cat``. Names that collide (compared
+    without case, for case-insensitive file systems) step up together, until none does: the name
+    with its suffix (``a.jpg``, ``a.png``), then that name and ``-`` and 8 hex digits of the SHA-1
+    of the relative path (``y.jpg`` and ``y.jpg.png`` both want ``y.jpg``), then 16. The rule reads
+    only relative paths and is decided over ``universe`` (every input found, default ``sources``), so
+    each shard of a job array, and each rerun with --skip-existing, names an image alike.
+    """
+    everyone = list(universe) if universe is not None else list(sources)
+    level = {s.rel: 0 for s in everyone}
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for rel in level:
+            groups.setdefault(_stem_at(rel, level[rel]).as_posix().casefold(), []).append(rel)
+        clashes = [rel for group in groups.values() if len(group) > 1 for rel in group]
+        if not clashes:
+            break
+        for rel in clashes:
+            level[rel] += 1
+    return [_stem_at(s.rel, level[s.rel]) for s in sources]
+
+
+def _stem_at(rel: Path, level: int) -> Path:
+    if level == 0:
+        return rel.parent / rel.stem
+    if level == 1:
+        return rel.parent / rel.name
+    digest = hashlib.sha1(rel.as_posix().encode("utf-8")).hexdigest()
+    return rel.parent / f"{rel.name}-{digest[:8 if level == 2 else 16 if level == 3 else 40]}"
 
 
 def map_filename(stem: Path, m: CamMap, *, class_suffix: bool, layer_suffix: bool, ext: str) -> Path:
@@ -250,7 +276,8 @@ def explain(
     shard = parse_shard(opts.shard) if opts.shard is not None else None
     lock = locked(out_dir, "camcli explain", shard, warn=None if opts.quiet else stderr_warning)
     try:
-        plan = Plan(sources, len(found.sources), shard, skipped=list(found.skipped))
+        plan = Plan(sources, len(found.sources), shard, skipped=list(found.skipped),
+                    stems=output_stems(sources, found.sources))
         if opts.ray is not None:
             from camcli.ray_runner import explain_on_ray
 
@@ -269,6 +296,7 @@ class Plan:
     total: int  # inputs found before sharding
     shard: tuple[int, int] | None = None
     skipped: list[str] = field(default_factory=list)  # folder entries that are no regular files
+    stems: list[Path] | None = None  # output stems of ``sources``, decided over every input found
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -303,6 +331,8 @@ def open_records(
     summary_path = out_dir / summary_name(plan.shard)
     # from the swap on, an older run's summary would describe another run
     reused = stream.open(reuse, before_swap=lambda: summary_path.unlink(missing_ok=True))
+    if (bad := stream.bad.warning()) is not None:
+        session.warn(bad)
     return stream, reused
 
 
@@ -421,7 +451,7 @@ def _run(
     """The run itself, while this process holds the output folder."""
     opts = session.options
     sources = plan.sources
-    stems = output_stems(sources)
+    stems = plan.stems if plan.stems is not None else output_stems(sources)
     keys = [source_key(s) for s in sources]
     stream, reused = open_records(session, plan, out_dir, keys)
     todo = [i for i, k in enumerate(keys) if k not in reused]

@@ -8,13 +8,14 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, disable: bool = False) -> None:
+    def __init__(self, disable: bool = False, unit: str = "img") -> None:
         self.disable = disable or not sys.stderr.isatty()
+        self.unit = unit
         self._bar: tqdm | None = None
 
     def start(self, total: int) -> None:
         if not self.disable:
-            self._bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         if self._bar is not None:

@@ -228,7 +228,7 @@ def explain_on_ray(
     try:
         actors, gpus = actor_pool(opts.device)
         sources = plan.sources
-        stems = output_stems(sources)
+        stems = plan.stems if plan.stems is not None else output_stems(sources)
         keys = [source_key(s) for s in sources]
         kind = "GPU" if gpus else "CPU"
         stream, reused = open_records(driver, plan, out_dir, keys, device=f"ray: {actors} {kind} actor(s)")

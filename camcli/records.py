@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, TextIO
 
+from camcli import jsonout
 from camcli.errors import UsageError
 from camcli.outdir import locked, shard_suffix
 from camcli.writer import cannot_write, write_atomic
@@ -94,33 +95,105 @@ class Tally:
         return {"methods": methods, "top1_classes": top1}
 
 
-def _lines(f: IO[str]) -> Iterator[dict[str, Any]]:
-    """JSON lines until the end or the first line cut by an interruption (everything before it stands)."""
-    for line in f:
+SHOWN_LINES = 10  # bad line numbers named in a warning
+
+
+class BadLines:
+    """The lines of a records file that were skipped: not JSON, not UTF-8, or not a record.
+
+    Readers skip them and go on; ``warning()`` names them (their line numbers) for the user.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lines: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def warning(self) -> str | None:
+        return bad_lines_warning(self.path, len(self.lines), self.lines) if self.lines else None
+
+
+def bad_lines_warning(path: Path, count: int, lines: list[int]) -> str:
+    """The warning for ``count`` skipped lines of a records file, the first of them numbered."""
+    more = f" and {count - min(count, SHOWN_LINES)} more" if count > SHOWN_LINES else ""
+    shown = ", ".join(map(str, lines[:SHOWN_LINES])) + more
+    return (f"{path}: skipped {count} unreadable line(s) that are no camcli record (line {shown}); "
+            "their images count as not processed")
+
+
+def _is_record(rec: Any) -> bool:  # noqa: ANN401
+    """Whether a parsed line has the shape every reader relies on (status, paths, explanations)."""
+    if not isinstance(rec, dict) or rec.get("status") not in ("ok", "error"):
+        return False
+    if not isinstance(rec.get("rel", rec.get("path")), str) or not isinstance(rec.get("key", ""), str):
+        return False
+    if rec["status"] == "error":
+        return isinstance(rec.get("error"), str)
+    preds = rec.get("predictions") or []
+    if not isinstance(preds, list) or not all(isinstance(p, dict) and isinstance(p.get("index"), int) for p in preds):
+        return False
+    exps = rec.get("explanations") or []
+    return isinstance(exps, list) and all(
+        isinstance(e, dict) and isinstance(e.get("method"), str) and isinstance(e.get("layer"), str)
+        and isinstance(e.get("stats") or {}, dict) and isinstance(e.get("channels") or {}, dict)
+        and all(isinstance((e.get("stats") or {}).get(k), (int, float, type(None))) for k in ("mean", "top10_energy_share"))
+        and (not e.get("channels") or isinstance(e["channels"].get("grid"), str))
+        and all(isinstance(e.get(k), (str, type(None))) for k in ("overlay", "raw"))
+        for e in exps
+    )
+
+
+def _parse(raw: bytes) -> Any:  # noqa: ANN401
+    """A line's JSON value; ValueError when it is not UTF-8 or not JSON (non-finite numbers included)."""
+    def refuse(name: str) -> Any:  # noqa: ANN401
+        raise ValueError(f"non-finite number {name}")
+
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+
+
+def _lines(f: IO[bytes], bad: BadLines | None, *, first: int = 1) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each line. A line that is not UTF-8 JSON is counted in ``bad``
+    and skipped, except the last line when it lacks its newline: a write cut by a crash or a kill,
+    which is no damage (everything before it stands)."""
+    for n, raw in enumerate(f, first):
+        if not raw.strip():
+            continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            return
+            yield n, _parse(raw)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+            if raw.endswith(b"\n") and bad is not None:  # without it, the file's cut last line
+                bad.lines.append(n)
 
 
 def read_header(path: Path) -> dict[str, Any]:
     """The header of a records file; UsageError when it is not one."""
     try:
-        with open(path, encoding="utf-8") as f:
-            first = next(_lines(f), None)
+        with open(path, "rb") as f:
+            raw = f.readline()
     except OSError as e:
         raise UsageError(f"cannot read records file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        first = _parse(raw)
+    except ValueError:
+        first = None
     if not isinstance(first, dict) or "fingerprint" not in first or "schema_version" not in first:
         raise UsageError(f"{str(path)!r} is not a camcli records file (its first line is no run header)")
     return first
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The image records of a records file, in the order they finished."""
-    with open(path, encoding="utf-8") as f:
-        it = _lines(f)
-        next(it, None)  # the header
-        yield from it
+def iter_records(path: Path, bad: BadLines | None = None) -> Iterator[dict[str, Any]]:
+    """The image records of a records file, in the order they finished. Lines that are no record
+    (garbled, not UTF-8, a JSON value of another shape) are skipped, never the end of reading;
+    their line numbers go into ``bad``."""
+    with open(path, "rb") as f:
+        f.readline()  # the header
+        for n, rec in _lines(f, bad, first=2):
+            if _is_record(rec):
+                yield rec
+            elif bad is not None:
+                bad.lines.append(n)
 
 
 class RecordStream:
@@ -132,6 +205,7 @@ class RecordStream:
         self.tally = Tally()
         self._lock = threading.Lock()
         self._file: TextIO | None = None
+        self.bad = BadLines(self.path)  # unreadable lines of the earlier run's file (--skip-existing)
 
     def open(self, reuse: Callable[[dict[str, Any]], bool] | None = None,
              before_swap: Callable[[], None] | None = None) -> set[str]:
@@ -143,27 +217,30 @@ class RecordStream:
         kept: set[str] = set()
         try:
             self._file = open(part, "w", encoding="utf-8")
-            self._file.write(json.dumps(self.header) + "\n")
+            self._file.write(jsonout.dumps(self.header) + "\n")
             if reuse is not None and self.path.is_file():
                 if _header_or_none(self.path).get("fingerprint") == self.header["fingerprint"]:
-                    for rec in iter_records(self.path):
+                    for rec in iter_records(self.path, self.bad):
                         if rec.get("key") not in kept and reuse(rec):
                             rec["reused"] = True  # done by an earlier run
-                            self._file.write(json.dumps(rec) + "\n")
+                            self._file.write(jsonout.dumps(rec) + "\n")
                             self.tally.add(rec)
                             kept.add(rec["key"])
             self._file.flush()
             if before_swap is not None:
                 before_swap()
             os.replace(part, self.path)
-        except OSError as e:
+        except BaseException as e:
             self.close()
             part.unlink(missing_ok=True)
-            raise cannot_write(self.path, e) from None
+            if isinstance(e, OSError):
+                raise cannot_write(self.path, e) from None
+            raise
         return kept
 
     def add(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec) + "\n"
+        rec = jsonout.strict(rec)  # a NaN from the model: null, and named in rec["non_finite"]
+        line = jsonout.dumps(rec) + "\n"
         with self._lock:
             if self._file is None:
                 return
@@ -256,7 +333,7 @@ def build_summary(
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> None:
-    write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_atomic(path, (jsonout.dumps(summary, indent=2) + "\n").encode("utf-8"))
 
 
 def summary_path_for(records_path: Path) -> Path:
@@ -288,10 +365,13 @@ def summarize(records_path: Path, header: dict[str, Any] | None = None) -> dict[
     """A summary rebuilt from a records file: its header, counts and aggregates."""
     header = header or read_header(records_path)
     tally = Tally()
-    for rec in iter_records(records_path):
+    bad = BadLines(records_path)
+    for rec in iter_records(records_path, bad):
         tally.add(rec)
     planned = (header.get("inputs") or {}).get("selected")
     summary = build_summary(header, tally, records=records_path.name, interrupted=False, error=None)
     summary["interrupted"] = planned is not None and tally.images < planned
     summary["rebuilt_from"] = records_path.name
+    if bad:
+        summary["unreadable_lines"] = {"count": len(bad), "lines": bad.lines[:SHOWN_LINES]}
     return summary

@@ -151,11 +151,13 @@ def contrast(target: Target, logits: Tensor, references: int, alpha: float) -> C
 
 @dataclass(frozen=True)
 class Region:
-    """A segmentation target's region: a box [x0, y0, x1, y1] in the image's pixels (or fractions
-    in [0, 1]), or a mask image whose non-zero pixels are inside. None anywhere: the predicted pixels."""
+    """A segmentation target's region: a box [x0, y0, x1, y1] in the image's pixels or in fractions
+    (``unit``, see camcli/boxes.py), or a mask image whose non-zero pixels are inside. None
+    anywhere: the predicted pixels."""
 
     box: tuple[float, float, float, float] | None = None
     mask: str | None = None
+    unit: str = "pixels"
 
     def __str__(self) -> str:
         return f"mask {self.mask}" if self.mask else "box " + ",".join(f"{v:g}" for v in self.box or ())
@@ -171,7 +173,7 @@ class Region:
         assert self.box is not None
         h, w = image_hw
         x0, y0, x1, y1 = self.box
-        if not all(0.0 <= v <= 1.0 for v in self.box) or all(float(v).is_integer() for v in self.box):
+        if self.unit == "pixels":
             x0, x1, y0, y1 = x0 / w, x1 / w, y0 / h, y1 / h  # pixels -> fractions
         out = torch.zeros(gh, gw)
         r0, r1 = int(round(y0 * gh)), max(int(round(y0 * gh)) + 1, int(round(y1 * gh)))
@@ -181,7 +183,8 @@ class Region:
 
 
 def parse_region(box: str | None, mask: str | None) -> Region | None:
-    """``--region x0,y0,x1,y1`` (pixels, or fractions in [0, 1]) or ``--region-mask FILE``."""
+    """``--region x0,y0,x1,y1`` (pixels, or fractions in [0, 1]: camcli/boxes.py says which) or
+    ``--region-mask FILE``."""
     if box is not None and mask is not None:
         raise UsageError("give --region or --region-mask, not both")
     if mask is not None:
@@ -192,13 +195,17 @@ def parse_region(box: str | None, mask: str | None) -> Region | None:
         return Region(mask=mask)
     if box is None:
         return None
+    from camcli.boxes import BoxError, parse_box
+
     try:
-        vals = tuple(float(v) for v in box.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 4 or vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
-        raise UsageError(f"--region {box!r} is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions)")
-    return Region(box=vals)  # type: ignore[arg-type]
+        parsed = parse_box(box, plain_fractions=True, cli=True)
+    except BoxError as e:
+        raise UsageError(f"--region {box!r}: {e}") from None
+    vals = parsed.values
+    if vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
+        raise UsageError(f"--region {box!r} is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions "
+                         "written fraction:x0,y0,x1,y1)")
+    return Region(box=vals, unit=parsed.unit)
 
 
 @dataclass

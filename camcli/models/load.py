@@ -352,8 +352,10 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
+        if e.name not in (None, mod_name, mod_name.split(".")[0]):  # found, but its own import failed
+            raise ModelError(f"--model {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
         raise ModelError(f"--model {spec!r}: cannot import module {mod_name!r} ({e})") from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: say where
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing: say where
         raise ModelError(f"--model {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
     obj: Any = mod
     for part in attr.split("."):
@@ -504,7 +506,7 @@ def _call_builder(spec: str, fn: Any) -> Any:  # noqa: ANN401
             )
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - the user's code failed: say where, not a traceback
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code failed (or exited): an error, exit 2
         raise ModelError(f"--model {spec!r}: calling it failed: {_first_line(e)}") from None
 
 
@@ -618,6 +620,11 @@ def load_model(
             module, example_size = _load_exported(p)
             source = "torch.export"
             meta["size"] = example_size or meta["size"]
+        elif p.suffix == ".py":
+            raise UsageError(
+                f"--model {name!r} is Python source, not a saved model: name the function in it that builds "
+                f"the model, --model {p.stem}:FUNCTION (run from {str(p.parent)!r})"
+            )
         else:
             module, source = _pickled_module(p, name, unsafe_load), "file"
             meta = module_meta(module, meta)
