@@ -191,7 +191,7 @@ def _run_check(
                 continue
             # The map at feature resolution; every rule reads it upsampled to the image a band at a time.
             cam = cam_map.cam
-            rows = _evaluate(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
+            rows = _apply_rules(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
             if update_baselines:
                 assert cf.baselines is not None
                 report.baselines.append(_store_baseline(cf, case, cam_map.method, cam, rgb, cmap, lm.name, layer_name))
@@ -212,7 +212,7 @@ def _rank_of(target: int | None, ranked: list[int]) -> int:
     return ranked.index(target) + 1 if target in ranked else len(ranked) + 1
 
 
-def _evaluate(
+def _apply_rules(
     case: Case,
     method: str,
     target: int | None,
@@ -223,6 +223,7 @@ def _evaluate(
     cf: CheckFile,
     layer: str,
 ) -> list[RuleResult]:
+    """The case's expectations applied to one map: one RuleResult per rule it states."""
     ex = case.expect
     rows: list[RuleResult] = []
 
