@@ -7,7 +7,8 @@
     python benchmarks/bench.py --quick          # fewer repetitions and images, for a smoke run
 
 CPU sections: (1) engine time per image, batch 16 at 224x224; (1b) exact Score-CAM; (2) end to end
-on a folder of photos; (3) resident memory over a long run; (5) start-up (benchmarks/startup.py).
+on a folder of photos; (3) resident memory over a long run; (3b) the same for evaluate; (5) start-up
+(benchmarks/startup.py).
 The CUDA section repeats (1), (2) and (5) on the GPU. Every number comes from this script; nothing
 is typed in. Each section is a marked block of RESULTS.md that says when and how it was measured:
 a run rewrites only the blocks of the sections it ran (and their lines under Targets), and keeps
@@ -377,6 +378,54 @@ def memory(n: int) -> tuple[list[str], dict[str, float]]:
     return lines, {"mem_growth": (late - early) / early}
 
 
+# -- section 3b -----------------------------------------------------------------------------------
+EVAL_METRICS = "deletion_auc,insertion_auc,complexity"
+EVAL_STEPS = 2
+
+
+def evaluate_memory(n: int) -> tuple[list[str], dict[str, float]]:
+    """Resident memory of `camcli.evaluate()` over ``n`` photos, after a tenth of them and at the end.
+    Cheap metric settings (few curve steps): the point is what stays in memory per image, not speed."""
+    from camcli.evaluate import EvaluateOptions, evaluate
+
+    folder = make_folder(n)
+    out = Path(tempfile.mkdtemp(prefix="camcli-bench-evalmem-"))
+    proc = psutil.Process()
+    samples: list[tuple[int, float]] = []
+    done = [0]
+
+    def progress(k: int) -> None:
+        done[0] += k
+        samples.append((done[0], proc.memory_info().rss / 2**20))
+
+    try:
+        res = evaluate([folder], EvaluateOptions(metric=EVAL_METRICS, steps=EVAL_STEPS, out=str(out), quiet=True,
+                                                 device=DEVICE.type), progress=progress)
+        records = sum(1 for _ in res.records())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    def at(k: int) -> float:
+        return next(r for d, r in samples if d >= k)
+
+    early, late, peak = at(max(1, n // 10)), samples[-1][1], max(r for _, r in samples)
+    lines = [
+        f"`camcli.evaluate()` over {n} photos, Grad-CAM and both baselines, `--metric {EVAL_METRICS} --steps "
+        f"{EVAL_STEPS}`, batch 8, device {DEVICE.type}; resident memory of the process, read as each window of "
+        f"images finishes. The {records} per-image records went to `evaluation-records.jsonl` as they finished.",
+        "",
+        "| after images | RSS MiB |",
+        "|---|---|",
+        f"| {n // 10} | {early:.0f} |",
+        f"| {n} | {late:.0f} |",
+        f"| largest reading | {peak:.0f} |",
+        "",
+        f"Growth from {n // 10} to {n} images: {100 * (late - early) / early:+.1f}% (target: within 10%).",
+    ]
+    return lines, {"evalmem_growth": (late - early) / early}
+
+
 def machine() -> list[str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -409,6 +458,7 @@ TITLES = {
     "scorecam": "1b. Exact Score-CAM against its K-forward limit",
     "e2e": "2. End to end on a folder",
     "memory": "3. Memory over a long run",
+    "evalmem": "3b. evaluate's memory over a long run",
     "startup": "5. Start-up",  # 4. is ray_vs_local.py's
 }
 CUDA_SECTIONS = ("engine", "e2e", "startup")  # what the CUDA section repeats on the GPU
@@ -424,7 +474,7 @@ NOT_MEASURED = [
 ]
 # Every block this script owns in RESULTS.md, in the order a missing one is placed. Other blocks
 # (ray_vs_local.py's) and text outside blocks are kept as they are.
-TARGET_ORDER = ("engine", "e2e", "scorecam", "memory", "startup")
+TARGET_ORDER = ("engine", "e2e", "scorecam", "memory", "evalmem", "startup")
 ORDER = [
     "bench/header", *(f"bench/{k}" for k in TITLES), "bench/targets", *(f"bench/targets/{k}" for k in TARGET_ORDER),
     "bench/cuda", *(f"bench/cuda/{k}" for k in CUDA_SECTIONS), "bench/cuda/targets",
@@ -451,6 +501,7 @@ def main() -> None:
         "scorecam": lambda: scorecam_table(args.quick),
         "e2e": lambda: end_to_end(e2e_n, 1 if args.quick else 3),
         "memory": lambda: memory(mem_n),
+        "evalmem": lambda: evaluate_memory(mem_n),
         "startup": lambda: startup(3 if args.quick else 7),
     }
     todo = [k for k in TITLES if DEVICE.type == "cpu" or k in CUDA_SECTIONS]
@@ -545,6 +596,9 @@ def targets_text(key: str, f: dict[str, float], cuda: bool = False) -> list[str]
                        "ceiling within this machine's run-to-run noise (other runs measured 9.1x to 10.9x).")
     elif key == "memory":
         out.append(f"- Memory flat (within 10%): {100 * f['mem_growth']:+.1f}%, {mark(abs(f['mem_growth']) <= 0.10)}.")
+    elif key == "evalmem":
+        out.append(f"- evaluate's memory flat (within 10%): {100 * f['evalmem_growth']:+.1f}%, "
+                   f"{mark(abs(f['evalmem_growth']) <= 0.10)}.")
     return out
 
 

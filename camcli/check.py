@@ -228,7 +228,7 @@ def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tg
                 continue
             # The map at feature resolution; every rule reads it upsampled to the image a band at a time.
             cam = cam_map.cam
-            rows = _evaluate(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
+            rows = _apply_rules(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
             if update_baselines:
                 assert cf.baselines is not None
                 report.baselines.append(_store_baseline(cf, case, cam_map.method, cam, rgb, cmap, lm.name, layer_name))
@@ -250,7 +250,7 @@ def _rank_of(target: int | None, ranked: list[int]) -> int:
     return ranked.index(target) + 1 if target in ranked else len(ranked) + 1
 
 
-def _evaluate(
+def _apply_rules(
     case: Case,
     method: str,
     target: int | None,
@@ -261,6 +261,7 @@ def _evaluate(
     cf: CheckFile,
     layer: str,
 ) -> list[RuleResult]:
+    """The case's expectations applied to one map: one RuleResult per rule it states."""
     ex = case.expect
     rows: list[RuleResult] = []
 

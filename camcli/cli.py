@@ -320,7 +320,7 @@ def evaluate(
     """
     from camcli.evaluate import BASELINES
     from camcli.evaluate import evaluate as run_evaluate
-    from camcli.metrics import HIGHER_IS_BETTER
+    from camcli.metric_registry import get_metric
     from camcli.progress import Progress
 
     _quiet_warnings(given.get("quiet"))
@@ -334,7 +334,7 @@ def evaluate(
         table = Table(title="camcli evaluate: mean ± std over images (red: not better than both baselines)")
         table.add_column("method")
         for mname in wanted:
-            table.add_column(f"{mname} {'↑' if HIGHER_IS_BETTER[mname] else '↓'}", overflow="fold")
+            table.add_column(f"{mname} {'↑' if get_metric(mname).higher_is_better else '↓'}", overflow="fold")
         for name, row in res.aggregate.items():
             cells = []
             for mname in wanted:
@@ -350,7 +350,7 @@ def evaluate(
         _stdout().print(table)
         if not opts.quiet:
             err.print(f"camcli: wrote {res.path}", highlight=False)
-            for im in res.images:
+            for im in res.records():  # streamed from the records file
                 if im["status"] != "ok":
                     err.print(f"camcli: error: {im['error']}", highlight=False, markup=False)
         return res.exit_code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,8 +19,10 @@ from camcli import targets as tgt
 from camcli.boxes import Box as UnitBox
 from camcli.boxes import BoxError, parse_box
 from camcli.config import read_yaml
-from camcli.errors import ExitCode, ImageError, UsageError, suggest
+from camcli.errors import ExitCode, ImageError, UsageError
+from camcli.evaluation_records import RECORDS_NAME, CurveMeans, RecordWriter, iter_records
 from camcli.images import ImageSource, find_images, image_size, read_image, skipped_warning, stack_images
+from camcli.metric_registry import PROBES, MapResult, ProbeContext, get_metric, measure, parse_metrics, probes_for
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
 from camcli.outdir import check_writable, locked
@@ -31,31 +32,30 @@ from camcli.session import Session, stderr_warning
 from camcli.writer import write_atomic
 
 BASELINES = ("baseline:random", "baseline:center")
-DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence", "complexity",
-                   "road_morf", "road_lerf", "road_combined", "sanity_spearman")
-BOX_METRICS = ("energy_pointing_game", "pointing_game")
+__all__ = ["BASELINES", "EvaluateOptions", "EvaluationResult", "evaluate", "load_boxes", "match_boxes", "parse_metrics",
+           "write_plots"]
 
 
 @dataclass
 class EvaluationResult:
+    """What a run wrote. ``aggregate`` is evaluation.json's; the per-image records are in
+    ``records_path`` (evaluation-records.jsonl): ``records()`` streams them, ``images`` lists them."""
+
     aggregate: dict[str, dict[str, dict[str, Any]]]
-    images: list[dict[str, Any]]
-    path: Path
+    path: Path  # evaluation.json
+    records_path: Path
+    counts: dict[str, int]  # images, ok, error
     exit_code: ExitCode = ExitCode.OK
-    curves: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # name -> kind -> mean curve
 
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The image records in input order, read from the records file (constant memory)."""
+        return iter_records(self.records_path)
 
-def parse_metrics(spec: str | list[str] | None, have_boxes: bool) -> list[str]:
-    if spec is None:
-        return list(DEFAULT_METRICS) + (list(BOX_METRICS) if have_boxes else [])
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in part.split(",") if p.strip()]
-    for n in names:
-        if n not in M.METRICS:
-            raise UsageError(f"unknown metric {n!r}{suggest(n, M.METRICS) or ''} (accepted: {', '.join(M.METRICS)})")
-        if n in BOX_METRICS and not have_boxes:
-            raise UsageError(f"metric {n!r} needs --boxes FILE (a JSON or YAML map from image to boxes)")
-    return list(dict.fromkeys(names))
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """Every image record, in input order."""
+        return list(self.records())
 
 
 Box = list[float]
@@ -140,14 +140,6 @@ def match_boxes(boxes: dict[str, list[UnitBox]], sources: Sequence[ImageSource],
     return out
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    arr = np.asarray(vals, dtype=np.float64)
-    return {"mean": round(float(arr.mean()), 6), "std": round(float(arr.std()), 6), "n": len(vals)}
-
-
 def evaluate(
     inputs: Sequence[str | Path],
     opts: EvaluateOptions,
@@ -166,10 +158,10 @@ def evaluate(
     opts.validate()
     check_writable(Path(opts.out))
     with locked(Path(opts.out), "camcli evaluate", warn=None if opts.quiet else stderr_warning):
-        return _evaluate(inputs, opts, model=model, progress=progress, on_start=on_start)
+        return _run_evaluation(inputs, opts, model=model, progress=progress, on_start=on_start)
 
 
-def _evaluate(
+def _run_evaluation(
     inputs: Sequence[str | Path],
     opts: EvaluateOptions,
     *,
@@ -177,6 +169,7 @@ def _evaluate(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> EvaluationResult:
+    """The run, with --out held: open the session, stream the records, write evaluation.json."""
     opts.validate()
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)
@@ -192,121 +185,46 @@ def _evaluate(
     if session.model.task != "classification":
         raise UsageError("evaluate's metrics (class probability under deletion, ROAD, ...) are defined for "
                          f"classifiers; {session.model.name} is a segmentation model")
-    lm, device, layers, methods = session.model, session.device, session.layers, session.methods
-    pb = opts.perturbation_batch
-    random_engines = []
-    reinitialised: list[str] = []
-    if "sanity_spearman" in wanted:
-        example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
-        reinitialised = cascade(lm.module, layers[0], example)
-        random_engines = [session.engine_for(randomized_copy(lm.module, reinitialised, seed=opts.seed + k))
-                          for k in range(SANITY_SEEDS)]
-    names = [m.name for m in methods] + list(BASELINES)
-    per_image: list[dict[str, Any]] = []
-    curves: dict[str, dict[str, list[list[float]]]] = {n: {"deletion": [], "insertion": []} for n in names}
-    failed = False
-    # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
-    # perturbed inputs share forward passes across images, maps, metrics and curve steps.
-    batcher = M.Batcher(session.logits, pb)
+    scorer = _ImageScorer(session, opts, wanted)
+    names = [m.name for m in session.methods] + list(BASELINES)
     if (skipped := skipped_warning(found.skipped)) is not None:
         session.warn(skipped)
     if on_start is not None:
         on_start(len(sources))
+    writer = RecordWriter(out_dir / RECORDS_NAME)
+    curves = CurveMeans()
     noted = False
-    explained = _explained(session, sources, opts.max_pixels)
-    while window := list(itertools.islice(explained, session.batch_size)):
-        queued = []
-        for idx, src, size, note, x, outs in window:
-            if isinstance(size, ImageError):
-                per_image.append({"path": str(src.path), "status": "error", "error": str(size)})
-                failed = True
-                continue
-            if note and not noted:
-                session.warn(f"{src.path}: {note}")
-                noted = True
-            h, w = x.shape[-2:]
-            target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
-            maps: dict[str, torch.Tensor] = {m.method: _to_input(m.cam, h, w) for m in outs.maps}
-            grid = _baseline_grid(outs, h, w)
-            maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
-            maps["baseline:center"] = M.center_map(h, w)
-            randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
-            for engine in random_engines:
-                for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
-                    randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
-            img_boxes = boxes_of.get(idx)
-            sx, sy = w / size[1], h / size[0]
-            scaled = None if img_boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in img_boxes]
-            record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
-                                      "label": lm.label(target), "probability": None}, "metrics": {}}
-            if note:
-                record["note"] = note
-            per_image.append(record)  # in input order; probability and metrics filled below
-            jobs: dict[str, dict[str, M.Job]] = {}
-            for name, cam in maps.items():
-                j = jobs[name] = {}
-                if "deletion_auc" in wanted:
-                    j["deletion"] = batcher.add(M.deletion_inputs(x, cam.to(device), opts.steps), target, x)
-                if "insertion_auc" in wanted:
-                    j["insertion"] = batcher.add(M.insertion_inputs(x, cam.to(device), opts.steps), target, x)
-                if {"average_drop", "increase_in_confidence"} & set(wanted):
-                    e = M.explanation_image(x, cam.to(device), lm.mean, lm.std)
-                    j["explanation"] = batcher.add((1, lambda i, e=e: e), target, x)
-                if {"road_morf", "road_lerf", "road_combined"} & set(wanted):
-                    j["road"] = batcher.add(M.road_inputs(x, cam, lm.mean, lm.std, percentages=opts.road_percentages,
-                                                          seed=opts.seed), target, x)
-            whole = batcher.add((1, lambda i, x=x: x), target, x)
-            queued.append((idx, record, whole, maps, jobs, randomized, scaled, grid))
-        batcher.run()
-        for idx, record, whole, maps, jobs, randomized, scaled, grid in queued:
-            h, w = next(iter(maps.values())).shape
-            y = float(whole.result[0])
-            record["target"]["probability"] = round(y, 6)
-            for name, cam in maps.items():
-                j = jobs[name]
-                vals: dict[str, float | None] = {}
-                for kind in ("deletion", "insertion"):
-                    if kind in j:
-                        curve = j[kind].result
-                        vals[f"{kind}_auc"] = M.auc(curve)
-                        curves[name][kind].append(curve.tolist())
-                if "explanation" in j:
-                    o = float(j["explanation"].result[0])
-                    if "average_drop" in wanted:
-                        vals["average_drop"] = M.average_drop(y, o)
-                    if "increase_in_confidence" in wanted:
-                        vals["increase_in_confidence"] = M.increase_in_confidence(y, o)
-                if "complexity" in wanted:
-                    vals["complexity"] = M.complexity(cam)
-                if "road" in j:
-                    road = M.road_scores(j["road"].result, len(opts.road_percentages))
-                    for key, v in zip(("road_morf", "road_lerf", "road_combined"), road):
-                        if key in wanted:
-                            vals[key] = v
-                if "sanity_spearman" in wanted:
-                    score = _sanity(name, cam, randomized)
-                    vals["sanity_spearman"] = score.value
-                    record.setdefault("sanity", {})[name] = score.record()
-                if scaled is not None:
-                    camnp = cam.cpu().numpy()
-                    if "energy_pointing_game" in wanted:
-                        vals["energy_pointing_game"] = M.energy_pointing_game(camnp, scaled)
-                    if "pointing_game" in wanted:
-                        vals["pointing_game"] = M.pointing_game(camnp, scaled)
-                record["metrics"][name] = {k: (None if v is None else round(float(v), 6)) for k, v in vals.items()}
-        if progress is not None:
-            progress(len(window))
-    aggregate = {
-        name: {metric: _stats([im["metrics"][name].get(metric) for im in per_image if im["status"] == "ok"])
-               for metric in wanted}
-        for name in names
-    }
-    for name in names[: len(methods)]:
+    try:
+        explained = _explained(session, sources, opts.max_pixels)
+        while window := list(itertools.islice(explained, session.batch_size)):
+            # the window's perturbed inputs share forward passes (one Batcher run), then its records
+            # are written in input order and dropped
+            queued: list[dict[str, Any] | _Queued] = []
+            for idx, src, size, note, x, outs in window:
+                if isinstance(size, ImageError):
+                    queued.append({"path": str(src.path), "status": "error", "error": str(size)})
+                    continue
+                if note and not noted:
+                    session.warn(f"{src.path}: {note}")
+                    noted = True
+                queued.append(scorer.queue(idx, src, size, note, x, outs, boxes_of.get(idx)))
+            scorer.batcher.run()
+            for q in queued:
+                writer.add(q if isinstance(q, dict) else scorer.finish(q, curves))
+            writer.flush()
+            if progress is not None:
+                progress(len(window))
+    finally:
+        writer.close()
+    aggregate = {name: {metric: writer.tally.stats(name, metric) for metric in wanted} for name in names}
+    for name in names[: len(session.methods)]:
         for metric in wanted:
             aggregate[name][metric]["beats_baselines"] = _beats(aggregate, name, metric)
+    counts = writer.counts()
     doc = {
-        "schema_version": 1,
-        "model": {"name": lm.name, "layer": ",".join(layers), "weights_sha256": lm.weights_sha256},
+        "schema_version": 2,
+        "model": {"name": session.model.name, "layer": ",".join(session.layers),
+                  "weights_sha256": session.model.weights_sha256},
         "options": session.record(),
         "settings": {"steps": opts.steps, "road_percentages": list(opts.road_percentages), "road_noise": M.ROAD_NOISE,
                      "seed": opts.seed, "blur": {"kernel": M.BLUR_KERNEL, "sigma": M.BLUR_SIGMA},
@@ -316,18 +234,96 @@ def _evaluate(
                                     "pass": f"mean |rho| < {SANITY_THRESHOLD} (beats_baselines); the baselines, "
                                             "independent of the model, score 1",
                                     "reinitialised": "cascade from the logits down to the target layer, final step",
-                                    "modules": reinitialised}} if reinitialised else {})},
+                                    "modules": scorer.reinitialised}} if scorer.reinitialised else {})},
         "metrics": wanted,
         **({"skipped_entries": len(found.skipped)} if found.skipped else {}),  # FIFOs, sockets, broken links
+        "counts": counts,
+        "records": RECORDS_NAME,  # the per-image values, one JSON line per image in input order
         "aggregate": aggregate,
-        "images": per_image,
     }
     path = out_dir / "evaluation.json"
     write_atomic(path, (jsonout.dumps(doc, indent=2) + "\n").encode())
-    result = EvaluationResult(aggregate, per_image, path, ExitCode.PARTIAL if failed else ExitCode.OK, curves)
+    result = EvaluationResult(aggregate, path, writer.path, counts,
+                              ExitCode.PARTIAL if counts["error"] else ExitCode.OK, curves.means())
     if opts.plots:
         write_plots(result, out_dir)
     return result
+
+
+@dataclass
+class _Queued:
+    """One image whose perturbed inputs wait in the Batcher: its record is finished after the run."""
+
+    idx: int
+    record: dict[str, Any]
+    whole: M.Job  # the image itself: the target probability every ratio is taken against
+    maps: dict[str, torch.Tensor]  # method or baseline -> (H, W) map at input resolution
+    jobs: dict[str, dict[str, M.Job]]  # map name -> probe name -> its scored inputs
+    randomized: dict[str, list[np.ndarray | None]]  # method -> its maps on the re-initialised models
+    boxes: list[Box] | None  # in input pixels
+
+
+class _ImageScorer:
+    """Queues each image's maps and perturbed inputs in one Batcher and turns the scores into its record."""
+
+    def __init__(self, session: Session, opts: EvaluateOptions, wanted: list[str]) -> None:
+        self.session, self.opts, self.wanted = session, opts, wanted
+        self.probes = probes_for(wanted)
+        lm, device = session.model, session.device
+        self.random_engines: list[Any] = []
+        self.reinitialised: list[str] = []
+        if any(get_metric(m).needs_randomized for m in wanted):
+            example = torch.zeros(1, 3, lm.input_size, lm.input_size, device=device)
+            self.reinitialised = cascade(lm.module, session.layers[0], example)
+            self.random_engines = [session.engine_for(randomized_copy(lm.module, self.reinitialised, seed=opts.seed + k))
+                                   for k in range(SANITY_SEEDS)]
+        # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
+        # perturbed inputs share forward passes across images, maps, metrics and curve steps.
+        self.batcher = M.Batcher(session.logits, opts.perturbation_batch)
+
+    def queue(self, idx: int, src: ImageSource, size: tuple[int, int], note: str | None, x: torch.Tensor,
+              outs: Any, boxes: list[Box] | None) -> _Queued:  # noqa: ANN401
+        lm, opts = self.session.model, self.opts
+        h, w = x.shape[-2:]
+        target = next((m.target for m in outs.maps if m.target is not None), outs.top[0][0])
+        maps: dict[str, torch.Tensor] = {m.method: _to_input(m.cam, h, w) for m in outs.maps}
+        grid = _baseline_grid(outs, h, w)
+        maps["baseline:random"] = M.random_map(h, w, seed=opts.seed * 100003 + idx, grid=grid)
+        maps["baseline:center"] = M.center_map(h, w)
+        randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
+        for engine in self.random_engines:
+            for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
+                randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
+        sx, sy = w / size[1], h / size[0]
+        scaled = None if boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
+        record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
+                                  "label": lm.label(target), "probability": None}, "metrics": {}}
+        if note:
+            record["note"] = note
+        jobs: dict[str, dict[str, M.Job]] = {}
+        for name, cam in maps.items():
+            ctx = ProbeContext(x, cam, self.session.device, lm.mean, lm.std, opts.steps, opts.road_percentages,
+                               opts.seed)
+            jobs[name] = {p.name: self.batcher.add(p.inputs(ctx), target, x) for p in self.probes}
+        whole = self.batcher.add((1, lambda i, x=x: x), target, x)
+        return _Queued(idx, record, whole, maps, jobs, randomized, scaled)
+
+    def finish(self, q: _Queued, curves: CurveMeans) -> dict[str, Any]:
+        """The image's record, its metrics filled in (the Batcher has run); its curves go to ``curves``."""
+        y = float(q.whole.result[0])
+        q.record["target"]["probability"] = round(y, 6)
+        for name, cam in q.maps.items():
+            scores = {probe: job.result for probe, job in q.jobs[name].items()}
+            for probe, curve in scores.items():
+                if PROBES[probe].curve:
+                    curves.add(name, probe, curve.numpy())
+
+            def sanity(name: str = name, cam: torch.Tensor = cam) -> SanityScore:
+                return _sanity(name, cam, q.randomized)
+
+            result = MapResult(name, cam, y, scores, q.boxes, self.opts.road_percentages, sanity)
+            q.record["metrics"][name] = measure(self.wanted, result, q.record)
+        return q.record
 
 
 def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:  # noqa: ANN401,E501
@@ -395,11 +391,11 @@ def _beats(aggregate: dict[str, dict[str, dict[str, Any]]], name: str, metric: s
         return sanity_passes(mine)
     if mine is None or not base:
         return None
-    return mine > max(base) if M.HIGHER_IS_BETTER[metric] else mine < min(base)
+    return mine > max(base) if get_metric(metric).higher_is_better else mine < min(base)
 
 
 def write_plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
-    """Mean deletion and insertion curves per method, one PNG each."""
+    """Mean deletion and insertion curves per method, one PNG each (from the running sums)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,8 +406,8 @@ def write_plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         drew = False
         for name, c in result.curves.items():
-            if c[kind]:
-                mean = np.mean(np.asarray(c[kind]), axis=0)
+            if kind in c:
+                mean = np.asarray(c[kind])
                 xs = np.linspace(0, 1, len(mean))
                 ax.plot(xs, mean, label=f"{name} (AUC {np.trapezoid(mean, xs):.3f})",
                         linestyle="--" if name.startswith("baseline") else "-")

@@ -23,22 +23,6 @@ BLUR_SIGMA = 5.0
 ROAD_PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 ROAD_NOISE = 0.01  # std of the noise added to imputed pixels, in [0, 1] pixel units
 
-# Which direction is better, per metric: used to show when a method does not beat the baselines.
-HIGHER_IS_BETTER = {
-    "deletion_auc": False,
-    "insertion_auc": True,
-    "average_drop": False,
-    "increase_in_confidence": True,
-    "complexity": False,
-    "road_morf": False,
-    "road_lerf": True,
-    "road_combined": True,
-    "energy_pointing_game": True,
-    "pointing_game": True,
-    "sanity_spearman": False,
-}
-METRICS = tuple(HIGHER_IS_BETTER)
-
 
 def ranking(cam: Tensor) -> Tensor:
     """Flat pixel indices, most relevant first (stable for ties)."""
@@ -234,6 +218,12 @@ def road(x: Tensor, cam: Tensor, prob: ProbFn, mean: Sequence[float], std: Seque
     return road_scores(_batched(prob, image, n, batch), len(percentages))
 
 
+def target_probability(logits: Tensor, classes: Tensor) -> Tensor:
+    """(N,) probability of class ``classes[i]`` in row i of (N, classes) logits: what every curve,
+    Average Drop and ROAD score reads (the one place that turns evaluate's logits into probabilities)."""
+    return logits.softmax(dim=1).gather(1, classes.to(logits.device)[:, None])[:, 0]
+
+
 class Job:
     """One metric's perturbed inputs for one image: filled with target probabilities by a Batcher."""
 
@@ -280,9 +270,7 @@ class Batcher:
                 chunk = items[start : start + self.batch]
                 x = torch.stack([job.image(i) for job, i in chunk])
                 classes = torch.tensor([job.target for job, _ in chunk], device=x.device)
-                logits = self.logits(x)
-                probs = logits.softmax(dim=1).gather(1, classes.to(logits.device)[:, None])[:, 0]
-                values = probs.float().cpu().numpy()
+                values = target_probability(self.logits(x), classes).float().cpu().numpy()
                 for (job, i), v in zip(chunk, values):
                     job.probs[i] = v
                 if self.on_batch is not None:

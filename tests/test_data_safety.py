@@ -185,8 +185,9 @@ def test_every_json_file_is_strict_json_when_the_model_returns_nan(tmp_path: Pat
     strict(r.stdout), record_lines(tmp_path / "m" / "records.jsonl"), strict((tmp_path / "m" / "summary.json").read_text())
     r = runner.invoke(app, ["evaluate", str(folder), "-o", str(tmp_path / "e"), "--metric", "deletion_auc,average_drop", *nan])
     assert r.exit_code == 0, r.output
-    ev = strict((tmp_path / "e" / "evaluation.json").read_text())
-    assert ev["non_finite"]
+    strict((tmp_path / "e" / "evaluation.json").read_text())
+    ev_records = [strict(line) for line in (tmp_path / "e" / "evaluation-records.jsonl").read_text().splitlines()]
+    assert len(ev_records) == 2 and all(rec["non_finite"] for rec in ev_records)
     check = tmp_path / "check.yaml"
     check.write_text(f"model: {{name: 'test_data_safety:nan_cnn'}}\nmethod: [gradcam]\ncases:\n"
                      f"  - image: {folder / '00.png'}\n    expect: {{top_k: 4, min_energy_in_region: 0.1, region: [0, 0, 16, 16]}}\n")

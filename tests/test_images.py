@@ -250,4 +250,4 @@ def test_evaluate_skips_and_counts_fifos_and_broken_links_in_folders(small_image
     res = evaluate([small_images], EvaluateOptions(model="toymodels:tiny_cnn", method="gradcam", metric="deletion_auc",
                                                    steps=4, out=str(tmp_path / "o"), quiet=True), model=None)
     doc = json.loads((tmp_path / "o" / "evaluation.json").read_text())
-    assert res.exit_code == 0 and len(doc["images"]) == 2 and doc["skipped_entries"] == 2
+    assert res.exit_code == 0 and doc["counts"]["images"] == 2 and doc["skipped_entries"] == 2

@@ -356,7 +356,7 @@ def test_evaluate_metric_steps_and_plots_have_their_effect(image: Path, tmp_path
     res = evaluate([image], EvaluateOptions(model=TINY, metric="deletion_auc,pointing_game", steps=4, plots=True,
                                             boxes=str(boxes), out=str(tmp_path / "ev"), quiet=True))
     assert set(res.aggregate["gradcam"]) == {"deletion_auc", "pointing_game"}
-    assert len(res.curves["gradcam"]["deletion"][0]) == 5  # steps + 1 points
+    assert len(res.curves["gradcam"]["deletion"]) == 5  # the mean curve: steps + 1 points
     assert (tmp_path / "ev" / "deletion_curve.png").is_file()
     doc = json.loads(res.path.read_text())
     assert doc["options"]["steps"] == 4 and doc["options"]["metric"] == "deletion_auc,pointing_game"
