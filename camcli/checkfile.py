@@ -48,7 +48,7 @@ class Case:
 @dataclass
 class CheckFile:
     path: Path
-    options: Any  # camcli.options.CheckOptions: model, layer, method, device and every map option
+    options: O.CheckOptions  # model, layer, method, device and every map option
     methods: list[MethodInfo]
     baselines: Path | None
     cases: list[Case]

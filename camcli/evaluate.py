@@ -42,11 +42,10 @@ class EvaluationResult:
     curves: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
 
 
-def parse_metrics(spec: str | list[str] | None, have_boxes: bool) -> list[str]:
-    if spec is None:
+def parse_metrics(names: Sequence[str] | None, have_boxes: bool) -> list[str]:
+    """``--metric`` names (None: the defaults, and the box metrics when there are boxes), checked."""
+    if names is None:
         return list(DEFAULT_METRICS) + (list(BOX_METRICS) if have_boxes else [])
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in part.split(",") if p.strip()]
     for n in names:
         if n not in M.METRICS:
             raise UsageError(f"unknown metric {n!r}{suggest(n, M.METRICS) or ''} (accepted: {', '.join(M.METRICS)})")

@@ -128,12 +128,9 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-def layer_names(spec: str | Sequence[str] | None) -> list[str]:
-    """``--layer`` text as dotted names (``blocks[6]`` -> ``blocks.6``), unchecked."""
-    if not spec:
-        return []
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    return [p.strip().replace("[", ".").replace("]", "") for part in parts for p in str(part).split(",") if p.strip()]
+def layer_names(names: Sequence[str] | None) -> list[str]:
+    """``--layer`` names as dotted names (``blocks[6]`` -> ``blocks.6``), unchecked."""
+    return [n.replace("[", ".").replace("]", "") for n in names or ()]
 
 
 def trace_layers(model: nn.Module, example: Tensor, layout: Layout | str | None = None) -> list[LayerInfo]:
@@ -210,19 +207,19 @@ def family_default(infos: list[LayerInfo], family: str | None = None) -> str | N
     return max(norms, key=lambda i: i.finished).name if norms else None
 
 
-def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:
+def default_layer(infos: list[LayerInfo], segmentation_classes: int | None = None) -> str:
     """The family rule's layer for transformers (``preferred``), else the last layer (by when its
     forward finished) whose output is a spatial map.
 
-    ``score_channels``: a segmentation model's class count; layers with that many channels are its
+    ``segmentation_classes``: a segmentation model's class count; layers with that many channels are its
     score maps, not features, and are passed over when a feature layer exists.
     """
     for i in infos:
         if i.preferred:
             return i.name
     spatial = [i for i in infos if i.spatial and i.finished >= 0]
-    if score_channels is not None:
-        features = [i for i in spatial if i.shape is not None and i.shape[1] != score_channels]
+    if segmentation_classes is not None:
+        features = [i for i in spatial if i.shape is not None and i.shape[1] != segmentation_classes]
         spatial = features or spatial
     if not spatial:
         raise UsageError(
@@ -232,10 +229,8 @@ def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> 
     return max(spatial, key=lambda i: i.finished).name
 
 
-def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> list[str]:
-    """``"layer4"`` or ``"layer3,layer4"`` -> checked dotted names (``blocks.6.0`` style)."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+def resolve_layers(model: nn.Module, names: Sequence[str], model_name: str) -> list[str]:
+    """``("layer4",)`` or ``("layer3", "layer4")`` -> checked dotted names (``blocks.6.0`` style)."""
     known = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for n, dotted in zip(names, layer_names(names)):
@@ -252,16 +247,16 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
 
 def choose_layers(
     model: nn.Module,
-    spec: str | list[str] | None,
+    names: Sequence[str] | None,
     model_name: str,
     example: Tensor,
     layout: Layout | str | None = None,
-    score_channels: int | None = None,
+    segmentation_classes: int | None = None,
     traced: list[LayerInfo] | None = None,
 ) -> list[str]:
     """``--layer`` resolved, or the default layer when none was given: from ``traced`` (the model's
     load-time trace) when given, else traced on ``example``."""
-    if spec:
-        return resolve_layers(model, spec, model_name)
+    if names:
+        return resolve_layers(model, names, model_name)
     infos = traced if traced is not None else trace_layers(model, example, layout)
-    return [default_layer(infos, score_channels)]
+    return [default_layer(infos, segmentation_classes)]

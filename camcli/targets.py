@@ -39,25 +39,16 @@ TargetSpec = TopK | ClassIndex
 
 
 def parse_class_specs(
-    values: Sequence[str | int] | str | int | None,
+    values: Sequence[str | int] | None,
     labels: Sequence[str] | None,
     num_classes: int,
 ) -> list[TargetSpec]:
-    """Parse ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (repeatable, comma-separated).
+    """Parse ``--class`` items: ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (None: top1).
 
     Raises UsageError naming the bad value and what is accepted.
     """
-    if values is None:
-        values = ["top1"]
-    if isinstance(values, (str, int)):
-        values = [values]
-    tokens: list[str] = []
-    for v in values:
-        if isinstance(v, int):
-            tokens.append(str(v))
-        else:
-            tokens.extend(t.strip() for t in str(v).split(",") if t.strip())
-    if not tokens:
+    tokens = ["top1"] if values is None else [str(v).strip() for v in values]
+    if not tokens or not all(tokens):
         raise UsageError("--class is empty (accepted: top1, topK, a class index or a label name)")
     specs: list[TargetSpec] = []
     lowered = {lab.lower(): i for i, lab in enumerate(labels or [])}
