@@ -148,6 +148,14 @@ def _triple(v: Any) -> str | None:  # noqa: ANN401
     return None if ok else "is not three numbers R,G,B (for example 0.5,0.5,0.5)"
 
 
+def box_problem(v: Any) -> str | None:  # noqa: ANN401
+    """What is wrong with a ``--region`` box (x0, y0, x1, y1), or None."""
+    ok = isinstance(v, tuple) and len(v) == 4 and all(isinstance(p, float) for p in v)
+    if ok and v[0] < v[2] and v[1] < v[3] and min(v) >= 0:
+        return None
+    return "is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions)"
+
+
 RAY_ADDRESSES = ("default", "auto", "local")
 
 
@@ -162,7 +170,7 @@ def _not_empty(v: Any) -> str | None:  # noqa: ANN401
     return "must not be empty" if isinstance(v, str) and not v.strip() else None
 
 
-def _names(v: Any) -> tuple[str, ...]:  # noqa: ANN401
+def names(v: Any) -> tuple[str, ...]:  # noqa: ANN401
     """A list option as given ("a,b", ["a", "b,c"], ("a",)) -> ("a", "b", "c"); the one place a comma
     is split. Empty items stay, for :func:`_items` to refuse."""
     parts = [v] if isinstance(v, (str, int)) else list(v)
@@ -250,8 +258,8 @@ OPTIONS: tuple[Option, ...] = (
            example="1"),
     Option("region", ("--region",), Kind.STR, None,
            "Segmentation models: explain the class's score summed over this box x0,y0,x1,y1 (pixels, or fractions).",
-           _MAP, shapes_output=True, check=_not_empty, default_text="the pixels the model assigns to the class",
-           example="0,0,0.5,0.5"),
+           _MAP, shapes_output=True, check=box_problem, default_text="the pixels the model assigns to the class",
+           example="0,0,0.5,0.5", parse=_numbers),
     Option("region_mask", ("--region-mask",), Kind.STR, None,
            "Segmentation models: explain the class's score summed over this mask image's non-zero pixels.",
            _MAP, shapes_output=True, check=_not_empty, example="mask.png"),
@@ -345,7 +353,7 @@ def typed(o: Option, value: Any) -> Any:  # noqa: ANN401
     option's ``check`` to name."""
     if value is None:
         return None
-    parse = o.parse or {Kind.LIST: _names, Kind.INTS: _ints}.get(o.kind)
+    parse = o.parse or {Kind.LIST: names, Kind.INTS: _ints}.get(o.kind)
     if parse is None:
         return value
     try:
@@ -429,7 +437,7 @@ class MapOptions(ModelOptions):
     precision: Precision = _field("precision")
     method: tuple[str, ...] = _field("method")
     layer: tuple[str, ...] | None = _field("layer")
-    region: str | None = _field("region")
+    region: tuple[float, ...] | None = _field("region")
     region_mask: str | None = _field("region_mask")
     batch_size: int = _field("batch_size")
     signed: bool = _field("signed")

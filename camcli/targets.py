@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from camcli.errors import UsageError, suggest
+from camcli.options import box_problem
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ class Region:
         return out
 
 
-def parse_region(box: str | None, mask: str | None) -> Region | None:
-    """``--region x0,y0,x1,y1`` (pixels, or fractions in [0, 1]) or ``--region-mask FILE``."""
+def parse_region(box: Sequence[float] | None, mask: str | None) -> Region | None:
+    """``--region`` (x0, y0, x1, y1: pixels, or fractions in [0, 1]) or ``--region-mask FILE``."""
     if box is not None and mask is not None:
         raise UsageError("give --region or --region-mask, not both")
     if mask is not None:
@@ -183,12 +184,10 @@ def parse_region(box: str | None, mask: str | None) -> Region | None:
         return Region(mask=mask)
     if box is None:
         return None
-    try:
-        vals = tuple(float(v) for v in box.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 4 or vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
-        raise UsageError(f"--region {box!r} is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions)")
+    vals = tuple(float(v) for v in box)
+    problem = box_problem(vals)
+    if problem:
+        raise UsageError(f"--region {','.join(f'{v:g}' for v in vals)!r} {problem}")
     return Region(box=vals)  # type: ignore[arg-type]
 
 

@@ -291,6 +291,7 @@ def test_values_get_their_real_type_once_at_construction() -> None:
     assert opts.layer == ("features.0", "features.2", "features.3")
     assert opts.classes == ("1", "top2")
     assert opts.mean == (0.5, 0.5, 0.5) and opts.std is None
+    assert ExplainOptions(region="0,0,0.5,0.5").region == (0.0, 0.0, 0.5, 0.5)
     assert opts.precision is O.Precision.BF16
     assert EvaluateOptions(road_percentages="10,50").road_percentages == (10, 50)
     assert ExplainOptions() == ExplainOptions(method=("gradcam",))  # the default, typed
@@ -305,9 +306,21 @@ def test_bad_values_are_named_as_given() -> None:
         ({"method": "gradcam,"}, "--method 'gradcam,' has an empty item"),
         ({"mean": "0.5,x,0.5"}, "--mean '0.5,x,0.5' is not three numbers"),
         ({"precision": "fp64"}, "--precision 'fp64' is not one of fp32, bf16, fp16, auto"),
+        ({"region": "a,b,c,d"}, "--region 'a,b,c,d' is not a box x0,y0,x1,y1"),
+        ({"region": "5,5,1,1"}, "--region '5,5,1,1' is not a box x0,y0,x1,y1"),
     ]:
         with pytest.raises(UsageError, match=re.escape(message)):
             ExplainOptions(**kw).validate()
+
+
+def test_python_callers_may_still_give_method_text() -> None:
+    from camcli.methods import parse_methods
+
+    def names(x: Any) -> list[str]:  # noqa: ANN401
+        return [m.name for m in parse_methods(x)]
+
+    assert names("gradcam++") == ["gradcam++"]  # the README's call: one name, not its letters
+    assert names("gradcam, layercam") == names(("gradcam", "layercam")) == ["gradcam", "layercam"]
 
 
 # Computed before options were typed, on the code of commit 182a054: an unchanged run keeps its

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError, suggest
+from camcli.options import names as option_names
 
 
 class Scorer(Protocol):
@@ -145,11 +146,14 @@ def get_method(name: str) -> MethodInfo:
 ALL = "all"
 
 
-def parse_methods(names: Sequence[str]) -> list[MethodInfo]:
-    """Method names (``--method``, one per item) -> resolved, de-duplicated methods.
+def parse_methods(names: str | Sequence[str]) -> list[MethodInfo]:
+    """Method names (``--method``'s items) -> resolved, de-duplicated methods. Python callers may
+    give text as ``--method`` takes it ("gradcam,layercam"): it is read as the option reads it.
 
     ``all`` is every registered method; the session drops, with a reason, those that do not fit.
     """
+    if isinstance(names, str):
+        names = [n for n in option_names(names) if n]
     if not names:
         raise UsageError("no method given (accepted: " + ", ".join(sorted(_REGISTRY)) + ", or all)")
     if ALL in (n.lower() for n in names):
