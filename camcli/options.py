@@ -52,8 +52,8 @@ class Kind(str, Enum):
     INT = "int"
     FLOAT = "float"
     STR = "str"
-    LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line
-    INTS = "ints"  # a YAML list of integers, or comma-separated integers
+    LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line; held as tuple[str, ...]
+    INTS = "ints"  # a YAML list of integers, or comma-separated integers; held as tuple[int, ...]
 
 
 @dataclass(frozen=True)

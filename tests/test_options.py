@@ -311,6 +311,8 @@ def test_bad_values_are_named_as_given() -> None:
     ]:
         with pytest.raises(UsageError, match=re.escape(message)):
             ExplainOptions(**kw).validate()
+    with pytest.raises(UsageError, match=re.escape("--std '1,0,1': every value must be greater than 0")):
+        Session.open(ExplainOptions(model=TINY, std="1,0,1"))  # found when the model loads, as before
 
 
 def test_python_callers_may_still_give_method_text() -> None:
