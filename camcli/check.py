@@ -114,9 +114,9 @@ def _prevalidate_classes(cf: CheckFile) -> None:
     if labels is None:
         return
     for case in cf.cases:
-        if case.target is not None:
+        if case.spec is not None:
             try:
-                tgt.parse_class_specs([case.target], labels, len(labels))
+                tgt.parse_class_specs([case.spec], labels, len(labels))
             except UsageError as e:
                 raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None
 
@@ -196,7 +196,7 @@ def _run_check(
     for case in cf.cases:
         try:
             specs_by_case[case.index] = (
-                [tgt.TopK(1)] if case.target is None else tgt.parse_class_specs([case.target], lm.labels, lm.num_classes)
+                [tgt.TopK(1)] if case.spec is None else tgt.parse_class_specs([case.spec], lm.labels, lm.num_classes)
             )
         except UsageError as e:
             raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None

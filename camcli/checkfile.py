@@ -42,14 +42,14 @@ class Case:
     image: Path
     width: int
     height: int
-    target: int | str | None
+    spec: int | str | None  # the case's `class:` as written: a target spec, resolved by camcli.targets
     expect: Expect
 
 
 @dataclass
 class CheckFile:
     path: Path
-    options: Any  # camcli.options.CheckOptions: model, layer, method, device and every map option
+    options: O.CheckOptions  # model, layer, method, device and every map option
     methods: list[MethodInfo]
     baselines: Path | None
     cases: list[Case]
@@ -176,9 +176,9 @@ def load_check_file(
             raise _err(p, where, "missing key 'image'")
         image = root / str(c["image"])
         w, h = _image_size(p, f"{where}.image", image, opts.max_pixels)
-        target = c.get("class")
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, str))):
-            raise _err(p, f"{where}.class", f"{target!r} is not a class index or label")
+        spec = c.get("class")
+        if spec is not None and (isinstance(spec, bool) or not isinstance(spec, (int, str))):
+            raise _err(p, f"{where}.class", f"{spec!r} is not a class index or label")
         exp_raw = c.get("expect") or {}
         if not isinstance(exp_raw, dict):
             raise _err(p, f"{where}.expect", "expected a mapping of rules")
@@ -217,7 +217,7 @@ def load_check_file(
             raise _err(p, f"{where}.expect", f"case {c.get('name') or image.stem!r} has no rules, so it could never fail; "
                        f"give at least one of {', '.join(RULES)}")
         name = str(c.get("name") or image.stem)
-        cases.append(Case(i, name, image, w, h, target, ex))
+        cases.append(Case(i, name, image, w, h, spec, ex))
 
     cf = CheckFile(path=p, options=opts, methods=methods, baselines=baselines, cases=cases, raw=data)
     if require_baselines and baselines is not None:

@@ -131,12 +131,9 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-def layer_names(spec: str | Sequence[str] | None) -> list[str]:
-    """``--layer`` text as dotted names (``blocks[6]`` -> ``blocks.6``), unchecked."""
-    if not spec:
-        return []
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    return [p.strip().replace("[", ".").replace("]", "") for part in parts for p in str(part).split(",") if p.strip()]
+def layer_names(names: Sequence[str] | None) -> list[str]:
+    """``--layer`` names as dotted names (``blocks[6]`` -> ``blocks.6``), unchecked."""
+    return [n.replace("[", ".").replace("]", "") for n in names or ()]
 
 
 def trace_layers(model: nn.Module, example: Tensor, layout: Layout | str | None = None) -> list[LayerInfo]:
@@ -223,12 +220,12 @@ def family_default(infos: list[LayerInfo], family: str | None = None) -> str | N
     return last_norm.name
 
 
-def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> str:
+def default_layer(infos: list[LayerInfo], segmentation_classes: int | None = None) -> str:
     """The family rule's layer for transformers (``preferred``), else the last layer (by when its
     forward finished) whose output is a spatial map. A module that ran more than once in the forward
     (one module used at several places) is never the default: its output is not one map.
 
-    ``score_channels``: a segmentation model's class count; layers with that many channels are its
+    ``segmentation_classes``: a segmentation model's class count; layers with that many channels are its
     score maps, not features, and are passed over when a feature layer exists. A segmentation model
     with a ``backbone`` (torchvision's fcn, deeplabv3, lraspp) gets the backbone's last stage: its
     head's last layers are followed only by a 1x1 convolution and an upsampling, where Grad-CAM's
@@ -239,11 +236,11 @@ def default_layer(infos: list[LayerInfo], score_channels: int | None = None) -> 
         if i.preferred:
             return i.name
     spatial = [i for i in infos if i.spatial and i.finished >= 0 and i.calls <= 1]
-    if score_channels is not None:
+    if segmentation_classes is not None:
         stage = segmentation_default(spatial)
         if stage is not None:
             return stage
-        features = [i for i in spatial if i.shape is not None and i.shape[1] != score_channels]
+        features = [i for i in spatial if i.shape is not None and i.shape[1] != segmentation_classes]
         spatial = features or spatial
     if not spatial:
         raise UsageError(
@@ -275,10 +272,8 @@ def check_single_calls(layers: Sequence[str], infos: list[LayerInfo], model_name
             )
 
 
-def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> list[str]:
-    """``"layer4"`` or ``"layer3,layer4"`` -> checked dotted names (``blocks.6.0`` style)."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+def resolve_layers(model: nn.Module, names: Sequence[str], model_name: str) -> list[str]:
+    """``("layer4",)`` or ``("layer3", "layer4")`` -> checked dotted names (``blocks.6.0`` style)."""
     known = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for n, dotted in zip(names, layer_names(names)):
@@ -295,16 +290,16 @@ def resolve_layers(model: nn.Module, spec: str | list[str], model_name: str) -> 
 
 def choose_layers(
     model: nn.Module,
-    spec: str | list[str] | None,
+    names: Sequence[str] | None,
     model_name: str,
     example: Tensor,
     layout: Layout | str | None = None,
-    score_channels: int | None = None,
+    segmentation_classes: int | None = None,
     traced: list[LayerInfo] | None = None,
 ) -> list[str]:
     """``--layer`` resolved, or the default layer when none was given: from ``traced`` (the model's
     load-time trace) when given, else traced on ``example``."""
-    if spec:
-        return resolve_layers(model, spec, model_name)
+    if names:
+        return resolve_layers(model, names, model_name)
     infos = traced if traced is not None else trace_layers(model, example, layout)
-    return [default_layer(infos, score_channels)]
+    return [default_layer(infos, segmentation_classes)]

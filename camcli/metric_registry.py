@@ -124,13 +124,11 @@ def get_metric(name: str) -> MetricInfo:
                      f"(accepted: {', '.join(_REGISTRY)})")
 
 
-def parse_metrics(spec: str | Sequence[str] | None, have_boxes: bool) -> list[str]:
-    """``--metric``: names (comma-separated strings or a list), checked and de-duplicated, in the
+def parse_metrics(names: Sequence[str] | None, have_boxes: bool) -> list[str]:
+    """``--metric``: names (options.names has split the commas), checked and de-duplicated, in the
     order given; None: the default ones (with the box metrics when there are boxes)."""
-    if spec is None:
+    if names is None:
         return [m.name for m in _REGISTRY.values() if m.default and (have_boxes or not m.needs_boxes)]
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in part.split(",") if p.strip()]
     for n in names:
         if get_metric(n).needs_boxes and not have_boxes:
             raise UsageError(f"metric {n!r} needs --boxes FILE (a JSON or YAML map from image to boxes)")

@@ -5,12 +5,14 @@ and which commands take it. Everything else is derived from these declarations:
 
 - the Typer parameters of each command (:func:`typer_parameters`),
 - the keys of ``--config`` files and check files (:func:`read_file_options`),
-- the per-command options classes used by the Python API (``ExplainOptions``, ...),
+- the typed options classes of the Python API (``ExplainOptions``, ...): frozen dataclasses whose
+  fields carry their ``Option`` as metadata and hold values of their real type (lists are tuples,
+  numbers are numbers, ``--precision`` a :class:`Precision`), converted once, at construction,
 - the run fingerprint that ``--skip-existing`` compares (:func:`fingerprint`),
 - the ``options`` record of summary.json (:func:`record`).
 
-Adding an option is one entry in ``OPTIONS``; a test walks them and proves each reaches every
-command that lists it.
+Adding an option is one entry in ``OPTIONS`` and one typed field on the classes of the commands that
+take it; a test walks them and proves each reaches every command that lists it.
 """
 
 from __future__ import annotations
@@ -21,16 +23,28 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+from camcli.boxes import Box, BoxError, parse_box
 from camcli.errors import UsageError, suggest
 
 EXPLAIN, EVALUATE, CHECK, LAYERS = "explain", "evaluate", "check", "layers"
 COMMANDS = (EXPLAIN, EVALUATE, CHECK, LAYERS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+class Precision(StrEnum):
+    """``--precision``: a str, so records, fingerprints and messages spell it as before."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    AUTO = "auto"
+
+
+PRECISIONS = tuple(p.value for p in Precision)
 
 
 class Kind(str, Enum):
@@ -40,8 +54,8 @@ class Kind(str, Enum):
     INT = "int"
     FLOAT = "float"
     STR = "str"
-    LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line
-    INTS = "ints"  # a YAML list of integers, or comma-separated integers
+    LIST = "list"  # comma-separated text, or a YAML list; repeatable on the command line; held as tuple[str, ...]
+    INTS = "ints"  # a YAML list of integers, or comma-separated integers; held as tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Option:
     default_text: str | None = None  # how ``--help`` shows the default when it is computed
     flag_value: str | None = None  # the value of the flag given without one (``--ray``): its value is optional
     metavar: str | None = None  # how ``--help`` names the value
+    parse: Callable[[Any], Any] | None = None  # text as given -> the typed value; ValueError: left for ``check``
 
     @property
     def key(self) -> str:
@@ -124,12 +139,37 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return k, n
 
 
+def _numbers(v: Any) -> tuple[float, ...]:  # noqa: ANN401
+    """``--mean``/``--std`` as given ("0.5,0.5,0.5", or a sequence) -> numbers; ValueError if not."""
+    parts = str(v).split(",") if isinstance(v, str) else list(v)
+    return tuple(float(p) for p in parts)
+
+
 def _triple(v: Any) -> str | None:  # noqa: ANN401
+    ok = isinstance(v, tuple) and len(v) == 3 and all(isinstance(p, float) for p in v)
+    return None if ok else "is not three numbers R,G,B (for example 0.5,0.5,0.5)"
+
+
+def region_box(v: Any) -> Any:  # noqa: ANN401
+    """``--region`` as typed ("x0,y0,x1,y1", "fraction:x0,y0,x1,y1") or a file's list or
+    {fraction: [...]} -> a boxes.Box in its stated unit; BoxError (a ValueError) when it is none."""
+    if isinstance(v, Box):
+        return v
+    if isinstance(v, str):
+        return parse_box(v, plain_fractions=True, cli=True)
+    return parse_box(v, plain_fractions=True)
+
+
+def region_problem(v: Any) -> str | None:  # noqa: ANN401
+    """What is wrong with a ``--region`` box, or None."""
     try:
-        parts = [float(p) for p in str(v).split(",")]
-    except ValueError:
-        parts = []
-    return None if len(parts) == 3 else "is not three numbers R,G,B (for example 0.5,0.5,0.5)"
+        vals = region_box(v).values
+    except BoxError as e:
+        return f"is not a box x0,y0,x1,y1 in pixels or fraction:x0,y0,x1,y1 ({e})"
+    if vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
+        return ("is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions written "
+                "fraction:x0,y0,x1,y1)")
+    return None
 
 
 RAY_ADDRESSES = ("default", "auto", "local")
@@ -149,17 +189,31 @@ def _not_empty(v: Any) -> str | None:  # noqa: ANN401
     return "must not be empty" if isinstance(v, str) and not v.strip() else None
 
 
+def names(v: Any) -> tuple[str, ...]:  # noqa: ANN401
+    """A list option as given ("a,b", ["a", "b,c"], ("a",)) -> ("a", "b", "c"); the one place a comma
+    is split. Empty items stay, for :func:`_items` to refuse."""
+    parts = [v] if isinstance(v, (str, int)) else list(v)
+    return tuple(p.strip() for part in parts for p in str(part).split(","))
+
+
+def _ints(v: Any) -> tuple[int, ...]:  # noqa: ANN401
+    """A list of integers as given ("10,50", [10, 50]) -> (10, 50); ValueError if not."""
+    parts = v.split(",") if isinstance(v, str) else v
+    if isinstance(parts, bool) or not isinstance(parts, (list, tuple)) or any(isinstance(p, bool) for p in parts):
+        raise ValueError(v)
+    return tuple(int(str(p).strip()) for p in parts)
+
+
 def _items(v: Any) -> str | None:  # noqa: ANN401
-    """Comma-separated lists: no empty item ('gradcam,' is a typo, not a request)."""
-    parts = [v] if isinstance(v, str) else list(v)
-    items = [p.strip() for part in parts for p in str(part).split(",")]
-    if not items or any(not p for p in items):
+    """List options: no empty item ('gradcam,' is a typo, not a request)."""
+    if not isinstance(v, tuple) or not v or any(not p for p in v):
         return "has an empty item (write names separated by single commas)"
     return None
 
 
 def _percentages(v: Any) -> str | None:  # noqa: ANN401
-    return None if v and all(0 < int(p) < 100 for p in v) else "must be percentages between 1 and 99"
+    ok = isinstance(v, tuple) and v and all(isinstance(p, int) and 0 < p < 100 for p in v)
+    return None if ok else "must be percentages between 1 and 99"
 
 
 _E, _V, _C, _L = EXPLAIN, EVALUATE, CHECK, LAYERS
@@ -190,11 +244,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("mean", ("--mean",), Kind.STR, None,
            "Normalisation mean, three numbers R,G,B (0..1), replacing the model's own.",
            frozenset({_E, _V, _C}), shapes_output=True, group="model", check=_triple, default_text="the model's own",
-           example="0.5,0.5,0.5"),
+           example="0.5,0.5,0.5", parse=_numbers),
     Option("std", ("--std",), Kind.STR, None,
            "Normalisation std, three numbers R,G,B, replacing the model's own.",
            frozenset({_E, _V, _C}), shapes_output=True, group="model", check=_triple, default_text="the model's own",
-           example="0.25,0.25,0.25"),
+           example="0.25,0.25,0.25", parse=_numbers),
     Option("layout", ("--layout",), Kind.STR, None,
            "How the layer's output lies on the image: nchw, nhwc or tokens:P (P prefix tokens).",
            frozenset({_E, _V, _C, _L}), shapes_output=True, check=_not_empty, default_text="found from the model",
@@ -207,7 +261,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("precision", ("--precision",), Kind.STR, "fp32",
            "Forward pass: fp32, bf16 (autocast on CUDA and CPU), fp16 (CUDA only), or auto (bf16 on a CUDA "
            "device that supports it, else fp32). Maps are always computed in fp32.",
-           _MAP, shapes_output=True, check=_one_of(PRECISIONS), example="bf16"),
+           _MAP, shapes_output=True, check=_one_of(PRECISIONS), example="bf16", parse=Precision),
     # -- what to explain -----------------------------------------------------------------------
     Option("method", ("--method", "-M"), Kind.LIST, "gradcam",
            "Comma-separated methods (see `camcli methods`), or all: every method that fits the model.", _MAP, shapes_output=True, check=_items,
@@ -222,9 +276,10 @@ OPTIONS: tuple[Option, ...] = (
            frozenset({_E, _V}), shapes_output=True, file_key="class", check=_items, default_text="top1",
            example="1"),
     Option("region", ("--region",), Kind.STR, None,
-           "Segmentation models: explain the class's score summed over this box x0,y0,x1,y1 (pixels, or fractions).",
-           _MAP, shapes_output=True, check=_not_empty, default_text="the pixels the model assigns to the class",
-           example="0,0,0.5,0.5"),
+           "Segmentation models: explain the class's score summed over this box x0,y0,x1,y1 in pixels, or "
+           "fraction:x0,y0,x1,y1 (fractions of the image).",
+           _MAP, shapes_output=True, check=region_problem, default_text="the pixels the model assigns to the class",
+           example="fraction:0,0,0.5,0.5", parse=region_box),
     Option("region_mask", ("--region-mask",), Kind.STR, None,
            "Segmentation models: explain the class's score summed over this mask image's non-zero pixels.",
            _MAP, shapes_output=True, check=_not_empty, example="mask.png"),
@@ -319,39 +374,171 @@ def options_for(command: str) -> list[Option]:
     return [o for o in OPTIONS if command in o.commands]
 
 
-def get(opts: Any, name: str) -> Any:  # noqa: ANN401
-    """An option's value on any options object; the declared default where the command lacks it."""
-    return getattr(opts, name, BY_NAME[name].default)
+def typed(o: Option, value: Any) -> Any:  # noqa: ANN401
+    """A value as given (text from a flag, YAML, or a Python value) -> its real type: lists are
+    tuples, numbers numbers, enums enums. A value that does not convert stays as given, for the
+    option's ``check`` to name."""
+    if value is None:
+        return None
+    parse = o.parse or {Kind.LIST: names, Kind.INTS: _ints}.get(o.kind)
+    if parse is None:
+        return value
+    try:
+        return parse(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def _json(value: Any) -> str:  # noqa: ANN401
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 # -- options objects -----------------------------------------------------------------------------
-def _validate(self: Any) -> None:  # noqa: ANN401
-    """Check every value against its declaration: UsageError naming the flag and the value."""
-    for o in options_for(self.COMMAND):
-        value = getattr(self, o.name)
-        problem = o.check(value) if (o.check is not None and value is not None) else None
-        if problem:
-            raise UsageError(f"{o.flag} {value!r} {problem}")
+def _field(name: str, command: str | None = None) -> Any:  # noqa: ANN401
+    """A dataclass field for a declared option: its default, and the ``Option`` as metadata."""
+    o = BY_NAME[name]
+    return dataclasses.field(default=o.default if command is None else o.default_for(command), metadata={"option": o})
 
 
-def _options_class(command: str, name: str, doc: str) -> type:
-    fields = []
-    for o in options_for(command):
-        d = o.default_for(command)
-        fields.append((o.name, Any, dataclasses.field(default=d)))
-    cls = dataclasses.make_dataclass(name, fields, namespace={"validate": _validate, "COMMAND": command})
-    cls.__doc__ = doc
-    cls.__module__ = __name__
-    return cls
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """What loads and inspects a model: every options class starts here (and `camcli layers` has no more)."""
+
+    COMMAND: ClassVar[str] = LAYERS
+
+    model: str | None = _field("model")
+    weights: str | None = _field("weights")
+    unsafe_load: bool = _field("unsafe_load")
+    image_size: int | None = _field("image_size")
+    layout: str | None = _field("layout")
+    # Values as they were given where that differs from their typed form as JSON ("gradcam,layercam" for
+    # ("gradcam", "layercam")): summary.json's options and the fingerprint keep that spelling, so both
+    # stay what they were before options were typed, and --skip-existing reuses older runs' outputs.
+    as_given: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        given = dict(self.as_given)
+        for o in options_for(self.COMMAND):
+            raw = getattr(self, o.name)
+            value = typed(o, raw)
+            object.__setattr__(self, o.name, value)
+            if o.name in given and _json(typed(o, given[o.name])) == _json(value):
+                continue  # still the value that spelling gave (a copy by dataclasses.replace)
+            given.pop(o.name, None)
+            if _json(raw) != _json(value):
+                given[o.name] = raw
+        object.__setattr__(self, "as_given", given)
+
+    def spelled(self, name: str) -> Any:  # noqa: ANN401
+        """An option's value as it was given: what records and fingerprints show."""
+        return self.as_given.get(name, getattr(self, name))
+
+    def validate(self) -> None:
+        """Check every value against its declaration: UsageError naming the flag and the value."""
+        for o in options_for(self.COMMAND):
+            value = getattr(self, o.name)
+            problem = o.check(value) if (o.check is not None and value is not None) else None
+            if problem:
+                raise UsageError(f"{o.flag} {self.spelled(o.name)!r} {problem}")
 
 
-ExplainOptions = _options_class(EXPLAIN, "ExplainOptions", "Every option of `camcli explain`, as declared in OPTIONS.")
-EvaluateOptions = _options_class(EVALUATE, "EvaluateOptions", "Every option of `camcli evaluate`.")
-CheckOptions = _options_class(CHECK, "CheckOptions", "The options a check file sets (top level or under model:).")
-LayersOptions = _options_class(LAYERS, "LayersOptions", "Every option of `camcli layers`.")
-OPTIONS_CLASS: dict[str, type] = {
+@dataclass(frozen=True, kw_only=True)
+class LayersOptions(ModelOptions):
+    """Every option of `camcli layers`."""
+
+    COMMAND: ClassVar[str] = LAYERS
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapOptions(ModelOptions):
+    """What every command that computes maps takes: what a Session opens from."""
+
+    COMMAND: ClassVar[str] = CHECK
+
+    labels: str | None = _field("labels")
+    output_key: str | None = _field("output_key")
+    mean: tuple[float, ...] | None = _field("mean")
+    std: tuple[float, ...] | None = _field("std")
+    device: str = _field("device")
+    max_pixels: int = _field("max_pixels")
+    precision: Precision = _field("precision")
+    method: tuple[str, ...] = _field("method")
+    layer: tuple[str, ...] | None = _field("layer")
+    region: Box | None = _field("region")  # camcli.boxes.Box: values in a stated unit
+    region_mask: str | None = _field("region_mask")
+    batch_size: int = _field("batch_size")
+    signed: bool = _field("signed")
+    aug_smooth: bool = _field("aug_smooth")
+    eigen_smooth: bool = _field("eigen_smooth")
+    score_channels: int | None = _field("score_channels")
+    perturbation_batch: int = _field("perturbation_batch")
+    channels: str = _field("channels")
+    samples: int = _field("samples")
+    noise: float = _field("noise")
+    finer_base: str = _field("finer_base")
+    finer_alpha: float = _field("finer_alpha")
+    finer_references: int = _field("finer_references")
+    discard_ratio: float = _field("discard_ratio")
+    seed: int = _field("seed")
+    quiet: bool = _field("quiet")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckOptions(MapOptions):
+    """The options a check file sets (top level or under model:)."""
+
+    COMMAND: ClassVar[str] = CHECK
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagesOptions(MapOptions):
+    """The commands that read images from paths and write to a folder: explain and evaluate."""
+
+    classes: tuple[str, ...] | None = _field("classes")
+    out: str = _field("out")
+    recursive: bool = _field("recursive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplainOptions(ImagesOptions):
+    """Every option of `camcli explain`, as declared in OPTIONS."""
+
+    COMMAND: ClassVar[str] = EXPLAIN
+
+    per_layer: bool = _field("per_layer")
+    workers: int | None = _field("workers")
+    alpha: float = _field("alpha")
+    colormap: str | None = _field("colormap")
+    save_raw: bool = _field("save_raw")
+    skip_existing: bool = _field("skip_existing")
+    shard: str | None = _field("shard")
+    fail_fast: bool = _field("fail_fast")
+    ray: str | None = _field("ray")
+    ray_timeout: float = _field("ray_timeout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(ImagesOptions):
+    """Every option of `camcli evaluate`."""
+
+    COMMAND: ClassVar[str] = EVALUATE
+
+    out: str = _field("out", EVALUATE)
+    metric: tuple[str, ...] | None = _field("metric")
+    boxes: str | None = _field("boxes")
+    steps: int = _field("steps")
+    plots: bool = _field("plots")
+    road_percentages: tuple[int, ...] = _field("road_percentages")
+
+
+OPTIONS_CLASS: dict[str, type[ModelOptions]] = {
     EXPLAIN: ExplainOptions, EVALUATE: EvaluateOptions, CHECK: CheckOptions, LAYERS: LayersOptions,
 }
+
+
+def declared_fields(cls: type[ModelOptions]) -> dict[str, Option]:
+    """The fields of an options class that carry an ``Option``, by name."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(cls) if "option" in f.metadata}
 
 
 def build(command: str, *layers: Mapping[str, Any]) -> Any:  # noqa: ANN401
@@ -364,16 +551,16 @@ def build(command: str, *layers: Mapping[str, Any]) -> Any:  # noqa: ANN401
     return opts
 
 
-def record(opts: Any) -> dict[str, Any]:  # noqa: ANN401
-    """The options as summary.json records them: every recorded option of the command."""
-    return {o.key: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.record}
+def record(opts: ModelOptions) -> dict[str, Any]:
+    """The options as summary.json records them: every recorded option of the command, as given."""
+    return {o.key: opts.spelled(o.name) for o in options_for(opts.COMMAND) if o.record}
 
 
-def shaping(opts: Any, **resolved: Any) -> dict[str, Any]:  # noqa: ANN401
+def shaping(opts: ModelOptions, **resolved: Any) -> dict[str, Any]:  # noqa: ANN401
     """Everything that shapes the outputs, as JSON values: declared options plus resolved facts
     (the model's weights hash, the layers and classes actually used). Records headers keep it, so
     `camcli merge` can name the option in which two shards differ."""
-    values = {o.name: getattr(opts, o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
+    values = {o.name: opts.spelled(o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
     values.update(resolved)
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
@@ -383,7 +570,7 @@ def digest(shaping_values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(shaping_values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(opts: Any, **resolved: Any) -> str:  # noqa: ANN401
+def fingerprint(opts: ModelOptions, **resolved: Any) -> str:  # noqa: ANN401
     """A short hash of everything that shapes the outputs (see :func:`shaping`)."""
     return digest(shaping(opts, **resolved))
 
@@ -406,12 +593,9 @@ def _file_value(o: Option, value: Any, where: str) -> Any:  # noqa: ANN401
         else:
             value = float(value)
     elif o.kind is Kind.INTS:
-        parts = value.split(",") if isinstance(value, str) else value
         try:
-            if isinstance(parts, bool) or not isinstance(parts, list):
-                raise ValueError
-            value = tuple(int(str(p).strip()) for p in parts)
-        except ValueError:
+            value = _ints(value)
+        except (ValueError, TypeError):
             bad = "must be a list of integers"
     elif o.kind is Kind.LIST:
         if isinstance(value, list):
@@ -431,7 +615,7 @@ def _file_value(o: Option, value: Any, where: str) -> Any:  # noqa: ANN401
     if bad:
         raise UsageError(f"{where}: {o.key} {bad}, got {value!r}")
     if o.check is not None:
-        problem = o.check(value)
+        problem = o.check(typed(o, value))
         if problem:
             raise UsageError(f"{where}: {o.key} {value!r} {problem}")
     return value

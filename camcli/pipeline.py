@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamMap, ImageOutput
 from camcli.errors import ExitCode, OutputError, UsageError
@@ -322,7 +321,7 @@ def open_records(
     write_plan(out_dir / plan_name(plan.shard), (s.rel.as_posix() for s in plan.sources))
     stream = RecordStream(out_dir / records_name(plan.shard), header)
     reuse = None
-    if O.get(session.options, "skip_existing"):
+    if isinstance(session.options, ExplainOptions) and session.options.skip_existing:
         wanted = set(keys)
 
         def reuse(rec: dict[str, Any]) -> bool:

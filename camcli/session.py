@@ -21,6 +21,7 @@ from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.models.outputs import pick_logits
+from camcli.options import ExplainOptions, ImagesOptions, MapOptions
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,21 +65,20 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def method_options(opts: Any) -> MethodOptions:  # noqa: ANN401
-    """The knobs methods read, from any command's options."""
+def method_options(opts: MapOptions) -> MethodOptions:
+    """The knobs methods read, from any command's options (under the flags' names)."""
     return MethodOptions(
-        score_channels=O.get(opts, "score_channels"),
-        perturbation_batch=O.get(opts, "perturbation_batch"),
-        channels=O.get(opts, "channels"),
-        smooth_samples=O.get(opts, "samples"),
-        integration_steps=O.get(opts, "samples"),
-        smooth_sigma=O.get(opts, "noise"),
-        seed=O.get(opts, "seed"),
-        progress=not O.get(opts, "quiet"),
-        finer_base=O.get(opts, "finer_base"),
-        finer_alpha=O.get(opts, "finer_alpha"),
-        finer_references=O.get(opts, "finer_references"),
-        discard_ratio=O.get(opts, "discard_ratio"),
+        score_channels=opts.score_channels,
+        perturbation_batch=opts.perturbation_batch,
+        channels=opts.channels,
+        samples=opts.samples,
+        noise=opts.noise,
+        seed=opts.seed,
+        progress=not opts.quiet,
+        finer_base=opts.finer_base,
+        finer_alpha=opts.finer_alpha,
+        finer_references=opts.finer_references,
+        discard_ratio=opts.discard_ratio,
     )
 
 
@@ -90,14 +90,13 @@ def _quiet(msg: str) -> None:
     """-q: no messages."""
 
 
-def _asks_all(spec: Any) -> bool:  # noqa: ANN401
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    return any(p.strip().lower() == "all" for part in parts for p in str(part).split(","))
+def _asks_all(names: Sequence[str]) -> bool:
+    return any(n.lower() == "all" for n in names)
 
 
 @dataclass
 class Session:
-    options: Any  # ExplainOptions | EvaluateOptions | CheckOptions
+    options: MapOptions  # ExplainOptions | EvaluateOptions | CheckOptions
     model: LoadedModel
     device: torch.device
     preprocess: Preprocess
@@ -108,31 +107,31 @@ class Session:
     warn: Callable[[str], None]
 
     @classmethod
-    def open(cls, opts: Any, *, model: LoadedModel | None = None) -> "Session":  # noqa: ANN401
+    def open(cls, opts: MapOptions, *, model: LoadedModel | None = None) -> "Session":
         """Check the options, load the model (unless given) and prepare the engine.
 
         Everything that can fail on the user's input fails here, before any image is read.
         """
         opts.validate()
-        warn = _quiet if O.get(opts, "quiet") else stderr_warning
+        warn = _quiet if opts.quiet else stderr_warning
         mopts = method_options(opts)
-        methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(O.get(opts, "method"))]
-        every = _asks_all(O.get(opts, "method"))
-        device = resolve_device(O.get(opts, "device"))
-        precision = resolve_precision(O.get(opts, "precision"), device)
-        output_key = O.get(opts, "output_key")
+        methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(opts.method)]
+        every = _asks_all(opts.method)
+        device = resolve_device(opts.device)
+        precision = resolve_precision(opts.precision, device)
+        output_key = opts.output_key
         lm = model or load_model(
-            O.get(opts, "model"), O.get(opts, "weights"), O.get(opts, "labels"),
-            unsafe_load=bool(O.get(opts, "unsafe_load")), image_size=O.get(opts, "image_size"), device=device,
-            output_key=output_key, mean=O.get(opts, "mean"), std=O.get(opts, "std"),
-            layers=layer_names(O.get(opts, "layer")),
+            opts.model, opts.weights, opts.labels,
+            unsafe_load=opts.unsafe_load, image_size=opts.image_size, device=device,
+            output_key=output_key, mean=opts.mean, std=opts.std,
+            layers=layer_names(opts.layer),
         )
-        layout = O.get(opts, "layout")
+        layout = opts.layout
         # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
         lm.module.to(device=device, memory_format=torch.channels_last)
         # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-        seg_classes = lm.num_classes if lm.task == "segmentation" else None
+        segmentation_classes = lm.num_classes if lm.task == "segmentation" else None
         # The load-time probe's forward serves the default layer and the engine's checks when it ran on
         # this device and kept what they need; otherwise they run forwards of their own. It serves one
         # session only: the module may change afterwards, and its tensors should not outlive the load.
@@ -141,13 +140,13 @@ class Session:
             probe = None
         traced = (trace_layers(lm.module, example, layout) if probe is None
                   else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout))
-        layers = choose_layers(lm.module, O.get(opts, "layer"), lm.name, example, layout, seg_classes, traced)
+        layers = choose_layers(lm.module, opts.layer, lm.name, example, layout, segmentation_classes, traced)
         check_single_calls(layers, traced, lm.name)  # at load, not once per image
         engine = CamEngine(
-            lm.module, layers, methods, options=mopts, signed=bool(O.get(opts, "signed")),
-            output_key=output_key, per_layer=bool(O.get(opts, "per_layer")),
-            aug_smooth=bool(O.get(opts, "aug_smooth")), eigen_smooth=bool(O.get(opts, "eigen_smooth")),
-            channels_last=True, region=tgt.parse_region(O.get(opts, "region"), O.get(opts, "region_mask")),
+            lm.module, layers, methods, options=mopts, signed=opts.signed,
+            output_key=output_key, per_layer=isinstance(opts, ExplainOptions) and opts.per_layer,
+            aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
+            channels_last=True, region=tgt.parse_region(opts.region, opts.region_mask),
             layout=layout, precision=precision,
         )
         if lm.task == "segmentation" and engine.aug_smooth:
@@ -167,7 +166,8 @@ class Session:
             if "output-key" in str(e) or "camcli layers" in str(e):
                 raise
             raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
-        specs = tgt.parse_class_specs(O.get(opts, "classes"), lm.labels, lm.num_classes)
+        specs = tgt.parse_class_specs(opts.classes if isinstance(opts, ImagesOptions) else None, lm.labels,
+                                      lm.num_classes)
         return cls(
             options=opts, model=lm, device=device,
             preprocess=lm.preprocess(),
@@ -182,7 +182,7 @@ class Session:
 
     @property
     def batch_size(self) -> int:
-        return int(O.get(self.options, "batch_size"))
+        return self.options.batch_size
 
     @property
     def layer_name(self) -> str:
@@ -213,7 +213,7 @@ class Session:
         """(N, classes) logits of normalised inputs, without gradients."""
         with torch.inference_mode(), self.engine.autocast(self.device):
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            return pick_logits(self.model.module(x), O.get(self.options, "output_key")).float()
+            return pick_logits(self.model.module(x), self.options.output_key).float()
 
     def shaping(self) -> dict[str, Any]:
         """Everything that shapes the outputs: declared options plus what they resolved to."""

@@ -16,7 +16,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from camcli.boxes import Box
 from camcli.errors import UsageError, suggest
+from camcli.options import region_box, region_problem
 
 
 @dataclass(frozen=True)
@@ -39,25 +41,16 @@ TargetSpec = TopK | ClassIndex
 
 
 def parse_class_specs(
-    values: Sequence[str | int] | str | int | None,
+    values: Sequence[str | int] | None,
     labels: Sequence[str] | None,
     num_classes: int,
 ) -> list[TargetSpec]:
-    """Parse ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (repeatable, comma-separated).
+    """Parse ``--class`` items: ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (None: top1).
 
     Raises UsageError naming the bad value and what is accepted.
     """
-    if values is None:
-        values = ["top1"]
-    if isinstance(values, (str, int)):
-        values = [values]
-    tokens: list[str] = []
-    for v in values:
-        if isinstance(v, int):
-            tokens.append(str(v))
-        else:
-            tokens.extend(t.strip() for t in str(v).split(",") if t.strip())
-    if not tokens:
+    tokens = ["top1"] if values is None else [str(v).strip() for v in values]
+    if not tokens or not all(tokens):
         raise UsageError("--class is empty (accepted: top1, topK, a class index or a label name)")
     specs: list[TargetSpec] = []
     lowered = {lab.lower(): i for i, lab in enumerate(labels or [])}
@@ -182,9 +175,9 @@ class Region:
         return out
 
 
-def parse_region(box: str | None, mask: str | None) -> Region | None:
-    """``--region x0,y0,x1,y1`` (pixels, or fractions in [0, 1]: camcli/boxes.py says which) or
-    ``--region-mask FILE``."""
+def parse_region(box: Box | str | None, mask: str | None) -> Region | None:
+    """``--region`` (a boxes.Box, or its text "x0,y0,x1,y1" / "fraction:x0,y0,x1,y1": pixels, or
+    fractions in [0, 1], camcli/boxes.py says which) or ``--region-mask FILE``."""
     if box is not None and mask is not None:
         raise UsageError("give --region or --region-mask, not both")
     if mask is not None:
@@ -195,17 +188,11 @@ def parse_region(box: str | None, mask: str | None) -> Region | None:
         return Region(mask=mask)
     if box is None:
         return None
-    from camcli.boxes import BoxError, parse_box
-
-    try:
-        parsed = parse_box(box, plain_fractions=True, cli=True)
-    except BoxError as e:
-        raise UsageError(f"--region {box!r}: {e}") from None
-    vals = parsed.values
-    if vals[2] <= vals[0] or vals[3] <= vals[1] or min(vals) < 0:
-        raise UsageError(f"--region {box!r} is not a box x0,y0,x1,y1 with x0 < x1 and y0 < y1 (pixels, or fractions "
-                         "written fraction:x0,y0,x1,y1)")
-    return Region(box=vals, unit=parsed.unit)
+    problem = region_problem(box)
+    if problem:
+        raise UsageError(f"--region {box!r} {problem}")
+    parsed = region_box(box)
+    return Region(box=parsed.values, unit=parsed.unit)
 
 
 @dataclass

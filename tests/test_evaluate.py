@@ -99,9 +99,9 @@ def test_baseline_maps() -> None:
 
 def test_metric_names_are_checked() -> None:
     with pytest.raises(UsageError, match="did you mean 'deletion_auc'"):
-        parse_metrics("deleton_auc", False)
+        parse_metrics(("deleton_auc",), False)
     with pytest.raises(UsageError, match="needs --boxes"):
-        parse_metrics("pointing_game", False)
+        parse_metrics(("pointing_game",), False)
     assert "pointing_game" in parse_metrics(None, True)
 
 

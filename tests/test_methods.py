@@ -173,7 +173,7 @@ def test_cam_equals_gradcam_on_gap_linear_head() -> None:
 
     model = tiny_cnn()
     x = torch.randn(4, 3, 40, 40)
-    engine = CamEngine(model, ["features"], parse_methods("cam,gradcam"))
+    engine = CamEngine(model, ["features"], parse_methods(("cam", "gradcam")))
     engine.prepare(x[:1])
     for o in engine.explain(x, [TopK(2)]):
         by = {}
@@ -194,7 +194,7 @@ def test_cam_needs_gap_linear_head() -> None:
 def test_hirescam_equals_gradcam_with_spatially_constant_gradients() -> None:
     torch.manual_seed(3)
     a = torch.rand(2, 5, 4, 6)
-    engine = CamEngine(GapLinear(torch.randn(3, 5)), ["feat"], parse_methods("gradcam,hirescam"))
+    engine = CamEngine(GapLinear(torch.randn(3, 5)), ["feat"], parse_methods(("gradcam", "hirescam")))
     for o in engine.explain(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 
@@ -209,7 +209,7 @@ def two_objects() -> tuple[nn.Module, torch.Tensor]:
 
 def test_counterfactual_highlights_the_other_object() -> None:
     model, x = two_objects()
-    o = CamEngine(model, ["feat"], parse_methods("gradcam,counterfactual")).explain(x, [ClassIndex(0)])[0]
+    o = CamEngine(model, ["feat"], parse_methods(("gradcam", "counterfactual"))).explain(x, [ClassIndex(0)])[0]
     grad, counter = o.maps[0].cam, o.maps[1].cam
     assert grad[:, :4].sum() > 0 and grad[:, 4:].sum() == 0  # Grad-CAM: the cat
     assert counter[:, 4:].sum() > 0 and counter[:, :4].sum() == 0  # counterfactual: the dog
@@ -290,7 +290,7 @@ def test_guided_methods_cover_inplace_and_functional_relus() -> None:
     torch.manual_seed(0)
     model = FunctionalReluNet().eval()
     x = torch.randn(1, 3, 8, 8)
-    o = CamEngine(model, ["conv2"], parse_methods("guided-backprop,guided-gradcam")).explain(x, [ClassIndex(1)])[0]
+    o = CamEngine(model, ["conv2"], parse_methods(("guided-backprop", "guided-gradcam"))).explain(x, [ClassIndex(1)])[0]
     gb = next(m for m in o.maps if m.method == "guided-backprop")
     assert gb.layer == "input" and gb.cam.shape == (8, 8) and gb.cam.max() == pytest.approx(1.0)
     # reference: guided gradient computed directly; every ReLU (module and functional) is guided
@@ -348,8 +348,8 @@ def test_batching_never_changes_a_map(bundled, samples) -> None:  # noqa: ANN001
     pre = Preprocess(160, bundled.mean, bundled.std, flexible=False)
     imgs = [pre(decode(p)) for p in sorted(samples.glob("*.jpg"))]
     batch = torch.stack([imgs[i % len(imgs)] for i in range(8)])
-    methods = parse_methods("gradcam,gradcam++,layercam,scorecam,ss-cam,smoothgradcam++")
-    opts = MethodOptions(score_channels=8, smooth_samples=2)
+    methods = parse_methods(("gradcam", "gradcam++", "layercam", "scorecam", "ss-cam", "smoothgradcam++"))
+    opts = MethodOptions(score_channels=8, samples=2)
     engine = CamEngine(bundled.module, ["bn2"], methods, options=opts)
     together = engine.explain(batch, [ClassIndex(285)])
     for i in (0, 5):
@@ -397,7 +397,7 @@ def test_iscam_by_hand() -> None:
     # channel 2: s = 1/2 -> -0.0625 + 0.3 = 0.2375; s = 1 -> 0.175; mean 0.20625; weights = softmax
     w1 = 1 / (1 + math.exp(-(0.4875 - 0.20625)))
     engine = CamEngine(toy_scores_model(), ["feat"], [get_method("is-cam")], signed=True,
-                       options=MethodOptions(integration_steps=2))
+                       options=MethodOptions(samples=2))
     out = engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
     expected = torch.tensor([[w1, 0.0], [0.0, 2 * (1 - w1)]])
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
@@ -409,9 +409,9 @@ def test_sscam_without_noise_is_scorecam_and_noise_is_seeded() -> None:
                            options=MethodOptions(**opts))
         return engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
 
-    assert np.allclose(run("ss-cam", smooth_sigma=0.0, smooth_samples=3), run("scorecam"), atol=1e-6)
-    noisy = run("ss-cam", smooth_sigma=0.5, smooth_samples=3)
-    assert np.array_equal(noisy, run("ss-cam", smooth_sigma=0.5, smooth_samples=3))
+    assert np.allclose(run("ss-cam", noise=0.0, samples=3), run("scorecam"), atol=1e-6)
+    noisy = run("ss-cam", noise=0.5, samples=3)
+    assert np.array_equal(noisy, run("ss-cam", noise=0.5, samples=3))
     assert not np.allclose(noisy, run("scorecam"), atol=1e-4)
 
 
@@ -421,8 +421,8 @@ def test_smoothgradcampp_equals_gradcampp_when_gradients_ignore_noise() -> None:
     torch.manual_seed(5)
     a = torch.rand(2, 3, 4, 5)
     model = GapLinear(torch.randn(2, 3))
-    engine = CamEngine(model, ["feat"], parse_methods("gradcam++,smoothgradcam++"),
-                       options=MethodOptions(smooth_sigma=0.3, smooth_samples=4))
+    engine = CamEngine(model, ["feat"], parse_methods(("gradcam++", "smoothgradcam++")),
+                       options=MethodOptions(noise=0.3, samples=4))
     for o in engine.explain(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 
@@ -433,7 +433,7 @@ def test_guided_gradcam_is_saliency_times_upsampled_gradcam() -> None:
     torch.manual_seed(0)
     model = FunctionalReluNet().eval()
     x = torch.randn(1, 3, 8, 8)
-    o = CamEngine(model, ["conv2"], parse_methods("guided-gradcam")).explain(x, [ClassIndex(1)])[0]
+    o = CamEngine(model, ["conv2"], parse_methods(("guided-gradcam",))).explain(x, [ClassIndex(1)])[0]
     xg = x.clone().requires_grad_(True)
     with GuidedReLUMode():
         (g,) = torch.autograd.grad(model(xg)[0, 1], xg)
@@ -473,12 +473,12 @@ def test_noisy_maps_on_cpu_are_unchanged_by_drawing_noise_on_the_cpu() -> None:
     from toymodels import tiny_cnn
 
     ss = CamEngine(toy_scores_model(), ["feat"], [get_method("ss-cam")], signed=True,
-                   options=MethodOptions(smooth_sigma=0.5, smooth_samples=3, seed=7))
+                   options=MethodOptions(noise=0.5, samples=3, seed=7))
     assert np.allclose(ss.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam, [[1.0, 0.0], [0.0, 0.9372602]], atol=1e-6)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 16, 16)
     sg = CamEngine(tiny_cnn(), ["features.2"], [get_method("smoothgradcam++")], signed=True,
-                   options=MethodOptions(smooth_sigma=0.3, smooth_samples=3, seed=7))
+                   options=MethodOptions(noise=0.3, samples=3, seed=7))
     first = sg.explain(x, [ClassIndex(1)])[0].maps[0].cam
     assert np.allclose(first[0], [0.1569439, -0.0351094, 0.4510500, 0.8087826], atol=1e-5)
     assert np.allclose(first[3], [0.3214593, 0.6373886, 0.0031556, 1.0000000], atol=1e-5)

@@ -110,7 +110,7 @@ def test_torch_export_archive_gives_the_eager_models_maps(tmp_path: Path) -> Non
     lm = load_model(str(p))
     assert lm.source == "torch.export" and lm.num_classes == 3 and lm.flexible_size
     x = torch.randn(2, 3, 96, 128)
-    methods = parse_methods("gradcam,layercam,scorecam")
+    methods = parse_methods(("gradcam", "layercam", "scorecam"))
     ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [TopK(1)])
     ref = CamEngine(eager, ["layer4"], methods).explain(x, [TopK(1)])
     for a, b in zip(ours, ref):
@@ -131,7 +131,7 @@ def test_guided_backprop_reaches_the_relus_of_an_exported_graph(tmp_path: Path) 
     lm = load_model(str(p))
     assert lm.input_size == 64 and not lm.flexible_size  # static height and width: the example's size
     x = torch.randn(1, 3, 64, 64)
-    methods = parse_methods("guided-backprop")
+    methods = parse_methods(("guided-backprop",))
     ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
     ref = CamEngine(eager, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
     assert np.allclose(ours, ref, atol=1e-5)

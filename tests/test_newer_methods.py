@@ -164,7 +164,7 @@ def test_shapleycam_by_hand() -> None:
     # w = (1, -1), v = (0.5, 2): weights ((7/4 + 0.5) / 4, (-1/2 + 2) / 4) = (9/16, 3/8).
     # Grad-CAM's weights mean(G) = ((3.5 + 0.5) / 4, (-1 + 2) / 4) = (1, 1/4) give another map.
     model = QuadHead(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 2.0]]))
-    o = CamEngine(model, ["feat"], parse_methods("shapleycam,gradcam"), signed=True).explain(A, [ClassIndex(0)])[0]
+    o = CamEngine(model, ["feat"], parse_methods(("shapleycam", "gradcam")), signed=True).explain(A, [ClassIndex(0)])[0]
     shapley = 9 / 16 * A[0, 0] + 3 / 8 * A[0, 1]  # [[0.5625, 1.5], [2.0625, 0.5625]]
     grad = 1.0 * A[0, 0] + 0.25 * A[0, 1]
     assert np.allclose(o.maps[0].cam, (shapley / shapley.max()).numpy(), atol=1e-6)
@@ -175,7 +175,7 @@ def test_shapleycam_by_hand() -> None:
 def test_shapleycam_is_gradcam_when_the_score_is_linear_in_the_layer() -> None:
     torch.manual_seed(5)
     a = torch.rand(2, 3, 4, 5)
-    engine = CamEngine(GapLinear(torch.randn(2, 3)), ["feat"], parse_methods("gradcam,shapleycam"), signed=True)
+    engine = CamEngine(GapLinear(torch.randn(2, 3)), ["feat"], parse_methods(("gradcam", "shapleycam")), signed=True)
     for o in engine.explain(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 

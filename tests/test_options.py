@@ -3,8 +3,10 @@ that lists it, as a flag and as a file key, and has its effect."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +19,9 @@ from typer.testing import CliRunner
 
 from camcli import options as O
 from camcli.cli import app
-from camcli.errors import CamcliError, ExitCode
+from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import evaluate
+from camcli.boxes import Box
 from camcli.options import EvaluateOptions, ExplainOptions
 from camcli.pipeline import explain
 from camcli.session import Session
@@ -104,8 +107,8 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "score_channels": (4, lambda s, v: s.engine.options.score_channels == 4),
     "perturbation_batch": (5, lambda s, v: s.engine.options.perturbation_batch == 5),
     "channels": ("top2", lambda s, v: s.engine.options.channels == "top2"),
-    "samples": (3, lambda s, v: s.engine.options.smooth_samples == 3 and s.engine.options.integration_steps == 3),
-    "noise": (0.3, lambda s, v: s.engine.options.smooth_sigma == 0.3),
+    "samples": (3, lambda s, v: s.engine.options.samples == 3),
+    "noise": (0.3, lambda s, v: s.engine.options.noise == 0.3),
     "seed": (7, lambda s, v: s.engine.options.seed == 7),
     "region": ("0,0,0.5,0.5", lambda s, v: s.engine.region is not None and s.engine.region.box == (0, 0, 0.5, 0.5)),
     "region_mask": (None, lambda s, v: s.engine.region is not None and s.engine.region.mask == v),
@@ -235,12 +238,9 @@ def test_each_option_reaches_each_command_as_flag_and_file_key(
         how = f"{'flag ' + ' '.join(flags) if flags else 'file key ' + o.key} in `camcli {command}`"
         assert spy["built"], f"{how}: no options were built ({r.output})"
         got = getattr(spy["built"][-1], name)
-        expected = value
-        if isinstance(value, list):
-            expected = tuple(value) if o.kind is O.Kind.INTS else [str(v) for v in value]
-        if name == "classes" and isinstance(got, list):
-            got = ",".join(got)
-        assert got == expected, f"{how}: the options hold {got!r}, not {expected!r}"
+        expected = O.typed(o, value)
+        assert got == expected and type(got) is type(expected), f"{how}: the options hold {got!r}, not {expected!r}"
+        assert not isinstance(got, str) or o.kind is O.Kind.STR, f"{how}: a {o.kind.value} option holds text"
         if command == O.LAYERS:
             assert r.exit_code == 0, f"{how}: {r.output}"
             continue
@@ -271,6 +271,93 @@ def test_derived_records_and_fingerprint() -> None:
         changed = ExplainOptions(**{o.name: O.BY_NAME[o.name].example})
         differs = O.fingerprint(changed) != base
         assert differs == o.shapes_output, f"{o.name}: fingerprint {'ignores' if o.shapes_output else 'depends on'} it"
+
+
+def test_each_options_class_declares_exactly_its_commands_options_with_types() -> None:
+    import typing
+
+    for command, cls in O.OPTIONS_CLASS.items():
+        assert cls.COMMAND == command
+        declared = O.declared_fields(cls)
+        assert set(declared) == {o.name for o in O.options_for(command)}, command
+        hints = typing.get_type_hints(cls)
+        for name, o in declared.items():
+            assert o is O.BY_NAME[name]
+            assert hints[name] is not Any, f"{command}: {name} is untyped"
+        assert dataclasses.fields(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_values_get_their_real_type_once_at_construction() -> None:
+    opts = ExplainOptions(method="gradcam, layercam", layer=["features.0", "features.2,features.3"],
+                          classes=["1,top2"], mean="0.5,0.5,0.5", precision="bf16")
+    assert opts.method == ("gradcam", "layercam")
+    assert opts.layer == ("features.0", "features.2", "features.3")
+    assert opts.classes == ("1", "top2")
+    assert opts.mean == (0.5, 0.5, 0.5) and opts.std is None
+    assert ExplainOptions(region="0,0,0.5,0.5").region == Box((0.0, 0.0, 0.5, 0.5), "fraction")
+    assert ExplainOptions(region="pixels:0,0,1,1").region == Box((0.0, 0.0, 1.0, 1.0), "pixels")
+    assert opts.precision is O.Precision.BF16
+    assert EvaluateOptions(road_percentages="10,50").road_percentages == (10, 50)
+    assert ExplainOptions() == ExplainOptions(method=("gradcam",))  # the default, typed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.method = ("cam",)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ExplainOptions("m")  # type: ignore[misc]  # keywords only: no option depends on field order
+
+
+def test_bad_values_are_named_as_given() -> None:
+    for kw, message in [
+        ({"method": "gradcam,"}, "--method 'gradcam,' has an empty item"),
+        ({"mean": "0.5,x,0.5"}, "--mean '0.5,x,0.5' is not three numbers"),
+        ({"precision": "fp64"}, "--precision 'fp64' is not one of fp32, bf16, fp16, auto"),
+        ({"region": "a,b,c,d"}, "--region 'a,b,c,d' is not a box x0,y0,x1,y1"),
+        ({"region": "5,5,1,1"}, "--region '5,5,1,1' is not a box x0,y0,x1,y1"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            ExplainOptions(**kw).validate()
+    with pytest.raises(UsageError, match=re.escape("--std '1,0,1': every value must be greater than 0")):
+        Session.open(ExplainOptions(model=TINY, std="1,0,1"))  # found when the model loads, as before
+
+
+def test_python_callers_may_still_give_method_text() -> None:
+    from camcli.methods import parse_methods
+
+    def names(x: Any) -> list[str]:  # noqa: ANN401
+        return [m.name for m in parse_methods(x)]
+
+    assert names("gradcam++") == ["gradcam++"]  # the README's call: one name, not its letters
+    assert names("gradcam, layercam") == names(("gradcam", "layercam")) == ["gradcam", "layercam"]
+
+
+# Computed before options were typed (182a054 with --discard-ratio and --ray-timeout added, which
+# shape outputs and so entered every fingerprint): an unchanged run keeps its fingerprint, so
+# --skip-existing reuses the outputs of runs made before.
+PINNED_FINGERPRINTS = [
+    ({}, "eb311361f2be88c1"),
+    ({"method": "gradcam,layercam", "layer": "features.0,features.2", "classes": ["1", "top2"], "precision": "fp32",
+      "mean": "0.5,0.5,0.5", "std": "0.25,0.25,0.25"}, "ab8bf54cd5207b1b"),
+    ({"method": "gradcam, layercam", "classes": ["1,2"]}, "a9d78275a14728bd"),
+    ({"method": ["gradcam", "layercam"], "layer": ["features.0"], "classes": ["1", "2"]}, "1f29f0a44dc235e7"),
+    ({"precision": "bf16", "device": "cpu", "samples": 3, "noise": 0.3}, "b5f3bd9633db2f7c"),
+]
+
+
+@pytest.mark.parametrize("kw,expected", PINNED_FINGERPRINTS)
+def test_fingerprint_of_an_unchanged_run_is_what_it_was(kw: dict[str, Any], expected: str) -> None:
+    opts = ExplainOptions(model=TINY, quiet=True, **kw)
+    session = Session.open(opts)
+    assert session.fingerprint() == expected
+    # the Ray driver opens its session on a copy with another --device: the spelling travels with it
+    assert O.fingerprint(dataclasses.replace(opts, device="cpu")) == O.fingerprint(opts)
+    assert O.fingerprint(ExplainOptions(**dataclasses.asdict(opts))) == O.fingerprint(opts)  # a Ray actor's copy
+
+
+def test_records_keep_list_options_as_they_were_given() -> None:
+    opts = EvaluateOptions(metric="deletion_auc,pointing_game", road_percentages=[10, 50], mean="0.5,0.5,0.5")
+    rec = O.record(opts)
+    assert rec["metric"] == "deletion_auc,pointing_game" and rec["mean"] == "0.5,0.5,0.5"
+    assert json.dumps(rec["road_percentages"]) == "[10, 50]" and json.dumps(rec["precision"]) == '"fp32"'
+    assert O.record(dataclasses.replace(opts, metric="complexity"))["metric"] == "complexity"
 
 
 # -- each option that shapes a map changes the maps --------------------------------------------------

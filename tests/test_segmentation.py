@@ -71,7 +71,7 @@ def test_region_in_pixels_and_from_a_mask(tmp_path: Path) -> None:
     mask[40:, 50:] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     assert parse_region(None, str(tmp_path / "m.png")).on_grid((80, 100), (8, 10))[4:, 5:].all()
-    for bad in ("1,2,3", "5,5,1,1", "a,b,c,d"):
+    for bad in ((1, 2, 3), (5, 5, 1, 1), (0, -1, 2, 2)):
         with pytest.raises(UsageError, match="--region"):
             parse_region(bad, None)
 

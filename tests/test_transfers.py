@@ -82,7 +82,7 @@ def test_hostpack_round_trips_every_dtype() -> None:
         ("gradcam,gradcam++,layercam,eigencam", {}),
         ("gradcam,activations", {"per_layer": True, "layers": ["c1", "c2"]}),
         ("gradcam,xgradcam", {"aug_smooth": True, "signed": True}),
-        ("scorecam,ablationcam,ss-cam", {"options": MethodOptions(score_channels=2, smooth_samples=2)}),
+        ("scorecam,ablationcam,ss-cam", {"options": MethodOptions(score_channels=2, samples=2)}),
     ],
     ids=["gradient-family", "layers-and-channels", "aug-smooth", "perturbation"],
 )

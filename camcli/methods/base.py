@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError, suggest
+from camcli.options import names as option_names
 
 
 class Scorer(Protocol):
@@ -28,14 +29,13 @@ class LayerScorer(Protocol):
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Knobs some methods read; the engine passes the same object to every method."""
+    """Knobs some methods read, named as their flags; the engine passes the same object to every method."""
 
     score_channels: int | None = None  # Score-CAM family: only the N channels with most mass
     perturbation_batch: int = 16  # masked forward passes per model call (16 is fastest on CPU here)
     channels: str = "mean"  # `activations`: "mean", a channel index, or "topN"
-    smooth_samples: int = 8  # SS-CAM / SmoothGrad-CAM++ noise samples
-    smooth_sigma: float = 0.1  # noise std as a share of the input (or activation) range
-    integration_steps: int = 8  # IS-CAM
+    samples: int = 8  # --samples: SS-CAM / SmoothGrad-CAM++ noise samples; IS-CAM integration steps
+    noise: float = 0.1  # --noise: noise std as a share of the input (or activation) range
     seed: int = 0
     progress: bool = False  # a progress bar (stderr, terminals only) for long perturbation loops
     finer_base: str = "gradcam"  # finercam: the method whose target becomes the contrast
@@ -147,13 +147,14 @@ def get_method(name: str) -> MethodInfo:
 ALL = "all"
 
 
-def parse_methods(spec: str | list[str]) -> list[MethodInfo]:
-    """``"gradcam,layercam"`` or a list of such strings -> resolved, de-duplicated methods.
+def parse_methods(names: str | Sequence[str]) -> list[MethodInfo]:
+    """Method names (``--method``'s items) -> resolved, de-duplicated methods. Python callers may
+    give text as ``--method`` takes it ("gradcam,layercam"): it is read as the option reads it.
 
     ``all`` is every registered method; the session drops, with a reason, those that do not fit.
     """
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+    if isinstance(names, str):
+        names = [n for n in option_names(names) if n]
     if not names:
         raise UsageError("no method given (accepted: " + ", ".join(sorted(_REGISTRY)) + ", or all)")
     if ALL in (n.lower() for n in names):

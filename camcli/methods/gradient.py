@@ -174,16 +174,16 @@ def smoothgradcampp(inputs: CamInputs) -> Tensor:
     opts = inputs.options
     # Noise per image, from its own seeded generator and value range: a map never depends on its batch.
     gens = [noise_generator(opts.seed) for _ in range(x.shape[0])]
-    sigma = opts.smooth_sigma * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
+    sigma = opts.noise * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)).view(-1, 1, 1, 1)
     g1 = torch.zeros_like(a)
     g2 = torch.zeros_like(a)
     g3 = torch.zeros_like(a)
-    for _ in range(opts.smooth_samples):
+    for _ in range(opts.samples):
         noise = draw_noise(gens, x.shape[1:], x.device)
         noisy = x + noise * sigma
         _, g = grad_at(noisy)
         g1 += g
         g2 += g * g
         g3 += g * g * g
-    n = opts.smooth_samples
+    n = opts.samples
     return weigh(gradcampp_weights(a, g1 / n, g2 / n, g3 / n), a)

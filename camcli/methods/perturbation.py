@@ -86,15 +86,15 @@ def sscam(inputs: CamInputs) -> Tensor:
 
     def start(x1: Tensor) -> None:  # the same noise for an image whatever its batch
         gen.manual_seed(opts.seed)
-        sigma[0] = opts.smooth_sigma * (x1.max() - x1.min())  # stays a device scalar: no wait
+        sigma[0] = opts.noise * (x1.max() - x1.min())  # stays a device scalar: no wait
 
     def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
         masked = x1 * masks[:, None]
         total = torch.zeros(masks.shape[0], device=x1.device)
-        for _ in range(opts.smooth_samples):
+        for _ in range(opts.samples):
             noise = draw_noise([gen], masked.shape, x1.device)[0] * sigma[0]
             total += scorer(masked + noise, c)
-        return total / opts.smooth_samples
+        return total / opts.samples
 
     return _score_family(inputs, "ss-cam", score, on_image=start)
 
@@ -109,7 +109,7 @@ def sscam(inputs: CamInputs) -> Tensor:
 )
 def iscam(inputs: CamInputs) -> Tensor:
     scorer = require(inputs.scorer, "a scorer", "is-cam")  # type: ignore[arg-type]
-    n = inputs.options.integration_steps
+    n = inputs.options.samples
 
     def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
         total = torch.zeros(masks.shape[0], device=x1.device)

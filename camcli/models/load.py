@@ -460,7 +460,8 @@ def _normalisation(value: Sequence[float] | str, flag: str) -> tuple[float, floa
     if len(out) != 3:
         raise UsageError(f"--{flag} {value!r}: expected three numbers (red, green, blue), e.g. 0.485,0.456,0.406")
     if flag == "std" and min(out) <= 0:
-        raise UsageError(f"--std {value!r}: every value must be greater than 0")
+        shown = value if isinstance(value, str) else ",".join(f"{v:g}" for v in out)  # as typed: 1,0,1
+        raise UsageError(f"--std {shown!r}: every value must be greater than 0")
     return out  # type: ignore[return-value]
 
 
