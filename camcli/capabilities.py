@@ -15,10 +15,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from camcli.hooks import LayerTap
+from camcli.hooks import GuidedReLUMode, LayerTap
 from camcli.layouts import NCHW, LayerLayouts, Layout
 from camcli.methods import CamInputs, MethodInfo, MethodOptions
-from camcli.methods.guided import GuidedReLUMode
 from camcli.targets import Target
 
 Forward = Callable[[Tensor], Tensor]  # preprocessed batch -> logits

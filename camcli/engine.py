@@ -21,15 +21,10 @@ from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
 from camcli.layouts import LayerLayouts, Layout
+from camcli.maps import CONSTANT, EMPTY, REASONS, finalize, first_component, fuse_layers  # noqa: F401 (re-exported)
 from camcli.hostcopy import HostPack
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
-from camcli.methods.eigen import first_component
 from camcli.models.outputs import pick_logits
-
-# Why a map came out blank: codes here; the words users read live in camcli.stats.NOTES.
-EMPTY = "empty"
-CONSTANT = "constant"
-
 
 @dataclass
 class CamMap:
@@ -60,48 +55,6 @@ AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
 
 # Test-time augmentations for --aug-smooth: (horizontal flip, scale). Maps are mapped back and averaged.
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
-
-
-# Blank-map reason codes as they travel in a (B,) uint8 tensor: index into REASONS.
-REASONS: tuple[str | None, ...] = (None, EMPTY, CONSTANT)
-
-
-def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """ReLU (unless signed) and per-image normalisation, the same for every method.
-
-    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), reason codes (B,) uint8: an index into
-    REASONS), all on the map's device: nothing here waits for the device.
-    Never divides by zero: an empty or constant map comes back as zeros and is flagged.
-    """
-    cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-    flat = cam.flatten(1)
-    if signed:
-        scale = flat.abs().amax(dim=1)
-        ok = scale > 0
-        out = cam / torch.where(ok, scale, 1.0)[:, None, None]
-        code = torch.where(ok, 0, REASONS.index(CONSTANT)).to(torch.uint8)
-        return out, ~ok, code
-    cam = torch.relu(cam)
-    flat = cam.flatten(1)
-    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    span = hi - lo
-    ok = span > 1e-12 * torch.clamp(hi, min=1.0)
-    out = (cam - lo[:, None, None]) / torch.where(ok, span, 1.0)[:, None, None]
-    out = torch.where(ok[:, None, None], out, torch.zeros_like(out))
-    blank = torch.where(hi <= 0, REASONS.index(EMPTY), REASONS.index(CONSTANT))
-    code = torch.where(ok, 0, blank).to(torch.uint8)
-    return out, ~ok, code
-
-
-def fuse_layers(maps: Sequence[Tensor]) -> Tensor:
-    """Fuse normalised per-layer maps: resize each to the finest map's size, then average.
-
-    The same rule pytorch-grad-cam applies to several target layers; the result is normalised again.
-    """
-    h = max(m.shape[-2] for m in maps)
-    w = max(m.shape[-1] for m in maps)
-    ups = [F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0] for m in maps]
-    return torch.stack(ups).mean(dim=0)
 
 
 def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer: str) -> Tensor:
