@@ -85,9 +85,9 @@ class MethodInfo:
     needs_classifier: bool = False
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
-    # Checks of the method's options against the layer's activations (1, K, h, w), run once before
-    # any work starts; raise UsageError.
-    prepare: Callable[["MethodOptions", Tensor], None] | None = None
+    # Checks the method's options against the layer's activations (1, K, h, w), run once before
+    # any work starts; raises UsageError.
+    check_layer: Callable[["MethodOptions", Tensor], None] | None = None
     # (model, example input) -> None, or UsageError saying why the method cannot work on this model;
     # run once before any work (and by --method all to skip the method with that reason)
     check: Callable[[Any, Tensor], None] | None = None

@@ -41,7 +41,7 @@ def _check_channels(options: MethodOptions, activations: Tensor) -> None:
 
 @register(
     "activations",
-    prepare=_check_channels,
+    check_layer=_check_channels,
     aliases=("activation", "act"),
     needs_target=False,
     description="the layer's raw activation: mean over channels, one channel, or the top N (with a grid)",
