@@ -303,25 +303,18 @@ class CamEngine:
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:
-                grads: Sequence[Tensor | None] = [None] * len(acts)
-                if grad_mode:
-                    grads = self._gradients(target.score(logits, rows).sum(), raws, x)
-                access = ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits,
-                                     layouts=self.layouts)
+                access = self._access(tap, x, target, logits, raws, rows, grad_mode)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
-                    m_grads, m_access = grads, access
+                    m_access = access
                     if method.retarget is not None:  # the method explains another scalar (a contrast)
                         other = method.retarget(target, scores, self.options)
-                        m_access = ModelAccess(self._forward, tap, x, other, model=self.model, logits=logits,
-                                               layouts=self.layouts)
-                        if grad_mode and method.needs_gradients:
-                            m_grads = self._gradients(other.score(logits, rows).sum(), raws, x)
+                        m_access = self._access(tap, x, other, logits, raws, rows, grad_mode)
                     results = []
-                    for name, a, g in zip(self.layers, acts, m_grads):
+                    for name, a in zip(self.layers, acts):
                         classifier = self._classifier_weights(method, name, a, logits)
-                        inputs = m_access.inputs_for(method, name, a, g, classifier, self.options)
+                        inputs = m_access.inputs_for(method, name, a, classifier, self.options)
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))
                         if method.pixel_space and not method.needs_gradients:
@@ -329,6 +322,19 @@ class CamEngine:
                     batch.entries.extend(self._entries(method, target, scores, results))
                 agnostic_done = True
         return batch, targets
+
+    def _access(
+        self, tap: LayerTap, x: Tensor, target: tgt.Target, logits: Tensor, raws: Sequence[Tensor], rows: Tensor,
+        grad_mode: bool,
+    ) -> ModelAccess:
+        """What the methods may use for one target; its gradients are taken when a method first reads them."""
+        grads = None
+        if grad_mode:
+            def grads() -> list[Tensor]:
+                with torch.enable_grad():  # first read inside a method, which runs under no_grad
+                    return self._gradients(target.score(logits, rows).sum(), raws, x)
+        return ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits, layouts=self.layouts,
+                           layers=self.layers, gradients=grads)
 
     def _gradients(self, score: Tensor, raws: Sequence[Tensor], x: Tensor) -> list[Tensor]:
         """d score / d each raw layer output, put in (B, C, h, w) by the same layout (a pure reshape)."""

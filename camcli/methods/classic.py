@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from camcli.errors import UsageError
-from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register, require, weigh
+from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register, weigh
 
 
 @register(
@@ -18,7 +18,7 @@ from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register
     paper="Zhou et al. 2016, Learning Deep Features for Discriminative Localization (arXiv:1512.04150)",
 )
 def cam(inputs: CamInputs) -> Tensor:
-    w = require(inputs.classifier_weights, "classifier weights", "cam")
+    w = inputs.classifier_weights
     return weigh(w[inputs.targets].to(inputs.activations.dtype), inputs.activations)
 
 

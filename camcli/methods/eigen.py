@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from camcli.maps import first_component, oriented
-from camcli.methods.base import CamInputs, register, require
+from camcli.methods.base import CamInputs, register
 
 
 # The kernel matrix has (h w)^2 entries per image and its eigendecomposition costs (h w)^3: above
@@ -65,7 +65,7 @@ def eigencam(inputs: CamInputs) -> Tensor:
     paper="pytorch-grad-cam's EigenGradCAM (Eigen-CAM on G*A)",
 )
 def eigengradcam(inputs: CamInputs) -> Tensor:
-    g = require(inputs.gradients, "gradients", "eigengradcam")
+    g = inputs.gradients
     return first_component(g * inputs.activations)
 
 

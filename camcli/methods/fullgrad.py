@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camcli.hooks import Hooks
-from camcli.methods.base import CamInputs, register, require, rescaled
+from camcli.methods.base import CamInputs, register, rescaled
 
 CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)  # outputs (B, C, h, w)
 CHANNELS_LAST = (nn.Linear,)  # a linear layer's output is spatial only as (B, h, w, C), as in ConvNeXt
@@ -91,9 +91,9 @@ def fullgrad(inputs: CamInputs) -> Tensor:
     paper's own code rescales each layer's tensor as a whole instead. Bias gradients without a spatial
     grid (a classifier head) are left out, as in the paper's code: rescaled per channel they are 0.
     """
-    model = require(inputs.model, "the model", "fullgrad")  # type: ignore[arg-type]
-    score_fn = require(inputs.score_fn, "a differentiable score", "fullgrad")  # type: ignore[arg-type]
-    x = require(inputs.inputs, "inputs", "fullgrad")
+    model = inputs.model
+    score_fn = inputs.score_fn
+    x = inputs.inputs
     biased = [(m, b.detach()) for m in model.modules() if (b := effective_bias(m)) is not None]
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad(), OutputRecorder([m for m, _ in biased]) as recorder:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camcli.hooks import GuidedReLUMode
-from camcli.methods.base import CamInputs, register, require
+from camcli.methods.base import CamInputs, register
 from camcli.methods.gradient import gradcam
 
 
@@ -46,7 +46,7 @@ def saliency(grad: Tensor) -> Tensor:
     paper="Springenberg et al. 2015, Striving for Simplicity (arXiv:1412.6806)",
 )
 def guided_backprop(inputs: CamInputs) -> Tensor:
-    return saliency(require(inputs.guided_gradients, "guided gradients", "guided-backprop")())
+    return saliency(inputs.guided_gradients)
 
 
 @register(
@@ -60,7 +60,7 @@ def guided_backprop(inputs: CamInputs) -> Tensor:
     paper="Selvaraju et al. 2017, Grad-CAM (arXiv:1610.02391)",
 )
 def guided_gradcam(inputs: CamInputs) -> Tensor:
-    grad = require(inputs.guided_gradients, "guided gradients", "guided-gradcam")()
+    grad = inputs.guided_gradients
     coarse = torch.relu(gradcam(inputs).sum(dim=1))
     up = F.interpolate(coarse[:, None], size=grad.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = up.flatten(1).amax(dim=1).clamp(min=1e-12)
