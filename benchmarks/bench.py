@@ -40,7 +40,7 @@ SAMPLES = ROOT / "sample_images"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from camcli.engine import CamEngine  # noqa: E402
+from camcli.engine import CamEngine, EngineConfig  # noqa: E402
 from camcli.images import Preprocess, decode  # noqa: E402
 from camcli.methods import MethodOptions, get_method  # noqa: E402
 from camcli.models import load_model  # noqa: E402
@@ -118,8 +118,8 @@ def torchcam_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Te
 
 def camcli_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Tensor, options: MethodOptions | None = None,
                   precision: str = "fp32"):  # noqa: ANN201
-    engine = CamEngine(model, [layer], [get_method(method)], options=options or MethodOptions(), channels_last=True,
-                       precision=precision)
+    engine = CamEngine(model, EngineConfig([layer], [get_method(method)], options=options or MethodOptions(), channels_last=True,
+                       precision=precision))
     return lambda: engine.explain(x, [TopK(1)])
 
 
@@ -209,7 +209,7 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
     tc = timed(torchcam_runner("scorecam", model, "bn2", x1, cls), reps)
     fast = timed(camcli_runner("scorecam", model, "bn2", x1, MethodOptions(score_channels=128)), reps)
     # agreement: exact vs pytorch-grad-cam on this image; 128 channels vs exact on every sample photo
-    exact_map = CamEngine(model, ["bn2"], [get_method("scorecam")], channels_last=True).explain(x1, [ClassIndex(cls[0])])[0].maps[0].cam
+    exact_map = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], channels_last=True)).explain(x1, [ClassIndex(cls[0])])[0].maps[0].cam
     pgc_map = pgc_runner("scorecam", model, "bn2", x1, cls)()[0]
     up = cv2.resize(exact_map, (224, 224), interpolation=cv2.INTER_LINEAR)
     r_pgc = pearson(up, pgc_map)
@@ -218,7 +218,7 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
         xi = Preprocess(224, lite.mean, lite.std, True)(decode(p))[None]
         maps = []
         for opts in (MethodOptions(), MethodOptions(score_channels=128)):
-            eng = CamEngine(model, ["bn2"], [get_method("scorecam")], options=opts, channels_last=True)
+            eng = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], options=opts, channels_last=True))
             maps.append(eng.explain(xi, [TopK(1)])[0].maps[0].cam)
         rs.append(pearson(*maps))
     lines = [

@@ -1,24 +1,23 @@
 """What the engine lends a method, built in one typed place.
 
-A method declares what it needs in its registry entry (``needs_scorer``, ``needs_layer_scorer``,
-``needs_gradient_fn``, ``needs_classifier``, ``pixel_space``); :class:`ModelAccess` builds exactly
-those capabilities for one batch and one target, and :meth:`ModelAccess.inputs_for` hands them over
-as :class:`CamInputs`. Every model call made on a method's behalf goes through here: the layer taps
+A method declares what it needs in its registry entry (``needs_gradients``, ``needs_scorer``,
+``needs_layer_scorer``, ``needs_gradient_fn``, ``needs_classifier``, ``pixel_space``, ...) and reads it
+from its :class:`CamInputs`, which asks :meth:`ModelAccess.lend` the first time: gradients, scorers
+and the like are built only when a method reads them, once per batch and target (or layer). Every model call made on a method's behalf goes through here: the layer taps
 are paused (or substitute an activation) through ``LayerTap.paused``, and the scalar to explain
 always comes from the target object.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from camcli.hooks import LayerTap
+from camcli.hooks import GuidedReLUMode, LayerTap
 from camcli.layouts import NCHW, LayerLayouts, Layout
 from camcli.methods import CamInputs, MethodInfo, MethodOptions
-from camcli.methods.guided import GuidedReLUMode
 from camcli.targets import Target
 
 Forward = Callable[[Tensor], Tensor]  # preprocessed batch -> logits
@@ -30,6 +29,7 @@ class ModelAccess:
     def __init__(
         self, forward: Forward, tap: LayerTap, x: Tensor, target: Target, *,
         model: nn.Module | None = None, logits: Tensor | None = None, layouts: LayerLayouts | None = None,
+        layers: Sequence[str] = (), gradients: Callable[[], Sequence[Tensor]] | None = None,
     ) -> None:
         self.forward = forward
         self.tap = tap
@@ -38,6 +38,9 @@ class ModelAccess:
         self.model = model  # frozen, in eval mode (FullGrad)
         self.logits = logits  # the batch's forward output, its graph retained (Hessian-vector products)
         self.layouts = layouts  # each layer's layout: methods see (B, C, h, w), the model its own shape
+        self.layers = tuple(layers)
+        self.gradients = gradients  # () -> d target score / d each layer's activation, (B, K, h, w); None: no graph
+        self._gradients: dict[str, Tensor] | None = None
         self._guided: Tensor | None = None
 
     def _layout(self, layer: str, raw: Tensor) -> Layout:
@@ -125,33 +128,42 @@ class ModelAccess:
         with self.tap.paused(), torch.enable_grad():
             return self.target.score(self.forward(x), self._rows(x.shape[0]))
 
+    def layer_gradients(self, layer: str) -> Tensor:
+        """d score / d ``layer``'s activation (B, K, h, w) in fp32; every layer's in one backward, on first use."""
+        if self._gradients is None:
+            if self.gradients is None:
+                raise RuntimeError("engine bug: gradients asked of a batch whose forward kept no graph")
+            self._gradients = dict(zip(self.layers, (g.detach().float() for g in self.gradients())))
+        return self._gradients[layer]
+
+    def lend(self, what: str, layer: str) -> Any:  # noqa: ANN401
+        """A capability for ``layer``, built now (camcli.methods.base.CamInputs asks on first use)."""
+        if what == "gradients":
+            return self.layer_gradients(layer)
+        if what == "scorer":
+            return self.scorer
+        if what == "layer_scorer":
+            return self.layer_scorer(layer)
+        if what == "gradient_fn":
+            return self.gradient_fn(layer)
+        if what == "guided_gradients":
+            return self.guided()
+        if what == "hvp":
+            return self.hvp(layer)
+        if what == "score_fn":
+            return self.score_fn
+        raise RuntimeError(f"engine bug: nothing lends {what!r}")
+
     def inputs_for(
-        self,
-        method: MethodInfo,
-        layer: str,
-        activations: Tensor,
-        gradients: Tensor | None,
-        classifier: Tensor | None,
-        options: MethodOptions,
+        self, method: MethodInfo, layer: str, activations: Tensor, classifier: Tensor | None, options: MethodOptions
     ) -> CamInputs:
-        """Exactly what ``method`` declared it needs, for one layer.
+        """The context ``method`` reads for one layer: what it declared, built when first read.
 
         Activations and gradients arrive in fp32 whatever precision the forward ran at: methods
         square and cube gradients (Grad-CAM++), which underflow in half precision.
         """
         return CamInputs(
-            activations=activations.detach().float(),
-            targets=self.target.classes.clamp(min=0),
-            gradients=None if gradients is None else gradients.detach().float(),
-            inputs=self.x,
-            scorer=self.scorer if method.needs_scorer else None,
-            layer_scorer=self.layer_scorer(layer) if method.needs_layer_scorer else None,
-            classifier_weights=classifier if method.needs_classifier else None,
-            gradient_fn=self.gradient_fn(layer) if method.needs_gradient_fn else None,
-            guided_gradients=self.guided if method.pixel_space else None,
-            options=options,
-            hvp=self.hvp(layer) if method.needs_hvp else None,
-            model=self.model,
-            score_fn=self.score_fn if method.needs_model else None,
-            forward=self.paused_forward,
+            activations.detach().float(), self.target.classes.clamp(min=0), options=options, method=method,
+            layer=layer, lender=self, inputs=self.x, model=self.model, forward=self.paused_forward,
+            classifier_weights=classifier,
         )

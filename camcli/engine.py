@@ -7,9 +7,9 @@ gradients are taken with ``torch.autograd.grad`` on the tapped activation only.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, ContextManager, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +21,10 @@ from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
 from camcli.layouts import LayerLayouts, Layout
+from camcli.maps import CONSTANT, EMPTY, REASONS, finalize, first_component, fuse_layers  # noqa: F401 (re-exported)
 from camcli.hostcopy import HostPack
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
-from camcli.methods.eigen import first_component
 from camcli.models.outputs import pick_logits
-
-# Why a map came out blank: codes here; the words users read live in camcli.stats.NOTES.
-EMPTY = "empty"
-CONSTANT = "constant"
-
 
 @dataclass
 class CamMap:
@@ -62,48 +57,6 @@ AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
 AUGMENTATIONS: tuple[tuple[bool, float], ...] = ((False, 1.0), (True, 1.0), (False, 1.25), (True, 1.25))
 
 
-# Blank-map reason codes as they travel in a (B,) uint8 tensor: index into REASONS.
-REASONS: tuple[str | None, ...] = (None, EMPTY, CONSTANT)
-
-
-def finalize(cam: Tensor, signed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """ReLU (unless signed) and per-image normalisation, the same for every method.
-
-    Returns (maps in [0, 1] or [-1, 1], empty flags (B,), reason codes (B,) uint8: an index into
-    REASONS), all on the map's device: nothing here waits for the device.
-    Never divides by zero: an empty or constant map comes back as zeros and is flagged.
-    """
-    cam = torch.nan_to_num(cam.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-    flat = cam.flatten(1)
-    if signed:
-        scale = flat.abs().amax(dim=1)
-        ok = scale > 0
-        out = cam / torch.where(ok, scale, 1.0)[:, None, None]
-        code = torch.where(ok, 0, REASONS.index(CONSTANT)).to(torch.uint8)
-        return out, ~ok, code
-    cam = torch.relu(cam)
-    flat = cam.flatten(1)
-    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    span = hi - lo
-    ok = span > 1e-12 * torch.clamp(hi, min=1.0)
-    out = (cam - lo[:, None, None]) / torch.where(ok, span, 1.0)[:, None, None]
-    out = torch.where(ok[:, None, None], out, torch.zeros_like(out))
-    blank = torch.where(hi <= 0, REASONS.index(EMPTY), REASONS.index(CONSTANT))
-    code = torch.where(ok, 0, blank).to(torch.uint8)
-    return out, ~ok, code
-
-
-def fuse_layers(maps: Sequence[Tensor]) -> Tensor:
-    """Fuse normalised per-layer maps: resize each to the finest map's size, then average.
-
-    The same rule pytorch-grad-cam applies to several target layers; the result is normalised again.
-    """
-    h = max(m.shape[-2] for m in maps)
-    w = max(m.shape[-1] for m in maps)
-    ups = [F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0] for m in maps]
-    return torch.stack(ups).mean(dim=0)
-
-
 def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer: str) -> Tensor:
     """The (classes, K) weights of a linear head fed by global average pooling of ``activations``.
 
@@ -119,8 +72,122 @@ def find_classifier(model: nn.Module, activations: Tensor, logits: Tensor, layer
                 return mod.weight.detach()
     raise UsageError(
         f"method 'cam' needs layer {layer!r} to feed global-average-pool -> linear directly; "
-        "it does not in this model. Use gradcam (equal to CAM on such heads) or the last conv layer"
+        "it does not in this model. Use gradcam (equal to CAM on such heads) or the last conv layer",
+        layer_hint=True,
     )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from besides the model: resolved objects, no command-line text.
+
+    ``methods`` should all fit the model: :func:`unfit` names those that do not, before an engine is built.
+    """
+
+    layers: Sequence[str]
+    methods: Sequence[MethodInfo]
+    options: MethodOptions = field(default_factory=MethodOptions)
+    signed: bool = False
+    output_key: str | int | None = None
+    per_layer: bool = False
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    channels_last: bool = False  # feed inputs as NHWC (the caller converted the model)
+    top_k: int = 5
+    region: tgt.Region | None = None  # segmentation models: explain this region instead of the predicted pixels
+    layout: Layout | str | Mapping[str, Layout | str] | None = None  # None: found from the model
+    precision: str = "fp32"  # the model's forward passes; maps are always computed in fp32
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise UsageError("no target layer given")
+        if not self.methods:
+            raise UsageError("no method given")
+        if self.precision not in AUTOCAST:
+            raise UsageError(f"precision {self.precision!r} is not one of {', '.join(AUTOCAST)} (resolve 'auto' first)")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if self.options is None:
+            object.__setattr__(self, "options", MethodOptions())
+
+    @property
+    def needs_gradients(self) -> bool:
+        return any(m.needs_gradients for m in self.methods)
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager[object]:
+    """torch.autocast at ``precision`` on ``device``; nothing for fp32."""
+    dtype = AUTOCAST[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_logits(model: nn.Module, config: EngineConfig, x: Tensor) -> Tensor:
+    """Every model call the engine and the methods make: NHWC input, autocast, logits picked."""
+    if config.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(config.precision, x.device):
+        return pick_logits(model(x), config.output_key)
+
+
+def tapped(
+    layers: Sequence[str], layouts: LayerLayouts, outputs: Mapping[str, Tensor], x: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(raw layer outputs as tapped, the same put in (B, C, h, w) by each layer's layout)."""
+    missing = [n for n in layers if n not in outputs]
+    if missing:
+        raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer",
+                         layer_hint=True)
+    raws = [outputs[n] for n in layers]
+    return raws, [layouts.to_nchw(n, r.detach(), x) for n, r in zip(layers, raws)]
+
+
+def _probe(
+    model: nn.Module, config: EngineConfig, layouts: LayerLayouts, example: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """One forward of ``example`` without gradients: (logits, each layer's activations in (B, C, h, w))."""
+    with frozen(model), LayerTap(model, config.layers) as tap, torch.inference_mode():
+        logits = forward_logits(model, config, example)
+        return logits, tapped(config.layers, layouts, tap.activations, example)[1]
+
+
+@contextmanager
+def _layer_hint() -> Iterator[None]:
+    """UsageErrors raised inside are about the chosen layer or method: mark them (``layer_hint``)."""
+    try:
+        yield
+    except UsageError as e:
+        e.layer_hint = True
+        raise
+
+
+def unfit(model: nn.Module, config: EngineConfig, example: Tensor) -> dict[str, str]:
+    """The methods of ``config`` that cannot work on this model, each with a one-line reason.
+
+    Decided before an engine is built (``--method all``): build it from ``fitting(config, reasons)``.
+    """
+    reasons: dict[str, str] = {}
+    logits, acts = _probe(model, config, LayerLayouts(model, config.layers, config.layout), example)
+    for m in config.methods:
+        if m.needs_classifier:
+            try:
+                for layer, a in zip(config.layers, acts):
+                    find_classifier(model, a, logits, layer)
+            except UsageError:
+                reasons[m.name] = "the layer does not feed global-average-pool -> linear directly"
+        if m.check is not None:
+            try:
+                with frozen(model):
+                    m.check(model, example)
+            except UsageError as e:
+                reasons[m.name] = str(e).split(". ")[0]
+    return reasons
+
+
+def fitting(config: EngineConfig, reasons: Mapping[str, str]) -> EngineConfig:
+    """``config`` without the methods named in ``reasons``."""
+    return replace(config, methods=[m for m in config.methods if m.name not in reasons])
 
 
 class CamEngine:
@@ -131,126 +198,75 @@ class CamEngine:
     :class:`camcli.capabilities.ModelAccess`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Sequence[str],
-        methods: Sequence[MethodInfo],
-        *,
-        options: MethodOptions | None = None,
-        signed: bool = False,
-        output_key: str | int | None = None,
-        per_layer: bool = False,
-        aug_smooth: bool = False,
-        eigen_smooth: bool = False,
-        channels_last: bool = False,
-        top_k: int = 5,
-        region: tgt.Region | None = None,
-        layout: Layout | str | Mapping[str, Layout | str] | None = None,
-        precision: str = "fp32",
-    ) -> None:
-        if not layers:
-            raise UsageError("no target layer given")
-        if not methods:
-            raise UsageError("no method given")
+    def __init__(self, model: nn.Module, config: EngineConfig) -> None:
         self.model = model
-        self.layers = list(layers)
-        self.methods = list(methods)
-        self.options = options or MethodOptions()
-        self.signed = signed
-        self.output_key = output_key
-        self.per_layer = per_layer
-        self.aug_smooth = aug_smooth
-        self.eigen_smooth = eigen_smooth
-        self.channels_last = channels_last  # feed inputs as NHWC (the caller converted the model)
-        self.top_k = top_k
-        self.region = region  # segmentation models: explain this region instead of the predicted pixels
-        if precision not in AUTOCAST:
-            raise UsageError(f"precision {precision!r} is not one of {', '.join(AUTOCAST)} (resolve 'auto' first)")
-        self.precision = precision  # the model's forward passes; maps are always computed in fp32
+        self.config = config
+        self.layers = list(config.layers)
+        self.methods = config.methods
+        self.options = config.options
+        self.signed = config.signed
+        self.output_key = config.output_key
+        self.per_layer = config.per_layer
+        self.aug_smooth = config.aug_smooth
+        self.eigen_smooth = config.eigen_smooth
+        self.channels_last = config.channels_last
+        self.top_k = config.top_k
+        self.region = config.region
+        self.precision = config.precision
         self._classifier: dict[str, Tensor] = {}
         # Layer outputs -> (B, C, h, w) before any method sees them (tokens, NHWC); None: found from the model.
-        self.layouts = LayerLayouts(model, self.layers, layout)
+        self.layouts = LayerLayouts(model, self.layers, config.layout)
         self._methods_checked = False  # each method's own check (MethodInfo.check) has run on this model
 
     @property
     def needs_gradients(self) -> bool:
-        return any(m.needs_gradients for m in self.methods)
+        return self.config.needs_gradients
 
     def autocast(self, device: torch.device) -> ContextManager[object]:
         """torch.autocast at this engine's precision on ``device``; nothing for fp32."""
-        dtype = AUTOCAST[self.precision]
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+        return autocast(self.precision, device)
 
     def _forward(self, x: Tensor) -> Tensor:
         """Every model call the engine and the methods make: NHWC input, autocast, logits picked."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast(x.device):
-            return pick_logits(self.model(x), self.output_key)
+        return forward_logits(self.model, self.config, x)
 
     def _activations(self, outputs: Mapping[str, Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(raw layer outputs as tapped, the same put in (B, C, h, w) by each layer's layout)."""
-        missing = [n for n in self.layers if n not in outputs]
-        if missing:
-            raise UsageError(f"layer {missing[0]!r} was not called during the forward pass; choose another layer")
-        raws = [outputs[n] for n in self.layers]
-        return raws, [self.layouts.to_nchw(n, r.detach(), x) for n, r in zip(self.layers, raws)]
+        return tapped(self.layers, self.layouts, outputs, x)
 
-    def prepare(self, example: Tensor, seen: tuple[Tensor, Any, Mapping[str, Tensor]] | None = None) -> None:
+    def check(self, example: Tensor, seen: tuple[Tensor, Any, Mapping[str, Tensor]] | None = None) -> None:
         """Checks that need a forward pass (layer shapes, the CAM head, each method's own) before real work.
 
         ``seen``: (input, model output, layer outputs) of a forward already made (the model's
         load-time probe, ``LoadedModel.probe``), used instead of running the model again.
+        A UsageError that another layer may fix carries ``layer_hint``.
         """
         if seen is None:
-            with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
-                logits = self._forward(example)
-                self._check(logits, self._activations(tap.activations, example)[1])
+            logits, acts = _probe(self.model, self.config, self.layouts, example)
         else:
             x, output, outputs = seen
             with torch.inference_mode():
-                self._check(pick_logits(output, self.output_key), self._activations(outputs, x)[1])
-        self._check_methods(example)
+                logits, acts = pick_logits(output, self.output_key), self._activations(outputs, x)[1]
+        with _layer_hint():
+            with torch.inference_mode():
+                self._check_layers(logits, acts)
+            self._check_methods(example)
 
     def _check_methods(self, example: Tensor) -> None:
         """Methods that cannot work on this model say so before any work, on every path: from
-        ``prepare`` (Session.open) or, for an engine built and used directly, on its first batch."""
+        ``check`` (Session.open) or, for an engine built and used directly, on its first batch."""
         for m in self.methods:
             if m.check is not None:
                 m.check(self.model, example)
         self._methods_checked = True
 
-    def _check(self, logits: Tensor, acts: list[Tensor]) -> None:
+    def _check_layers(self, logits: Tensor, acts: list[Tensor]) -> None:
         for layer, a in zip(self.layers, acts):
             if any(m.needs_classifier for m in self.methods):
                 self._classifier[layer] = find_classifier(self.model, a, logits, layer)
             for m in self.methods:
-                if m.prepare is not None:
-                    m.prepare(self.options, a)
-
-    def unfit(self, example: Tensor) -> dict[str, str]:
-        """Methods that cannot work on this model, each with a one-line reason (``--method all``)."""
-        reasons: dict[str, str] = {}
-        with frozen(self.model), LayerTap(self.model, self.layers) as tap, torch.inference_mode():
-            logits = self._forward(example)
-            acts = self._activations(tap.activations, example)[1]
-        for m in self.methods:
-            if m.needs_classifier:
-                try:
-                    for layer, a in zip(self.layers, acts):
-                        find_classifier(self.model, a, logits, layer)
-                except UsageError:
-                    reasons[m.name] = "the layer does not feed global-average-pool -> linear directly"
-            if m.check is not None:
-                try:
-                    with frozen(self.model):
-                        m.check(self.model, example)
-                except UsageError as e:
-                    reasons[m.name] = str(e).split(". ")[0]
-        return reasons
+                if m.check_layer is not None:
+                    m.check_layer(self.options, a)
 
     # -- the main entry point -------------------------------------------------------------------
     def explain(
@@ -263,7 +279,8 @@ class CamEngine:
         flags, scores, probabilities, top-k and saturation to the host (camcli.hostcopy).
         """
         if not self._methods_checked:
-            self._check_methods(x[:1])
+            with _layer_hint():
+                self._check_methods(x[:1])
         batch, targets = self._explain(x, specs, None, sizes)
         if self.aug_smooth:
             self._aug_average(x, specs, batch, targets)
@@ -296,25 +313,18 @@ class CamEngine:
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:
-                grads: Sequence[Tensor | None] = [None] * len(acts)
-                if grad_mode:
-                    grads = self._gradients(target.score(logits, rows).sum(), raws, x)
-                access = ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits,
-                                     layouts=self.layouts)
+                access = self._access(tap, x, target, logits, raws, rows, grad_mode)
                 for method in self.methods:
                     if not method.needs_target and agnostic_done:
                         continue
-                    m_grads, m_access = grads, access
+                    m_access = access
                     if method.retarget is not None:  # the method explains another scalar (a contrast)
                         other = method.retarget(target, scores, self.options)
-                        m_access = ModelAccess(self._forward, tap, x, other, model=self.model, logits=logits,
-                                               layouts=self.layouts)
-                        if grad_mode and method.needs_gradients:
-                            m_grads = self._gradients(other.score(logits, rows).sum(), raws, x)
+                        m_access = self._access(tap, x, other, logits, raws, rows, grad_mode)
                     results = []
-                    for name, a, g in zip(self.layers, acts, m_grads):
+                    for name, a in zip(self.layers, acts):
                         classifier = self._classifier_weights(method, name, a, logits)
-                        inputs = m_access.inputs_for(method, name, a, g, classifier, self.options)
+                        inputs = m_access.inputs_for(method, name, a, classifier, self.options)
                         with torch.no_grad():
                             results.append(self._reduce(method.fn(inputs)))
                         if method.pixel_space and not method.needs_gradients:
@@ -322,6 +332,19 @@ class CamEngine:
                     batch.entries.extend(self._entries(method, target, scores, results))
                 agnostic_done = True
         return batch, targets
+
+    def _access(
+        self, tap: LayerTap, x: Tensor, target: tgt.Target, logits: Tensor, raws: Sequence[Tensor], rows: Tensor,
+        grad_mode: bool,
+    ) -> ModelAccess:
+        """What the methods may use for one target; its gradients are taken when a method first reads them."""
+        grads = None
+        if grad_mode:
+            def grads() -> list[Tensor]:
+                with torch.enable_grad():  # first read inside a method, which runs under no_grad
+                    return self._gradients(target.score(logits, rows).sum(), raws, x)
+        return ModelAccess(self._forward, tap, x, target, model=self.model, logits=logits, layouts=self.layouts,
+                           layers=self.layers, gradients=grads)
 
     def _gradients(self, score: Tensor, raws: Sequence[Tensor], x: Tensor) -> list[Tensor]:
         """d score / d each raw layer output, put in (B, C, h, w) by the same layout (a pure reshape)."""

@@ -21,6 +21,11 @@ class CamcliError(Exception):
 
     exit_code: ExitCode = ExitCode.USAGE
 
+    def __init__(self, *args: object, layer_hint: bool = False) -> None:
+        super().__init__(*args)
+        # Another --layer may fix it: whoever knows the model adds where to look (`camcli layers`).
+        self.layer_hint = layer_hint
+
 
 class UsageError(CamcliError):
     """Bad option, unknown name, unreadable config: reported before any work starts (exit 2)."""

@@ -1,16 +1,19 @@
 """Context managers that touch a model: freezing it and tapping a layer's output.
 
-Both undo everything they did on exit, exceptions included.
+Both undo everything they did on exit, exceptions included. Also the guided-backprop mode
+(GuidedReLUMode) that swaps ReLU-like functions for gated ones while it is entered.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from camcli.errors import UsageError
 
@@ -187,3 +190,75 @@ class SaturationMeter(Hooks):
                 self.modules.append(name)
 
         return hook
+
+
+# -- guided backpropagation: a mode, not a hook, so in-place and functional ReLUs are covered too --
+
+class _GuidedClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float | None) -> Tensor:  # noqa: ANN401
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(min=lo) if hi is None else x.clamp(min=lo, max=hi)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN401
+        (x,) = ctx.saved_tensors
+        gate = (x > ctx.lo) & (grad > 0)
+        if ctx.hi is not None:
+            gate &= x < ctx.hi
+        return grad * gate, None, None
+
+
+_aten = torch.ops.aten
+# Python-level functions (eager models) and the aten ops that torch.export graphs call directly.
+_RELU = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, _aten.relu.default, _aten.relu_.default}
+_HARDTANH = {F.hardtanh, F.hardtanh_, _aten.hardtanh.default, _aten.hardtanh_.default}
+# Smooth or leaky rectifiers guided backprop has no gate for (matched by name: Python and aten forms).
+_UNGATED = {"gelu", "silu", "mish", "hardswish", "elu", "selu", "celu", "leaky_relu", "softplus"}
+
+
+def _base_name(func: object) -> str:
+    name = getattr(func, "__name__", "")
+    return name.split(".")[0].rstrip("_")
+
+
+class GuidedReLUMode(TorchFunctionMode):
+    """Inside this mode, relu / relu6 / hardtanh use guided-backprop gradients.
+
+    On a clean exit it raises UsageError when the model ran not a single activation it can gate
+    (none at all, or only GELU, SiLU, tanh, ...): that result would not be guided backprop at all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = 0
+        self.ungated: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _RELU:
+            self.gated += 1
+            return _GuidedClamp.apply(args[0], 0.0, None)
+        if func is F.relu6:
+            self.gated += 1
+            return _GuidedClamp.apply(args[0], 0.0, 6.0)
+        if func in _HARDTANH:
+            self.gated += 1
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            return _GuidedClamp.apply(args[0], float(lo), float(hi))
+        name = _base_name(func)
+        if name in _UNGATED:
+            self.ungated.add(name)
+        return func(*args, **kwargs)
+
+    def __exit__(self, exc_type, exc, tb):  # noqa: ANN001, ANN204
+        out = super().__exit__(exc_type, exc, tb)
+        if exc_type is None and self.gated == 0:
+            uses = f": it uses {', '.join(sorted(self.ungated))}" if self.ungated else ""
+            raise UsageError(
+                f"guided backpropagation needs ReLU activations to gate, and this model has none{uses}, so the "
+                "result would be a plain input gradient. Use a CAM method (gradcam, layercam, ...) on this model"
+            )
+        return out

@@ -222,8 +222,7 @@ def explain_on_ray(
 
     # The driver checks every option and loads the model once, on its CPU, before any work: the
     # header needs the model, and a bad option must fail here, not in a remote actor.
-    driver = Session.open(dataclasses.replace(opts, device="cpu"))
-    driver.options = opts  # record the options as given (--device included)
+    driver = Session.open(opts, device="cpu")  # its options as given (--device included): what the run records
     started_here = connect(opts.ray, opts.ray_timeout)
     try:
         actors, gpus = actor_pool(opts.device)

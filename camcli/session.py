@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from camcli import options as O
 from camcli import targets as tgt
-from camcli.engine import CamEngine, ImageOutput
+from camcli.engine import CamEngine, EngineConfig, ImageOutput, fitting, unfit
 from camcli.errors import UsageError
 from camcli.images import Preprocess
 from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_names, trace_layers
@@ -94,6 +94,29 @@ def _asks_all(names: Sequence[str]) -> bool:
     return any(n.lower() == "all" for n in names)
 
 
+def engine_config(
+    opts: MapOptions, layers: Sequence[str], methods: Sequence[MethodInfo], mopts: MethodOptions, precision: str
+) -> EngineConfig:
+    """The engine's configuration from any command's options and what they resolved to."""
+    return EngineConfig(
+        layers, methods, options=mopts, signed=opts.signed, output_key=opts.output_key,
+        per_layer=isinstance(opts, ExplainOptions) and opts.per_layer,
+        aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
+        channels_last=True, region=tgt.parse_region(opts.region, opts.region_mask),
+        layout=opts.layout, precision=precision,
+    )
+
+
+def _check_task(lm: LoadedModel, config: EngineConfig) -> None:
+    """Options that only make sense for one kind of model."""
+    if lm.task == "segmentation" and config.aug_smooth:
+        raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
+                         "line up with the region (drop --aug-smooth)")
+    if lm.task != "segmentation" and config.region is not None:
+        raise UsageError("--region and --region-mask are for segmentation models (output batch x classes x H x W); "
+                         f"{lm.name} is a classifier")
+
+
 @dataclass
 class Session:
     options: MapOptions  # ExplainOptions | EvaluateOptions | CheckOptions
@@ -107,17 +130,18 @@ class Session:
     warn: Callable[[str], None]
 
     @classmethod
-    def open(cls, opts: MapOptions, *, model: LoadedModel | None = None) -> "Session":
-        """Check the options, load the model (unless given) and prepare the engine.
+    def open(cls, opts: MapOptions, *, model: LoadedModel | None = None, device: str | None = None) -> "Session":
+        """Check the options, load the model (unless given) and build and check the engine.
 
-        Everything that can fail on the user's input fails here, before any image is read.
+        ``device``: run here instead of the options' ``--device``; the options stay as given (what
+        the run records). Everything that can fail on the user's input fails here, before any image is read.
         """
         opts.validate()
         warn = _quiet if opts.quiet else stderr_warning
         mopts = method_options(opts)
         methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(opts.method)]
         every = _asks_all(opts.method)
-        device = resolve_device(opts.device)
+        device = resolve_device(opts.device if device is None else device)
         precision = resolve_precision(opts.precision, device)
         output_key = opts.output_key
         lm = model or load_model(
@@ -142,28 +166,18 @@ class Session:
                   else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout))
         layers = choose_layers(lm.module, opts.layer, lm.name, example, layout, segmentation_classes, traced)
         check_single_calls(layers, traced, lm.name)  # at load, not once per image
-        engine = CamEngine(
-            lm.module, layers, methods, options=mopts, signed=opts.signed,
-            output_key=output_key, per_layer=isinstance(opts, ExplainOptions) and opts.per_layer,
-            aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
-            channels_last=True, region=tgt.parse_region(opts.region, opts.region_mask),
-            layout=layout, precision=precision,
-        )
-        if lm.task == "segmentation" and engine.aug_smooth:
-            raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
-                             "line up with the region (drop --aug-smooth)")
-        if lm.task != "segmentation" and engine.region is not None:
-            raise UsageError("--region and --region-mask are for segmentation models (output batch x classes x H x W); "
-                             f"{lm.name} is a classifier")
+        config = engine_config(opts, layers, methods, mopts, precision)
+        _check_task(lm, config)
         if every:  # --method all: every method that fits, a one-line reason for each one skipped
-            for name, why in engine.unfit(example).items():
+            reasons = unfit(lm.module, config, example)
+            for name, why in reasons.items():
                 warn(f"--method all: skipping {name}: {why}")
-                engine.methods = [m for m in engine.methods if m.name != name]
-            methods = engine.methods
+            config = fitting(config, reasons)
+        engine = CamEngine(lm.module, config)
         try:
-            engine.prepare(example, None if probe is None else probe.seen(layers))
+            engine.check(example, None if probe is None else probe.seen(layers))
         except UsageError as e:
-            if "output-key" in str(e) or "camcli layers" in str(e):
+            if not e.layer_hint:
                 raise
             raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
         specs = tgt.parse_class_specs(opts.classes if isinstance(opts, ImagesOptions) else None, lm.labels,
@@ -171,7 +185,7 @@ class Session:
         return cls(
             options=opts, model=lm, device=device,
             preprocess=lm.preprocess(),
-            layers=layers, specs=specs, methods=methods, engine=engine,
+            layers=layers, specs=specs, methods=list(config.methods), engine=engine,
             warn=warn,
         )
 
@@ -191,12 +205,7 @@ class Session:
 
     def engine_for(self, module: nn.Module) -> CamEngine:
         """An engine with this session's choices on another module (a randomised copy, say)."""
-        e = self.engine
-        return CamEngine(
-            module, self.layers, self.methods, options=e.options, signed=e.signed, output_key=e.output_key,
-            per_layer=e.per_layer, aug_smooth=e.aug_smooth, eigen_smooth=e.eigen_smooth, channels_last=True,
-            region=e.region, layout=e.layouts.forced or None, precision=e.precision,
-        )
+        return CamEngine(module, self.engine.config)
 
     def explain(
         self,

@@ -7,7 +7,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-# What a blank map's reason code (camcli.engine.EMPTY / CONSTANT) means, in the user's words.
+# What a blank map's reason code (camcli.maps.EMPTY / CONSTANT) means, in the user's words.
 NOTES = {
     "empty": "the map is empty: every weighted activation is <= 0 after ReLU "
     "(wrong class, a saturated layer, or a layer too close to the output); try --signed or another layer",

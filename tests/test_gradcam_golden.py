@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camcli.engine import CamEngine, finalize
+from camcli.engine import CamEngine, EngineConfig, finalize
 from camcli.methods import CamInputs, get_method
 from camcli.targets import ClassIndex, TopK
 
@@ -31,7 +31,7 @@ def test_gradcam_on_paper_two_channel_2x2() -> None:
     # raw map = 0.25*A_1 - 0.0625*A_2 = [[0.25, 0], [0, -0.125]]; after ReLU + norm: [[1,0],[0,0]].
     a = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]])
     model = GapLinear(torch.tensor([[1.0, -0.25], [0.0, 1.0]]))
-    engine = CamEngine(model, ["feat"], [get_method("gradcam")])
+    engine = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")]))
     out = engine.explain(a, [ClassIndex(0)])[0]
     assert out.maps[0].target == 0
     assert torch.allclose(torch.from_numpy(out.maps[0].cam), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
@@ -61,7 +61,7 @@ def test_engine_gradients_equal_hand_derivative() -> None:
     from camcli.methods.base import MethodInfo
 
     info = MethodInfo(name="spy", fn=spy, description="", paper="", needs_gradients=True)
-    CamEngine(model, ["feat"], [info]).explain(a, [ClassIndex(2)])
+    CamEngine(model, EngineConfig(["feat"], [info])).explain(a, [ClassIndex(2)])
     expected = (w[2] / 12.0).view(1, 5, 1, 1).expand(2, 5, 3, 4)
     assert torch.allclose(captured["g"], expected, atol=1e-7)
 
@@ -71,7 +71,7 @@ def test_gradcam_equals_cam_on_gap_linear_conv_net() -> None:
 
     model = tiny_cnn().eval()
     x = torch.randn(3, 3, 32, 48)
-    engine = CamEngine(model, ["features.3"], [get_method("gradcam")])
+    engine = CamEngine(model, EngineConfig(["features.3"], [get_method("gradcam")]))
     outs = engine.explain(x, [TopK(1)])
     with torch.no_grad():
         a = model.features(x)

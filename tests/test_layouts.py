@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from camcli.engine import CamEngine
+from camcli.engine import CamEngine, EngineConfig
 from camcli.errors import UsageError
 from camcli.layouts import NCHW, NHWC, ModelHints, Tokens, detect, infer_grid, parse_layout
 from camcli.methods import get_method
@@ -119,11 +119,11 @@ A23 = torch.tensor([[[[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], [[0.0, 2.0, 0.0], [0.0,
 @pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam", "hirescam"])
 @pytest.mark.parametrize("kind", ["tokens", "nhwc"])
 def test_token_and_nhwc_layers_give_the_cnn_map(method: str, kind: str) -> None:
-    ref = CamEngine(GapLinear(W), ["feat"], [get_method(method)], signed=True)
+    ref = CamEngine(GapLinear(W), EngineConfig(["feat"], [get_method(method)], signed=True))
     expected = ref.explain(A23, [ClassIndex(0)])[0].maps[0].cam
     model = TokenGapLinear(W, nhwc=kind == "nhwc")
-    engine = CamEngine(model, ["feat"], [get_method(method)], signed=True, layout="tokens:1" if kind == "tokens" else None)
-    engine.prepare(A23)
+    engine = CamEngine(model, EngineConfig(["feat"], [get_method(method)], signed=True, layout="tokens:1" if kind == "tokens" else None))
+    engine.check(A23)
     got = engine.explain(A23, [ClassIndex(0)])[0].maps[0].cam
     assert got.shape == (2, 3)
     assert np.allclose(got, expected, atol=1e-6)
@@ -136,9 +136,9 @@ def test_unreadable_layer_names_itself_and_the_override() -> None:
     model = TokenGapLinear(W)
     x = torch.rand(1, 2, 4, 4)  # 17 tokens: 1 + 4x4, but also 1x1 + 16 prefix, so no guess
     with pytest.raises(UsageError, match=r"layer 'feat' outputs shape \(1, 17, 2\).*--layout nchw\|nhwc\|tokens:P"):
-        CamEngine(model, ["feat"], [get_method("gradcam")]).prepare(x)
+        CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).check(x)
     with pytest.raises(UsageError, match=r"--layout tokens:4 does not fit layer 'feat'.*13 patch tokens"):
-        CamEngine(model, ["feat"], [get_method("gradcam")], layout="tokens:4").prepare(x)
-    ok = CamEngine(model, ["feat"], [get_method("gradcam")], layout={"feat": "tokens:1"})
-    ok.prepare(x)
+        CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], layout="tokens:4")).check(x)
+    ok = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], layout={"feat": "tokens:1"}))
+    ok.check(x)
     assert ok.explain(x, [ClassIndex(0)])[0].maps[0].cam.shape == (4, 4)

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from camcli.engine import CamEngine
+from camcli.engine import CamEngine, EngineConfig
 from camcli.errors import UsageError
 from camcli.methods import get_method
 from camcli.methods.fullgrad import full_gradients
@@ -155,7 +155,7 @@ def test_fullgrad_draws_token_bias_terms_on_the_patch_grid() -> None:
         ref = ref + F.interpolate(term[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
         drawn += 1
     assert drawn == 1 + 2 * 4  # patch embedding + (qkv, proj, fc1, fc2) per block
-    ours = CamEngine(model, ["blocks.1"], [get_method("fullgrad")]).explain(x, [ClassIndex(0)])[0].maps[0].cam
+    ours = CamEngine(model, EngineConfig(["blocks.1"], [get_method("fullgrad")])).explain(x, [ClassIndex(0)])[0].maps[0].cam
     assert pearson(ours, ref[0].numpy()) > 0.9999
 
 
@@ -290,8 +290,8 @@ def test_attention_rollout_discard_ratio_matches_a_hand_written_reference() -> N
         block.attn.fused_attn = True
     maps = {}
     for r in (0.0, ratio):
-        outs = CamEngine(model, ["blocks.2"], [get_method("attention-rollout")],
-                         options=MethodOptions(discard_ratio=r)).explain(x, [ClassIndex(0)] * 2)
+        outs = CamEngine(model, EngineConfig(["blocks.2"], [get_method("attention-rollout")],
+                                             options=MethodOptions(discard_ratio=r))).explain(x, [ClassIndex(0)] * 2)
         maps[r] = [o.maps[0].cam for o in outs]
     for img in range(2):
         assert pearson(maps[ratio][img], refs[img]) > 0.9999
@@ -321,7 +321,7 @@ def test_shapleycam_check_runs_when_the_engine_is_used_directly() -> None:
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5).eval()
     assert model.blocks[0].attn.fused_attn
-    engine = CamEngine(model, ["blocks.0.norm1"], [get_method("shapleycam")])
+    engine = CamEngine(model, EngineConfig(["blocks.0.norm1"], [get_method("shapleycam")]))
     with pytest.raises(UsageError, match="shapleycam needs second derivatives"):
         engine.explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
 

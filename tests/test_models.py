@@ -84,20 +84,20 @@ def test_labels_file_must_match_classes(tmp_path: Path) -> None:
 
 
 def test_tuple_outputs_need_output_key(tmp_path: Path) -> None:
-    from camcli.engine import CamEngine
+    from camcli.engine import CamEngine, EngineConfig
     from camcli.methods import get_method
     from camcli.targets import TopK
 
     lm = load_model("toymodels:tuple_out")
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(UsageError, match="--output-key"):
-        CamEngine(lm.module, ["net.features"], [get_method("gradcam")]).explain(x, [TopK(1)])
-    out = CamEngine(lm.module, ["net.features"], [get_method("gradcam")], output_key="0").explain(x, [TopK(1)])
+        CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")])).explain(x, [TopK(1)])
+    out = CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")], output_key="0")).explain(x, [TopK(1)])
     assert out[0].maps[0].cam.shape == (8, 8)
 
 
 def test_torch_export_archive_gives_the_eager_models_maps(tmp_path: Path) -> None:
-    from camcli.engine import CamEngine
+    from camcli.engine import CamEngine, EngineConfig
     from camcli.methods import parse_methods
     from camcli.targets import TopK
 
@@ -110,16 +110,16 @@ def test_torch_export_archive_gives_the_eager_models_maps(tmp_path: Path) -> Non
     lm = load_model(str(p))
     assert lm.source == "torch.export" and lm.num_classes == 3 and lm.flexible_size
     x = torch.randn(2, 3, 96, 128)
-    methods = parse_methods(("gradcam", "layercam", "scorecam"))
-    ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [TopK(1)])
-    ref = CamEngine(eager, ["layer4"], methods).explain(x, [TopK(1)])
+    methods = parse_methods("gradcam,layercam,scorecam")
+    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).explain(x, [TopK(1)])
+    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).explain(x, [TopK(1)])
     for a, b in zip(ours, ref):
         for ma, mb in zip(a.maps, b.maps):
             assert ma.target == mb.target and np.allclose(ma.cam, mb.cam, atol=1e-5), ma.method
 
 
 def test_guided_backprop_reaches_the_relus_of_an_exported_graph(tmp_path: Path) -> None:
-    from camcli.engine import CamEngine
+    from camcli.engine import CamEngine, EngineConfig
     from camcli.methods import parse_methods
     from camcli.targets import ClassIndex
 
@@ -131,9 +131,9 @@ def test_guided_backprop_reaches_the_relus_of_an_exported_graph(tmp_path: Path) 
     lm = load_model(str(p))
     assert lm.input_size == 64 and not lm.flexible_size  # static height and width: the example's size
     x = torch.randn(1, 3, 64, 64)
-    methods = parse_methods(("guided-backprop",))
-    ours = CamEngine(lm.module, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
-    ref = CamEngine(eager, ["layer4"], methods).explain(x, [ClassIndex(1)])[0].maps[0].cam
+    methods = parse_methods("guided-backprop")
+    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).explain(x, [ClassIndex(1)])[0].maps[0].cam
+    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).explain(x, [ClassIndex(1)])[0].maps[0].cam
     assert np.allclose(ours, ref, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.engine import CamEngine
+from camcli.engine import CamEngine, EngineConfig
 from camcli.errors import UsageError
 from camcli.images import Preprocess, decode
 from camcli.methods import MethodInfo, get_method
@@ -24,7 +24,7 @@ TINY = "toymodels:tiny_cnn"
 def test_bf16_maps_agree_with_fp32_on_the_sample_photos(samples: Path, bundled) -> None:  # noqa: ANN001
     methods = [get_method(m) for m in ("gradcam", "gradcam++", "layercam", "eigencam")]
     pre = Preprocess(224, bundled.mean, bundled.std, True)
-    engines = {p: CamEngine(bundled.module, ["bn2"], methods, precision=p) for p in ("fp32", "bf16")}
+    engines = {p: CamEngine(bundled.module, EngineConfig(["bn2"], methods, precision=p)) for p in ("fp32", "bf16")}
     for photo in sorted(samples.glob("*.jpg")):
         x = pre(decode(photo))[None]
         with torch.inference_mode():
@@ -52,8 +52,8 @@ def test_forward_runs_in_bf16_and_methods_get_fp32(bundled) -> None:  # noqa: AN
         return inputs.activations
 
     try:
-        CamEngine(bundled.module, ["bn2"], [MethodInfo("spy", spy, "", "", needs_gradients=True)],
-                  precision="bf16").explain(torch.randn(1, 3, 64, 64), [ClassIndex(1)])
+        CamEngine(bundled.module, EngineConfig(["bn2"], [MethodInfo("spy", spy, "", "", needs_gradients=True)],
+                  precision="bf16")).explain(torch.randn(1, 3, 64, 64), [ClassIndex(1)])
     finally:
         handle.remove()
     assert seen == {"layer output": torch.bfloat16, "activations": torch.float32, "gradients": torch.float32}
@@ -66,7 +66,7 @@ def test_precision_resolves_per_device_and_fp16_is_refused_on_the_cpu() -> None:
     with pytest.raises(UsageError, match="fp16 runs on CUDA only"):
         resolve_precision("fp16", cpu)
     with pytest.raises(UsageError, match="resolve 'auto' first"):
-        CamEngine(torch.nn.Conv2d(3, 3, 1), ["weight"], [get_method("gradcam")], precision="auto")
+        CamEngine(torch.nn.Conv2d(3, 3, 1), EngineConfig(["weight"], [get_method("gradcam")], precision="auto"))
 
 
 def test_summary_records_the_precision_that_ran(tmp_path: Path, small_images: Path) -> None:

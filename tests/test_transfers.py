@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from camcli.engine import CamEngine
+from camcli.engine import CamEngine, EngineConfig
 from camcli.hostcopy import HostPack
 from camcli.methods import MethodOptions, get_method
 from camcli.targets import ClassIndex, TopK
@@ -92,7 +92,7 @@ def test_engine_conversions_do_not_grow_with_the_batch(
     model = Saturating().eval()
     layers = kwargs.pop("layers", ["c2"])
     opts = kwargs.pop("options", MethodOptions(channels="top2"))
-    engine = CamEngine(model, layers, [get_method(m) for m in methods.split(",")], options=opts, **kwargs)
+    engine = CamEngine(model, EngineConfig(layers, [get_method(m) for m in methods.split(",")], options=opts, **kwargs))
     specs = [TopK(2), ClassIndex(1)]
     small, big = torch.randn(4, 3, 24, 32), torch.randn(16, 3, 24, 32)
     outs: dict[int, list] = {}

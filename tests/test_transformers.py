@@ -16,7 +16,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 import toymodels
-from camcli.engine import CamEngine
+from camcli.engine import CamEngine, EngineConfig
 from camcli.errors import ModelError, UsageError
 from camcli.layers import choose_layers, default_layer, trace_layers
 from camcli.methods import CamInputs, MethodOptions, available_methods, get_method
@@ -69,8 +69,8 @@ def test_gradcam_on_a_trained_vit_lands_on_the_class_square(reg_tokens: int) -> 
         assert (model(x).argmax(1) == y).float().mean() > 0.9  # it learned the task
     layers = choose_layers(model, None, "vit", x[:1])
     assert layers == ["blocks.1.norm1"]  # the first norm of the last block
-    engine = CamEngine(model, layers, [get_method("gradcam"), get_method("chefer")])
-    engine.prepare(x[:1])
+    engine = CamEngine(model, EngineConfig(layers, [get_method("gradcam"), get_method("chefer")]))
+    engine.check(x[:1])
     for c in range(3):
         idx = (y == c).nonzero().flatten()[:16]
         outs = engine.explain(x[idx], [ClassIndex(c)])
@@ -85,7 +85,7 @@ def test_last_block_output_gives_patch_tokens_no_gradient() -> None:
     # token of the final norm has a zero gradient and Grad-CAM there is empty.
     model = toymodels.tiny_vit()
     x = torch.randn(1, 3, 32, 32)
-    out = CamEngine(model, ["norm"], [get_method("gradcam")]).explain(x, [ClassIndex(0)])[0].maps[0]
+    out = CamEngine(model, EngineConfig(["norm"], [get_method("gradcam")])).explain(x, [ClassIndex(0)])[0].maps[0]
     assert out.empty and not out.cam.any()
 
 
@@ -96,8 +96,8 @@ def agreement(
 ) -> float:
     """Pearson r of camcli's Grad-CAM (upsampled) and pytorch-grad-cam's on ``theirs`` (default: the
     same model; a wrapper returning plain logits for Hugging Face models), at ``layer`` of ``model``."""
-    engine = CamEngine(model, [layer], [get_method("gradcam")])
-    engine.prepare(x)
+    engine = CamEngine(model, EngineConfig([layer], [get_method("gradcam")]))
+    engine.check(x)
     target = engine.explain(x, [ClassIndex(0)])[0].top[0][0]
     mine = engine.explain(x, [ClassIndex(target)])[0].maps[0]
     assert not mine.empty
@@ -162,7 +162,7 @@ def test_hugging_face_vit_folder_loads_offline_and_agrees(tmp_path: Path) -> Non
 
     assert agreement(lm.module, layer, x, reshape, theirs=Logits(lm.module).eval()) > 0.98
     # the engine reads `logits` from the model's own output object
-    out = CamEngine(lm.module, [layer], [get_method("gradcam")]).explain(x, [ClassIndex(1)])[0]
+    out = CamEngine(lm.module, EngineConfig([layer], [get_method("gradcam")])).explain(x, [ClassIndex(1)])[0]
     assert out.maps[0].cam.shape == (6, 6) and len(out.top) == 3
 
 
@@ -186,7 +186,7 @@ def test_flexible_transformers_get_inputs_in_whole_patches() -> None:
     assert pre.input_hw(480, 722) == (224, 336)  # 337.0 would not divide into 16-pixel patches
     x = torch.randn(1, 3, *pre.input_hw(480, 722))
     layer = choose_layers(vit.module, None, vit.name, x)
-    out = CamEngine(vit.module, layer, [get_method("gradcam")]).explain(x, [ClassIndex(0)])[0]
+    out = CamEngine(vit.module, EngineConfig(layer, [get_method("gradcam")])).explain(x, [ClassIndex(0)])[0]
     assert layer == ["blocks.0.norm1"] and out.maps[0].cam.shape == (14, 21)  # 2 register tokens dropped
     swin = load_model("toymodels:dynamic_swin")
     assert (swin.flexible_size, swin.size_multiple) == (True, 32)
@@ -219,12 +219,12 @@ def test_every_method_works_on_a_token_layer_or_says_why(name: str) -> None:
     model = toymodels.tiny_vit().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     few = MethodOptions(samples=2)  # noise samples / steps: 2 are enough here
-    engine = CamEngine(model, ["blocks.1.norm1"], [get_method(name)], options=few)
+    engine = CamEngine(model, EngineConfig(["blocks.1.norm1"], [get_method(name)], options=few))
     if name in REFUSED:
         with pytest.raises(UsageError, match=REFUSED[name]):
-            engine.prepare(x[:1])
+            engine.check(x[:1])
         return
-    engine.prepare(x[:1])
+    engine.check(x[:1])
     maps = [o.maps[0] for o in engine.explain(x, [ClassIndex(1)])]
     shape = (32, 32) if get_method(name).pixel_space else (4, 4)  # pixel-space methods: the input's size
     assert all(m.cam.shape == shape and np.isfinite(m.cam).all() for m in maps)
@@ -275,8 +275,8 @@ def test_attention_methods_match_explicit_attention_by_hand() -> None:
 def test_attention_methods_on_torchvision_and_their_refusals() -> None:
     model = toymodels.tv_vit().eval()  # nn.MultiheadAttention inside
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    engine = CamEngine(model, ["encoder.layers.encoder_layer_1.ln_1"], [get_method("rollout"), get_method("chefer")])
-    engine.prepare(x)
+    engine = CamEngine(model, EngineConfig(["encoder.layers.encoder_layer_1.ln_1"], [get_method("rollout"), get_method("chefer")]))
+    engine.check(x)
     with torch.no_grad():
         before = model(x)
     maps = engine.explain(x, [ClassIndex(2)])[0].maps
@@ -286,7 +286,7 @@ def test_attention_methods_on_torchvision_and_their_refusals() -> None:
         assert torch.equal(model(x), before)  # the hooks are gone
     swin = toymodels.dynamic_swin().eval()  # windowed attention: no matrix over the whole image
     with pytest.raises(UsageError, match="chefer reads the attention matrices.*Use gradcam"):
-        CamEngine(swin, ["norm"], [get_method("chefer")]).prepare(torch.randn(1, 3, 224, 224))
+        CamEngine(swin, EngineConfig(["norm"], [get_method("chefer")])).check(torch.randn(1, 3, 224, 224))
     gap = toymodels.tiny_vit(class_token=False, global_pool="avg").eval()
     with pytest.raises(UsageError, match="reads the class token's row"):
-        CamEngine(gap, ["blocks.1.norm1"], [get_method("rollout")]).explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
+        CamEngine(gap, EngineConfig(["blocks.1.norm1"], [get_method("rollout")])).explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from camcli.errors import UsageError
 from camcli.hooks import Hooks
-from camcli.methods.base import CamInputs, register, require
+from camcli.methods.base import CamInputs, register
 
 Recompute = Callable[[nn.Module, Tensor], "tuple[Tensor, Tensor]"]  # (module, x) -> (output, attention)
 
@@ -153,8 +153,8 @@ def discard_lowest(attn: Tensor, ratio: float) -> Tensor:
     paper="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (arXiv:2005.00928)",
 )
 def attention_rollout(inputs: CamInputs) -> Tensor:
-    x = require(inputs.inputs, "inputs", "attention-rollout")
-    forward = require(inputs.forward, "a forward function", "attention-rollout")  # type: ignore[arg-type]
+    x = inputs.inputs
+    forward = inputs.forward
     with torch.inference_mode(), AttentionTap(inputs.model) as tap:
         forward(x)
     maps = _maps(tap, "attention-rollout")
@@ -178,8 +178,8 @@ def attention_rollout(inputs: CamInputs) -> Tensor:
     paper="Chefer et al. 2021, Generic Attention-model Explainability (arXiv:2103.15679)",
 )
 def chefer(inputs: CamInputs) -> Tensor:
-    x = require(inputs.inputs, "inputs", "chefer")
-    score_fn = require(inputs.score_fn, "a differentiable target score", "chefer")  # type: ignore[arg-type]
+    x = inputs.inputs
+    score_fn = inputs.score_fn
     # Parameters are frozen: the input carries the graph through every block to the matrices.
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad(), AttentionTap(inputs.model) as tap:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,28 +44,128 @@ class MethodOptions:
     discard_ratio: float = 0.0  # attention-rollout: share of the lowest head-mean attention entries set to 0
 
 
-@dataclass
+class Lender(Protocol):
+    """Builds a capability for one layer on first use (the engine's ``camcli.capabilities.ModelAccess``)."""
+
+    def lend(self, what: str, layer: str) -> Any: ...  # noqa: ANN401
+
+
+# What a method may read from its CamInputs -> the MethodInfo flag that declares it (None: every method).
+NEEDS: dict[str, str | None] = {
+    "gradients": "needs_gradients",
+    "scorer": "needs_scorer",
+    "layer_scorer": "needs_layer_scorer",
+    "classifier_weights": "needs_classifier",
+    "gradient_fn": "needs_gradient_fn",
+    "guided_gradients": "pixel_space",
+    "hvp": "needs_hvp",
+    "score_fn": "needs_model",
+    "inputs": None,
+    "model": None,
+    "forward": None,
+}
+
+
 class CamInputs:
-    """What the engine hands a method for one batch, one layer and one target per image.
+    """The one context a method reads, for one batch, one layer and one target per image.
+
+    A method declares what it needs once, in its ``@register(...)`` flags (``needs_scorer``, ...), and
+    reads it here: whatever was not given is built on first use by the engine's lender and cached,
+    so a method pays only for what it reads. Reading something the method did not declare is a bug
+    in the method, reported as one. Values may also be given directly (tests call methods that way).
 
     A method returns (B, h, w) maps, or (B, K, h, w) weighted activations that the engine reduces.
     """
 
-    activations: Tensor  # A: (B, K, h, w)
-    targets: Tensor  # c: (B,) class index per image (labels, classifier rows; scores come from the target)
-    gradients: Tensor | None = None  # G = d y^c / d A: (B, K, h, w)
-    inputs: Tensor | None = None  # the preprocessed batch (B, 3, H, W)
-    scorer: Scorer | None = None
-    layer_scorer: LayerScorer | None = None
-    classifier_weights: Tensor | None = None  # (num_classes, K) when the head is GAP -> linear
-    gradient_fn: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # x' (a modified batch) -> (A, G)
-    guided_gradients: Callable[[], Tensor] | None = None  # guided-backprop d y^c / d x: (B, 3, H, W)
-    options: MethodOptions = field(default_factory=MethodOptions)
-    # Second-order and whole-model capabilities (ShapleyCAM, FullGrad, attention methods):
-    hvp: Callable[[Tensor], Tensor] | None = None  # v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)
-    model: nn.Module | None = None  # the model, in eval mode with frozen parameters
-    score_fn: Callable[[Tensor], Tensor] | None = None  # x -> (B,) y^c, differentiable, hooks passive (needs_model)
-    forward: Callable[[Tensor], Tensor] | None = None  # inputs -> model scores, as the engine runs it
+    def __init__(
+        self,
+        activations: Tensor,  # A: (B, K, h, w)
+        targets: Tensor,  # c: (B,) class index per image (labels, classifier rows; scores come from the target)
+        *,
+        options: MethodOptions | None = None,
+        method: MethodInfo | None = None,  # whose declaration is enforced (None: anything given may be read)
+        layer: str = "",
+        lender: Lender | None = None,
+        **given: Any,  # noqa: ANN401 (any of NEEDS, e.g. gradients=G)
+    ) -> None:
+        unknown = sorted(set(given) - set(NEEDS))
+        if unknown:
+            raise TypeError(f"CamInputs got unknown capabilities {unknown} (accepted: {', '.join(NEEDS)})")
+        self.activations = activations
+        self.targets = targets
+        self.options = MethodOptions() if options is None else options
+        self._method = method
+        self._layer = layer
+        self._lender = lender
+        self._have: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+
+    def _get(self, what: str) -> Any:  # noqa: ANN401
+        m = self._method
+        flag = NEEDS[what]
+        if m is not None and flag is not None and not getattr(m, flag):
+            raise RuntimeError(f"method {m.name!r} reads {what} but does not declare {flag}=True in its register(...)")
+        have = self._have.get(what)
+        if have is None:
+            if self._lender is None:
+                name = "a method" if m is None else f"method {m.name!r}"
+                raise RuntimeError(f"engine bug: {name} needs {what} but none was given")
+            have = self._have[what] = self._lender.lend(what, self._layer)
+        return have
+
+    @property
+    def gradients(self) -> Tensor:
+        """G = d y^c / d A: (B, K, h, w), fp32 (needs_gradients)."""
+        return cast(Tensor, self._get("gradients"))
+
+    @property
+    def inputs(self) -> Tensor:
+        """The preprocessed batch (B, 3, H, W)."""
+        return cast(Tensor, self._get("inputs"))
+
+    @property
+    def scorer(self) -> Scorer:
+        """Target scores of modified copies of one image (needs_scorer)."""
+        return cast(Scorer, self._get("scorer"))
+
+    @property
+    def layer_scorer(self) -> LayerScorer:
+        """Target scores with this layer's output replaced (needs_layer_scorer)."""
+        return cast(LayerScorer, self._get("layer_scorer"))
+
+    @property
+    def classifier_weights(self) -> Tensor:
+        """(num_classes, K) when the head is GAP -> linear (needs_classifier)."""
+        return cast(Tensor, self._get("classifier_weights"))
+
+    @property
+    def gradient_fn(self) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """x' (a modified batch) -> (A, G) at this layer (needs_gradient_fn)."""
+        return cast(Callable[[Tensor], tuple[Tensor, Tensor]], self._get("gradient_fn"))
+
+    @property
+    def guided_gradients(self) -> Tensor:
+        """Guided-backprop d y^c / d x: (B, 3, H, W) (pixel_space)."""
+        return cast(Tensor, self._get("guided_gradients"))
+
+    @property
+    def hvp(self) -> Callable[[Tensor], Tensor]:
+        """v (B, K, h, w) -> H v, H = d2 y^c / dA2 (needs_hvp)."""
+        return cast(Callable[[Tensor], Tensor], self._get("hvp"))
+
+    @property
+    def model(self) -> nn.Module:
+        """The model, in eval mode with frozen parameters."""
+        return cast(nn.Module, self._get("model"))
+
+    @property
+    def score_fn(self) -> Callable[[Tensor], Tensor]:
+        """x -> (B,) y^c, differentiable, layer taps passive (needs_model)."""
+        return cast(Callable[[Tensor], Tensor], self._get("score_fn"))
+
+    @property
+    def forward(self) -> Callable[[Tensor], Tensor]:
+        """inputs -> model scores, as the engine runs it (taps paused)."""
+        return cast(Callable[[Tensor], Tensor], self._get("forward"))
 
 
 MethodFn = Callable[[CamInputs], "Tensor | MethodOutput"]
@@ -86,9 +186,9 @@ class MethodInfo:
     needs_classifier: bool = False
     needs_gradient_fn: bool = False
     pixel_space: bool = False  # map at input resolution, computed outside the layer hooks
-    # Checks of the method's options against the layer's activations (1, K, h, w), run once before
-    # any work starts; raise UsageError.
-    prepare: Callable[["MethodOptions", Tensor], None] | None = None
+    # Checks the method's options against the layer's activations (1, K, h, w), run once before
+    # any work starts; raises UsageError.
+    check_layer: Callable[["MethodOptions", Tensor], None] | None = None
     # (model, example input) -> None, or UsageError saying why the method cannot work on this model;
     # run once before any work (and by --method all to skip the method with that reason)
     check: Callable[[Any, Tensor], None] | None = None
@@ -216,9 +316,3 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], devi
         if g.device.type != "cpu":
             raise ValueError(f"noise is drawn from CPU generators, not {g.device} (see noise_generator)")
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
-
-
-def require(value: Tensor | None, what: str, method: str) -> Tensor:
-    if value is None:
-        raise RuntimeError(f"engine bug: method {method!r} needs {what} but none was given")
-    return value

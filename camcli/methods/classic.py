@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from camcli.errors import UsageError
-from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register, require, weigh
+from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register, weigh
 
 
 @register(
@@ -18,7 +18,7 @@ from camcli.methods.base import CamInputs, MethodOptions, MethodOutput, register
     paper="Zhou et al. 2016, Learning Deep Features for Discriminative Localization (arXiv:1512.04150)",
 )
 def cam(inputs: CamInputs) -> Tensor:
-    w = require(inputs.classifier_weights, "classifier weights", "cam")
+    w = inputs.classifier_weights
     return weigh(w[inputs.targets].to(inputs.activations.dtype), inputs.activations)
 
 
@@ -41,7 +41,7 @@ def _check_channels(options: MethodOptions, activations: Tensor) -> None:
 
 @register(
     "activations",
-    prepare=_check_channels,
+    check_layer=_check_channels,
     aliases=("activation", "act"),
     needs_target=False,
     description="the layer's raw activation: mean over channels, one channel, or the top N (with a grid)",

@@ -1,42 +1,13 @@
-"""Principal-component maps: EigenCAM, EigenGradCAM, KPCA-CAM, and the projection --eigen-smooth uses."""
+"""Principal-component maps: EigenCAM, EigenGradCAM, KPCA-CAM (the projection itself, also used by
+--eigen-smooth, is in camcli.maps)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, register, require
-
-
-def first_component(x: Tensor) -> Tensor:
-    """Project (B, K, h, w) onto its first principal component over channels -> (B, h, w).
-
-    Positions are the samples and channels the features; the data are centred per channel. SVD's
-    sign is arbitrary, so it is fixed: the map correlates positively with the channel sum of ``x``.
-    """
-    b, k, h, w = x.shape
-    m = x.detach().float().reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
-    centred = m - m.mean(dim=1, keepdim=True)
-    # The projection on the first right singular vector v equals sqrt(lambda) * u, with (lambda, u)
-    # the top eigenpair of the small Gram matrix C C^T (hw x hw); when channels are fewer than
-    # positions, take v from C^T C (K x K) instead. Same result as an SVD, much cheaper.
-    if h * w <= k:
-        vals, vecs = torch.linalg.eigh(centred @ centred.transpose(1, 2))
-        proj = vecs[:, :, -1] * vals[:, -1:].clamp(min=0).sqrt()
-    else:
-        _, vecs = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
-        proj = torch.einsum("bpk,bk->bp", centred, vecs[:, :, -1])
-    return oriented(proj, m).reshape(b, h, w)
-
-
-def oriented(proj: Tensor, m: Tensor) -> Tensor:
-    """Flip each projection (B, P) whose sign disagrees with the data (B, P, K): the result correlates
-    positively with the channel sum of ``m`` over the P positions (kept as is when uncorrelated)."""
-    ref = m.sum(dim=2)
-    ref = ref - ref.mean(dim=1, keepdim=True)
-    sign = torch.sign((proj * ref).sum(dim=1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return proj * sign[:, None]
+from camcli.maps import first_component, oriented
+from camcli.methods.base import CamInputs, register
 
 
 # The kernel matrix has (h w)^2 entries per image and its eigendecomposition costs (h w)^3: up to
@@ -116,7 +87,7 @@ def eigencam(inputs: CamInputs) -> Tensor:
     paper="pytorch-grad-cam's EigenGradCAM (Eigen-CAM on G*A)",
 )
 def eigengradcam(inputs: CamInputs) -> Tensor:
-    g = require(inputs.gradients, "gradients", "eigengradcam")
+    g = inputs.gradients
     return first_component(g * inputs.activations)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from camcli.errors import UsageError
 from camcli.hooks import Hooks
 from camcli.layouts import Grid, ModelHints, detect, model_hints
-from camcli.methods.base import CamInputs, register, require, rescaled
+from camcli.methods.base import CamInputs, register, rescaled
 
 CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)  # outputs (B, C, h, w)
 CHANNELS_LAST = (nn.Linear,)  # a linear layer's output: (B, C), (B, h, w, C) as in ConvNeXt, or tokens (B, N, C)
@@ -212,9 +212,9 @@ def fullgrad(inputs: CamInputs) -> Tensor:
     paper's own code rescales each layer's tensor as a whole instead. Bias gradients without a spatial
     grid (a classifier head) are left out, as in the paper's code: rescaled per channel they are 0.
     """
-    model = require(inputs.model, "the model", "fullgrad")  # type: ignore[arg-type]
-    score_fn = require(inputs.score_fn, "a differentiable score", "fullgrad")  # type: ignore[arg-type]
-    x = require(inputs.inputs, "inputs", "fullgrad")
+    model = inputs.model
+    score_fn = inputs.score_fn
+    x = inputs.inputs
     parts = full_gradients(model, score_fn, x)
     size = (int(x.shape[-2]), int(x.shape[-1]))
     hints = model_hints(model)

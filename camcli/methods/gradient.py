@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 
 from camcli.errors import UsageError
-from camcli.methods.base import CamInputs, draw_noise, noise_generator, register, require, weigh
+from camcli.methods.base import CamInputs, draw_noise, noise_generator, register, weigh
 
 _EPS = 1e-12
 
 
 def _ag(inputs: CamInputs, method: str) -> tuple[Tensor, Tensor]:
-    return inputs.activations, require(inputs.gradients, "gradients", method)
+    return inputs.activations, inputs.gradients
 
 
 @register(
@@ -154,7 +154,7 @@ def shapleycam(inputs: CamInputs) -> Tensor:
     """w_k = mean_ij (G - 0.5 H A)_kij: the gradient with a second-order correction, H A the Hessian of
     y^c w.r.t. A times A itself (the vector pytorch-grad-cam's ShapleyCAM also uses)."""
     a, g = _ag(inputs, "shapleycam")
-    hvp = require(inputs.hvp, "Hessian-vector products", "shapleycam")  # type: ignore[arg-type]
+    hvp = inputs.hvp
     return weigh((g - 0.5 * hvp(a)).mean(dim=(2, 3)), a)
 
 
@@ -169,8 +169,8 @@ def shapleycam(inputs: CamInputs) -> Tensor:
 )
 def smoothgradcampp(inputs: CamInputs) -> Tensor:
     a = inputs.activations
-    x = require(inputs.inputs, "inputs", "smoothgradcam++")
-    grad_at = require(inputs.gradient_fn, "a gradient function", "smoothgradcam++")  # type: ignore[arg-type]
+    x = inputs.inputs
+    grad_at = inputs.gradient_fn
     opts = inputs.options
     # Noise per image, from its own seeded generator and value range: a map never depends on its batch.
     gens = [noise_generator(opts.seed) for _ in range(x.shape[0])]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, require, rescaled, weigh
+from camcli.methods.base import CamInputs, chunks, draw_noise, noise_generator, register, rescaled, weigh
 
 
 def channel_subset(a: Tensor, n: int | None) -> Tensor:
@@ -40,7 +40,7 @@ def _score_family(
     before each image (SS-CAM reseeds its noise there, so a map never depends on its batch).
     """
     a = inputs.activations
-    x = require(inputs.inputs, "inputs", method)
+    x = inputs.inputs
     opts = inputs.options
     size = (x.shape[-2], x.shape[-1])
     weights = torch.zeros(a.shape[0], a.shape[1], device=a.device, dtype=torch.float32)
@@ -66,7 +66,7 @@ def _score_family(
     paper="Wang et al. 2020, Score-CAM (arXiv:1910.01279)",
 )
 def scorecam(inputs: CamInputs) -> Tensor:
-    scorer = require(inputs.scorer, "a scorer", "scorecam")  # type: ignore[arg-type]
+    scorer = inputs.scorer
     return _score_family(inputs, "scorecam", lambda x1, m, c: scorer(x1 * m[:, None], c))
 
 
@@ -79,7 +79,7 @@ def scorecam(inputs: CamInputs) -> Tensor:
     paper="Wang et al. 2020, SS-CAM (arXiv:2006.14255)",
 )
 def sscam(inputs: CamInputs) -> Tensor:
-    scorer = require(inputs.scorer, "a scorer", "ss-cam")  # type: ignore[arg-type]
+    scorer = inputs.scorer
     opts = inputs.options
     gen = noise_generator(opts.seed)
     sigma: list[Tensor | float] = [0.0]
@@ -108,7 +108,7 @@ def sscam(inputs: CamInputs) -> Tensor:
     paper="Naidu et al. 2020, IS-CAM (arXiv:2010.03023)",
 )
 def iscam(inputs: CamInputs) -> Tensor:
-    scorer = require(inputs.scorer, "a scorer", "is-cam")  # type: ignore[arg-type]
+    scorer = inputs.scorer
     n = inputs.options.samples
 
     def score(x1: Tensor, masks: Tensor, c: int) -> Tensor:
@@ -135,7 +135,7 @@ def ablationcam(inputs: CamInputs) -> Tensor:
     flips every weight, and the map shows what argues *against* the class; |y| keeps the meaning
     of the sign: a channel whose removal lowers the score supports the class.
     """
-    score_with = require(inputs.layer_scorer, "a layer scorer", "ablationcam")  # type: ignore[arg-type]
+    score_with = inputs.layer_scorer
     a = inputs.activations
     opts = inputs.options
     b_, k = a.shape[:2]
