@@ -43,7 +43,7 @@ from camcli.engine import CamEngine  # noqa: E402
 from camcli.images import Preprocess, decode  # noqa: E402
 from camcli.methods import MethodOptions, get_method  # noqa: E402
 from camcli.models import load_model  # noqa: E402
-from camcli.pipeline import ExplainOptions, explain  # noqa: E402
+from camcli.pipeline import ExplainOptions, run_explain as explain  # noqa: E402
 from camcli.sanity import pearson  # noqa: E402
 from camcli.targets import ClassIndex, TopK  # noqa: E402
 

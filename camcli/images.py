@@ -348,33 +348,6 @@ class Preprocess:
         return self.normalize(self.resize(rgb)[None])[0]
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and resizes in DataLoader workers; a bad file yields an error record.
-
-    Items carry uint8 tensors: the pipeline normalises whole batches on the compute device.
-    """
-
-    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.sources = list(sources)
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": i, "image": None, "tensor": None, "error": None, "note": None}
-        try:
-            d = read_image(self.sources[i].path, self.max_pixels)
-            item.update(image=d.rgb, tensor=self.preprocess.resize(d.rgb), note=d.note)
-        except ImageError as e:
-            item["error"] = str(e)
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch run
-            item["error"] = f"{self.sources[i].path}: {e}"
-        return item
-
-
 def stack_images(images: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """Resized (3, h, w) images of one size -> a (B, 3, h, w) batch in channels-last memory, in one copy.
 
@@ -388,10 +361,6 @@ def stack_images(images: Sequence[torch.Tensor], device: torch.device | None = N
     pin = device is not None and device.type == "cuda"
     out = torch.empty((len(hwc), *hwc[0].shape), dtype=hwc[0].dtype, pin_memory=pin)
     return torch.stack(hwc, out=out).permute(0, 3, 1, 2)
-
-
-def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
 
 
 def worker_ignores_interrupts(_worker_id: int) -> None:

@@ -222,7 +222,7 @@ def test_explaining_with_the_bundled_model_imports_neither_timm_nor_torchvision(
         "import sys\n"
         "from camcli.cli import app\n"
         "from camcli.options import ExplainOptions\n"
-        "from camcli.pipeline import explain\n"
+        "from camcli.pipeline import run_explain as explain\n"
         f"r = explain([{str(samples / 'chelsea.jpg')!r}], ExplainOptions(out={str(tmp_path)!r}, quiet=True))\n"
         "assert r.exit_code == 0\n"
         "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"

@@ -20,7 +20,7 @@ from camcli.cli import app
 from camcli.errors import CamcliError, ExitCode
 from camcli.evaluate import evaluate
 from camcli.options import EvaluateOptions, ExplainOptions
-from camcli.pipeline import explain
+from camcli.pipeline import run_explain as explain
 from camcli.session import Session
 from camcli.targets import ClassIndex
 

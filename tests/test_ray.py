@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.records import load_run
 
 runner = CliRunner()

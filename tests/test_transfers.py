@@ -110,7 +110,7 @@ def test_explain_conversions_do_not_grow_with_the_images(
 ) -> None:
     from camcli.models import load_model
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     rng = np.random.default_rng(0)
     for n in (4, 16):
