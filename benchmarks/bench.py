@@ -44,7 +44,7 @@ from camcli.engine import CamEngine, EngineConfig  # noqa: E402
 from camcli.images import Preprocess, decode  # noqa: E402
 from camcli.methods import MethodOptions, get_method  # noqa: E402
 from camcli.models import load_model  # noqa: E402
-from camcli.pipeline import ExplainOptions, explain  # noqa: E402
+from camcli.pipeline import ExplainOptions, run_explain as explain  # noqa: E402
 from camcli.sanity import pearson  # noqa: E402
 from camcli.targets import ClassIndex, TopK  # noqa: E402
 
@@ -120,7 +120,7 @@ def camcli_runner(method: str, model: torch.nn.Module, layer: str, x: torch.Tens
                   precision: str = "fp32"):  # noqa: ANN201
     engine = CamEngine(model, EngineConfig([layer], [get_method(method)], options=options or MethodOptions(), channels_last=True,
                        precision=precision))
-    return lambda: engine.explain(x, [TopK(1)])
+    return lambda: engine.maps(x, [TopK(1)])
 
 
 def forward_runner(model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN201
@@ -209,7 +209,7 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
     tc = timed(torchcam_runner("scorecam", model, "bn2", x1, cls), reps)
     fast = timed(camcli_runner("scorecam", model, "bn2", x1, MethodOptions(score_channels=128)), reps)
     # agreement: exact vs pytorch-grad-cam on this image; 128 channels vs exact on every sample photo
-    exact_map = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], channels_last=True)).explain(x1, [ClassIndex(cls[0])])[0].maps[0].cam
+    exact_map = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], channels_last=True)).maps(x1, [ClassIndex(cls[0])])[0].maps[0].cam
     pgc_map = pgc_runner("scorecam", model, "bn2", x1, cls)()[0]
     up = cv2.resize(exact_map, (224, 224), interpolation=cv2.INTER_LINEAR)
     r_pgc = pearson(up, pgc_map)
@@ -219,7 +219,7 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
         maps = []
         for opts in (MethodOptions(), MethodOptions(score_channels=128)):
             eng = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], options=opts, channels_last=True))
-            maps.append(eng.explain(xi, [TopK(1)])[0].maps[0].cam)
+            maps.append(eng.maps(xi, [TopK(1)])[0].maps[0].cam)
         rs.append(pearson(*maps))
     lines = [
         f"One 224x224 image, EfficientNet-Lite0, K = {k} channels at bn2. The K-forward limit is {k} plain "

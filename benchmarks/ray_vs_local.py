@@ -33,7 +33,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 import camcli  # noqa: E402
-from camcli.pipeline import ExplainOptions, explain  # noqa: E402
+from camcli.pipeline import ExplainOptions, run_explain as explain  # noqa: E402
 
 
 def photos(n: int, where: Path) -> Path:

@@ -31,7 +31,7 @@ lm = load_model(device=sys.argv[2]); mark("load the bundled model (weights, prob
 from camcli.options import ExplainOptions
 from camcli.session import Session
 s = Session.open(ExplainOptions(quiet=True, device=sys.argv[2]), model=lm); mark("open the session (layers, engine checks)")
-from camcli.pipeline import explain
+from camcli.pipeline import run_explain as explain
 explain([sys.argv[1]], ExplainOptions(out=sys.argv[3], quiet=True, device=sys.argv[2]), model=lm); mark("explain one photo (decode, maps, PNG, summary)")
 mods = sorted(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules)
 prev = t0; out = []

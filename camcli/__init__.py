@@ -17,15 +17,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from camcli.engine import CamEngine
     from camcli.models import load_model
     from camcli.options import EvaluateOptions, ExplainOptions
-    from camcli.pipeline import RunResult, explain
+    from camcli.pipeline import run_explain
+    from camcli.pipeline import run_explain as explain
+    from camcli.run import RunResult
     from camcli.session import Session
 
 _LAZY = {
     "ExplainOptions": "camcli.options",
     "EvaluateOptions": "camcli.options",
     "Session": "camcli.session",
-    "RunResult": "camcli.pipeline",
-    "explain": "camcli.pipeline",
+    "RunResult": "camcli.run",
+    "run_explain": "camcli.pipeline",
     "CamEngine": "camcli.engine",
     "load_model": "camcli.models",
     "run_check": "camcli.check",
@@ -33,6 +35,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name == "explain":  # the name this API has always had: run_explain, the `explain` command's function
+        name = "run_explain"
     if name in _LAZY:
         import importlib
 
@@ -40,4 +44,4 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401
     raise AttributeError(f"module 'camcli' has no attribute {name!r}")
 
 
-__all__ = ["CamEngine", "EvaluateOptions", "ExplainOptions", "Session", "RunResult", "explain", "load_model", "run_check", "__version__"]
+__all__ = ["CamEngine", "EvaluateOptions", "ExplainOptions", "Session", "RunResult", "explain", "run_explain", "load_model", "run_check", "__version__"]

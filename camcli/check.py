@@ -7,17 +7,19 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from xml.etree import ElementTree as ET
 
 import cv2
 import numpy as np
+import torch
 
 from camcli import jsonout
 from camcli import targets as tgt
 from camcli.checkfile import Case, CheckFile, CheckFileError, baseline_path, case_id, load_check_file
-from camcli.errors import ExitCode, UsageError
-from camcli.images import decode
+from camcli.errors import ExitCode, ImageError, UsageError
+from camcli.feed import Batch, Decoder, feed
+from camcli.images import ImageSource, decode
 from camcli.models import LoadedModel
 from camcli.models.labels import imagenet_labels, load_labels
 from camcli.models.load import DEFAULT_MODEL
@@ -218,9 +220,8 @@ def _run_check(
 def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tgt.TargetSpec]], report: CheckReport,
                update_baselines: bool, out_dir: Path | None, progress: Callable[[int], None] | None) -> None:
     lm, layer_name, cmap = session.model, session.layer_name, resolve_colormap("jet")
-    for case in cf.cases:
-        rgb = decode(case.image, cf.options.max_pixels)
-        result = session.explain(session.preprocess.resize(rgb)[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
+    for case, rgb, tensor in _case_images(cf, session):
+        result = session.explain_images(tensor[None], specs_by_case[case.index], [rgb.shape[:2]])[0]
         ranked = [i for i, _ in result.top]
         mask = _region_mask(case, cf.options.max_pixels) if (case.expect.region or case.expect.region_mask) else None
         for cam_map in result.maps:
@@ -228,7 +229,7 @@ def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tg
                 continue
             # The map at feature resolution; every rule reads it upsampled to the image a band at a time.
             cam = cam_map.cam
-            rows = _apply_rules(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
+            rows = _rule_results(case, cam_map.method, cam_map.target, cam, ranked, lm, mask, cf, layer_name)
             if update_baselines:
                 assert cf.baselines is not None
                 report.baselines.append(_store_baseline(cf, case, cam_map.method, cam, rgb, cmap, lm.name, layer_name))
@@ -244,13 +245,29 @@ def _run_cases(cf: CheckFile, session: Session, specs_by_case: dict[int, list[tg
             progress(1)
 
 
+def _case_images(cf: CheckFile, session: Session) -> Iterator[tuple[Case, np.ndarray, torch.Tensor]]:
+    """Each case with its image (full resolution) and model input, through the feed one at a time in
+    the file's order (each case has its own class); an unreadable image stops the check (ImageError)."""
+    images = [ImageSource(Path(case.image), Path(Path(case.image).name)) for case in cf.cases]
+    decoded = feed(images, Decoder(session.preprocess, cf.options.max_pixels), 1)
+    try:
+        for case, got in zip(cf.cases, decoded):
+            if not isinstance(got, Batch):
+                raise ImageError(got.error or str(case.image))
+            item = got.items[0]
+            assert item.image is not None and item.tensor is not None
+            yield case, item.image, item.tensor
+    finally:
+        decoded.close()  # the decoding workers stop on every path
+
+
 def _rank_of(target: int | None, ranked: list[int]) -> int:
     if target is None:
         return 1
     return ranked.index(target) + 1 if target in ranked else len(ranked) + 1
 
 
-def _apply_rules(
+def _rule_results(
     case: Case,
     method: str,
     target: int | None,

@@ -115,7 +115,7 @@ def explain(
 
     Example: camcli explain photos/ -r --method gradcam,layercam --class top3 --out heatmaps/
     """
-    from camcli.pipeline import explain as run_explain
+    from camcli.pipeline import run_explain
     from camcli.progress import Progress
 
     _quiet_warnings(given.get("quiet"))

@@ -269,7 +269,7 @@ class CamEngine:
                     m.check_layer(self.options, a)
 
     # -- the main entry point -------------------------------------------------------------------
-    def explain(
+    def maps(
         self, x: Tensor, specs: Sequence[tgt.TargetSpec], sizes: Sequence[tuple[int, int]] | None = None
     ) -> list[ImageOutput]:
         """Explain a batch (B, 3, H, W) for the given target specs. One forward pass for all.

@@ -21,7 +21,8 @@ from camcli.boxes import BoxError, parse_box
 from camcli.config import read_yaml
 from camcli.errors import ExitCode, ImageError, UsageError
 from camcli.evaluation_records import RECORDS_NAME, CurveMeans, RecordWriter, iter_records
-from camcli.images import ImageSource, find_images, image_size, read_image, skipped_warning, stack_images
+from camcli.feed import Batch, Decoder, Item, feed, find_inputs
+from camcli.images import ImageSource, image_size, skipped_warning, stack_images
 from camcli.metric_registry import PROBES, MapResult, ProbeContext, get_metric, measure, parse_metrics, probes_for
 from camcli.models import LoadedModel
 from camcli.options import EvaluateOptions
@@ -174,7 +175,7 @@ def _run_evaluation(
     boxes = load_boxes(opts.boxes) if opts.boxes else None
     wanted = parse_metrics(opts.metric, boxes is not None)
     out_dir = Path(opts.out)
-    found = find_images(inputs, opts.recursive, exclude=out_dir)
+    found = find_inputs(inputs, opts.recursive, out_dir)
     sources = found.sources
     boxes_of = match_boxes(boxes, sources, f"--boxes {opts.boxes!r}", opts.max_pixels) if boxes is not None else {}
     check_writable(out_dir)
@@ -292,7 +293,7 @@ class _ImageScorer:
         maps["baseline:center"] = M.center_map(h, w)
         randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
         for engine in self.random_engines:
-            for m in engine.explain(x[None], [tgt.ClassIndex(target)])[0].maps:
+            for m in engine.maps(x[None], [tgt.ClassIndex(target)])[0].maps:
                 randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
         sx, sy = w / size[1], h / size[0]
         scaled = None if boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
@@ -328,36 +329,30 @@ class _ImageScorer:
 
 def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:  # noqa: ANN401,E501
     """(index, source, (height, width) or ImageError, note, normalised input, ImageOutput) in input
-    order; maps are computed ``--batch-size`` images of one input shape per forward pass. Only the
-    resized inputs are kept, never a batch of full-resolution images."""
-    bs = session.batch_size
-    for start in range(0, len(sources), bs):
-        chunk = list(enumerate(sources[start : start + bs], start))
-        sizes: dict[int, Any] = {}
-        notes: dict[int, str | None] = {}
-        tensors: dict[int, torch.Tensor] = {}
-        for i, src in chunk:
-            pre = session.preprocess
-            try:  # decoded no larger than the model input needs: no overlay is drawn here
-                d = read_image(src.path, max_pixels, fit=pre.input_hw)
-            except ImageError as e:
-                sizes[i] = e
-                continue
-            sizes[i], notes[i], tensors[i] = d.size, d.note, pre.resize(d.rgb, pre.input_hw(*d.size))
-            del d
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, t in tensors.items():
-            by_shape.setdefault(tuple(t.shape), []).append(i)
-        results: dict[int, Any] = {}
-        for ids in by_shape.values():
-            for i, o in zip(ids, session.explain(stack_images([tensors[i] for i in ids], session.device))):
-                results[i] = o
-        for i, src in chunk:
-            if isinstance(sizes[i], ImageError):
-                yield i, src, sizes[i], None, None, None
-                continue
-            x = session.preprocess.normalize(tensors[i][None].to(session.device))[0]
-            yield i, src, sizes[i], notes[i], x, results[i]
+    order. The images come through the feed (camcli/feed.py): decoded in worker processes no larger
+    than the model input needs (no overlay is drawn here), maps computed for batches of one input
+    shape under --batch-size and the pixel budget. Only the resized inputs are kept, never a batch
+    of full-resolution images; an image waits here only until those before it are done."""
+    done: dict[int, tuple[Item, Any]] = {}
+    nxt = 0
+    decoded = feed(sources, Decoder(session.preprocess, max_pixels, full_images=False), session.batch_size)
+    try:
+        for got in decoded:
+            if isinstance(got, Batch):
+                done.update(zip((i.index for i in got.items),
+                                zip(got.items, session.explain_images(stack_images(got.tensors, session.device)))))
+            else:
+                done[got.index] = (got, None)
+            while nxt in done:
+                item, outs = done.pop(nxt)
+                if item.error is not None:
+                    yield nxt, sources[nxt], ImageError(item.error), None, None, None
+                else:
+                    x = session.preprocess.normalize(item.tensor[None].to(session.device))[0]
+                    yield nxt, sources[nxt], item.size, item.note, x, outs
+                nxt += 1
+    finally:
+        decoded.close()  # the decoding workers stop on every path
 
 
 def _baseline_grid(outs: Any, h: int, w: int) -> tuple[int, int]:  # noqa: ANN401

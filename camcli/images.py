@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -82,11 +82,9 @@ class _Outputs:
     names its maps (``<image>.<method>[.<layer>][.<class>][.grid].png`` or ``.npy``) are outputs.
     """
 
-    def __init__(self, out: Path) -> None:
-        from camcli.methods import available_methods
-
+    def __init__(self, out: Path, method_files: Collection[str]) -> None:
         self.out = Path(os.path.realpath(out))
-        self.methods = {m.name.replace("+", "p") for m in available_methods()}
+        self.methods = set(method_files)  # method names as they appear in file names (gradcampp)
 
     def holds(self, f: Path, searched: Path) -> bool:
         real = Path(os.path.realpath(f.parent)) / f.name  # the file's own name, in its real folder
@@ -101,24 +99,28 @@ class _Outputs:
         return parts[-1].lower() in ("png", "npy") and any(p in self.methods for p in parts[1:-1])
 
 
-def discover(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None) -> list[ImageSource]:
+def discover(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None,
+             method_files: Collection[str] = ()) -> list[ImageSource]:
     """Files, folders (``recursive`` to descend) and glob patterns -> sorted image sources."""
-    return find_images(paths, recursive, exclude).sources
+    return find_images(paths, recursive, exclude, method_files).sources
 
 
-def find_images(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None) -> Found:
+def find_images(paths: Sequence[str | Path], recursive: bool = False, exclude: Path | None = None,
+                method_files: Collection[str] = ()) -> Found:
     """Files, folders (``recursive`` to descend) and glob patterns -> sorted image sources.
 
     A file named explicitly is always taken (and fails later if it is no image): a FIFO or a broken
     link named on the command line becomes that image's error, not the run's. Folders and globs
     contribute regular files with an image suffix. ``exclude`` (the output folder) holds outputs,
-    never inputs, whatever kind of input finds them (see :class:`_Outputs`).
+    never inputs, whatever kind of input finds them (see :class:`_Outputs`; ``method_files``: the
+    method names as camcli writes them in file names, given by the caller so that finding images
+    does not depend on the method registry).
     Paths are kept as given: an image that is a symbolic link keeps its own name and folder in
     the outputs.
     """
     if not paths:
         raise UsageError("no input given: pass image files, folders or glob patterns")
-    outputs = _Outputs(exclude) if exclude is not None else None
+    outputs = _Outputs(exclude, method_files) if exclude is not None else None
     found: list[Path] = []
     skipped: list[Path] = []
     for raw in paths:
@@ -388,33 +390,6 @@ class Preprocess:
         return self.normalize(self.resize(rgb)[None])[0]
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and resizes in DataLoader workers; a bad file yields an error record.
-
-    Items carry uint8 tensors: the pipeline normalises whole batches on the compute device.
-    """
-
-    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.sources = list(sources)
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": i, "image": None, "tensor": None, "error": None, "note": None}
-        try:
-            d = read_image(self.sources[i].path, self.max_pixels)
-            item.update(image=d.rgb, tensor=self.preprocess.resize(d.rgb), note=d.note)
-        except ImageError as e:
-            item["error"] = str(e)
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop a batch run
-            item["error"] = f"{self.sources[i].path}: {e}"
-        return item
-
-
 def stack_images(images: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
     """Resized (3, h, w) images of one size -> a (B, 3, h, w) batch in channels-last memory, in one copy.
 
@@ -430,13 +405,11 @@ def stack_images(images: Sequence[torch.Tensor], device: torch.device | None = N
     return torch.stack(hwc, out=out).permute(0, 3, 1, 2)
 
 
-def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
-
-
 def worker_ignores_interrupts(worker_id: int) -> None:
     """DataLoader worker_init_fn: the stop signals are the main process's to act on, and the worker
-    dies with the main process (see camcli.signals.worker_init)."""
+    dies with the main process (see camcli.signals.worker_init). A worker interrupted on its own
+    would exit while its decoded images still fill the pipe, and the main process would wait
+    seconds for each one."""
     from camcli.signals import worker_init
 
     worker_init(worker_id)

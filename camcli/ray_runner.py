@@ -20,21 +20,17 @@ import shutil
 import socket
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from camcli.allocator import keep_heap_memory
 from camcli.errors import OutputError, UsageError
-from camcli.images import ImageDataset, ImageSource, Preprocess
+from camcli.feed import Batch, Decoder, Item, cut_batches
+from camcli.images import ImageSource
 from camcli.options import ExplainOptions
-from camcli.pipeline import (
-    ImageWriter, Plan, RunResult, error_record, finish, open_records, output_stems, remove_files, source_key,
-)
-from camcli.records import summary_name
+from camcli.run import ImageWriter, Plan, RunResult, error_record, remove_files, start_run
 from camcli.session import Session
 
 INSTALL_HINT = "--ray needs Ray Data, an optional extra: pip install 'camcli[ray]' (or pip install 'ray[data]')"
@@ -49,14 +45,14 @@ def require_ray() -> None:
         raise UsageError(INSTALL_HINT) from None
 
 
-def decode_row(row: dict[str, Any], preprocess: Preprocess) -> dict[str, Any]:
-    """In a Ray task: read and decode one image, resize it for the model; an unreadable file
-    becomes an error text (its record says why), never a failed task."""
-    item = ImageDataset([ImageSource(Path(row["file"]), Path(row["rel"]))], preprocess)[0]
-    if item["error"] is not None:
+def decode_row(row: dict[str, Any], decoder: Decoder) -> dict[str, Any]:
+    """In a Ray task: the feed's decoding step for one image (--max-pixels checked, resized for the
+    model); an unreadable file becomes an error text (its record says why), never a failed task."""
+    item = decoder(0, ImageSource(Path(row["file"]), Path(row["rel"])))
+    if item.error is not None:
         return {**row, "image": np.zeros((1, 1, 3), np.uint8), "tensor": np.zeros((3, 1, 1), np.uint8),
-                "error": item["error"].replace(row["file"], row["path"])}
-    return {**row, "image": item["image"], "tensor": item["tensor"].numpy(), "error": ""}
+                "error": item.error.replace(row["file"], row["path"])}
+    return {**row, "image": item.image, "tensor": item.tensor.numpy(), "error": ""}  # type: ignore[union-attr]
 
 
 class CamActor:
@@ -66,6 +62,8 @@ class CamActor:
     """
 
     def __init__(self, options: dict[str, Any], out_dir: str, cwd: str, journal: str | None = None) -> None:
+        from camcli.allocator import keep_heap_memory  # here: importing camcli leaves the process as it is
+
         keep_heap_memory()  # the actor owns its worker process, as the command owns its own (camcli.allocator)
         if os.path.isdir(cwd):  # relative --weights/--labels and module:callable models, as on the driver
             os.chdir(cwd)
@@ -83,25 +81,33 @@ class CamActor:
         return {"record": np.array([json.dumps(r) for r in self.explain_rows(batch)], dtype=object)}
 
     def explain_rows(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """The rows Ray Data decoded, cut into batches by the feed's rules (one input shape, the pixel
+        budget), explained and written; their records."""
         records: list[dict[str, Any]] = []
-        groups: dict[tuple[int, ...], list[tuple[dict[str, Any], int]]] = defaultdict(list)
-        for i in range(len(batch["key"])):
-            ident = {"path": str(batch["path"][i]), "rel": str(batch["rel"][i]), "key": str(batch["key"][i])}
-            if batch["error"][i]:
-                records.append(error_record(ident, str(batch["error"][i])))
-            else:
-                groups[tuple(batch["tensor"][i].shape)].append((ident, i))
-        for group in groups.values():  # images of one input shape share a forward pass
-            tensors = [torch.from_numpy(np.array(batch["tensor"][i])) for _, i in group]
-            outs = self.writer.explain(tensors, [np.asarray(batch["image"][i]).shape[:2] for _, i in group])
-            if isinstance(outs, str):
-                records.extend(error_record(ident, outs) for ident, _ in group)
+
+        def ident(i: int) -> dict[str, Any]:
+            return {"path": str(batch["path"][i]), "rel": str(batch["rel"][i]), "key": str(batch["key"][i])}
+
+        items = (
+            Item(i, error=str(batch["error"][i])) if batch["error"][i]
+            else Item(i, torch.from_numpy(np.array(batch["tensor"][i])), np.array(batch["image"][i]),
+                      tuple(np.asarray(batch["image"][i]).shape[:2]))
+            for i in range(len(batch["key"]))
+        )
+        for got in cut_batches(items, max(1, len(batch["key"]))):
+            if not isinstance(got, Batch):
+                records.append(error_record(ident(got.index), got.error or ""))
                 continue
-            for (ident, i), tensor, out in zip(group, tensors, outs):
-                rgb = np.array(batch["image"][i])
-                rec = self.writer.record(ident, rgb, tensor, out)
+            outs = self.writer.maps_or_error(got.tensors, got.sizes)
+            if isinstance(outs, str):
+                records.extend(error_record(ident(item.index), outs) for item in got.items)
+                continue
+            for item, out in zip(got.items, outs):
+                rgb, item.image = item.image, None
+                assert rgb is not None and item.tensor is not None
+                rec = self.writer.record(ident(item.index), rgb, item.tensor, out)
                 try:
-                    records.append(self.writer.write(rec, rgb, out, Path(str(batch["stem"][i]))))
+                    records.append(self.writer.write(rec, rgb, out, Path(str(batch["stem"][item.index]))))
                 except OutputError as e:
                     return [*records, {"output_error": str(e)}]
                 if self.journal is not None:
@@ -208,7 +214,7 @@ def actor_pool(device: str) -> tuple[int, float]:
     return max(1, int(res.get("CPU", 1)) // 2), 0.0
 
 
-def explain_on_ray(
+def run_on_ray(
     opts: ExplainOptions,
     plan: Plan,
     out_dir: Path,
@@ -226,31 +232,26 @@ def explain_on_ray(
     started_here = connect(opts.ray, opts.ray_timeout)
     try:
         actors, gpus = actor_pool(opts.device)
-        sources = plan.sources
-        stems = plan.stems if plan.stems is not None else output_stems(sources)
-        keys = [source_key(s) for s in sources]
         kind = "GPU" if gpus else "CPU"
-        stream, reused = open_records(driver, plan, out_dir, keys, device=f"ray: {actors} {kind} actor(s)")
-        todo = [i for i, k in enumerate(keys) if k not in reused]
-        if on_start is not None:
-            on_start(len(todo))
-        if reused:
-            driver.warn(f"--skip-existing: {len(reused)} of {len(sources)} images already done")
+        run = start_run(driver, plan, out_dir, device=f"ray: {actors} {kind} actor(s)", on_start=on_start)
         ray.data.DataContext.get_current().enable_progress_bars = False  # camcli shows its own
         logging.getLogger("ray.data").setLevel(logging.ERROR if opts.quiet else logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": on purpose
+        sources = plan.sources
         items = [{"path": str(sources[i].path), "file": str(sources[i].path.resolve()), "rel": sources[i].rel.as_posix(),
-                  "key": keys[i], "stem": stems[i].as_posix()} for i in todo]
+                  "key": run.keys[i], "stem": run.stems[i].as_posix()} for i in run.todo]
         actor_options = {**dataclasses.asdict(opts), "ray": None}
         journal = out_dir.resolve() / f"{JOURNALS}.{os.getpid()}"  # this run's: shards may share the folder
-        have = set(reused)
+        todo = set(run.todo)
+        have = {k for i, k in enumerate(run.keys) if i not in todo}  # reused from an earlier run
+        decoder = Decoder(driver.preprocess, opts.max_pixels)
 
         def stop_and_adopt() -> None:
             """Stop the actors, then list the images whose files they wrote but whose records never
             reached the driver, as the local runner lists every image it wrote."""
             if started_here:
                 ray.shutdown()
-            adopted = adopt_journals(journal, stream, out_dir, have)
+            adopted = adopt_journals(journal, run.stream, out_dir, have)
             if adopted:
                 driver.warn(f"recorded {adopted} image(s) the Ray actors had finished when the run stopped")
 
@@ -270,7 +271,7 @@ def explain_on_ray(
                 return True
             # Half a CPU per decoding task: other resources than the actors' keep Ray Data from fusing
             # decoding into the actors, so images are read and decoded in tasks while actors compute.
-            ds = ray.data.from_items(items).map(decode_row, fn_kwargs={"preprocess": driver.preprocess}, num_cpus=0.5)
+            ds = ray.data.from_items(items).map(decode_row, fn_kwargs={"decoder": decoder}, num_cpus=0.5)
             ds = ds.map_batches(
                 CamActor, batch_size=opts.batch_size, batch_format="numpy",
                 fn_constructor_kwargs={"options": actor_options, "out_dir": str(out_dir.resolve()), "cwd": os.getcwd(),
@@ -281,7 +282,7 @@ def explain_on_ray(
                 rec = json.loads(row["record"])
                 if "output_error" in rec:
                     raise OutputError(rec["output_error"])
-                stream.add(rec)
+                run.stream.add(rec)
                 have.add(rec.get("key"))
                 if progress is not None:
                     progress(1)
@@ -289,7 +290,7 @@ def explain_on_ray(
                     return False
             return True
 
-        return finish(stream, out_dir / summary_name(plan.shard), body, len(sources))
+        return run.finish(body)
     finally:
         if started_here:
             ray.shutdown()

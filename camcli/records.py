@@ -91,7 +91,9 @@ class Tally:
                 "maps": int(n), "empty": int(empty),
                 "mean_top10_energy_share": round(top10 / n / 1e6, 6), "mean_value": round(mean / n / 1e6, 6),
             }
-        top1 = [{"index": i, "label": label, "images": n} for (i, label), n in self._top1.most_common(self.TOP_CLASSES)]
+        # ties by class index, so the order does not depend on the order records finished in
+        ranked = sorted(self._top1.items(), key=lambda kv: (-kv[1], kv[0][0]))[: self.TOP_CLASSES]
+        top1 = [{"index": i, "label": label, "images": n} for (i, label), n in ranked]
         return {"methods": methods, "top1_classes": top1}
 
 

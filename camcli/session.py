@@ -207,7 +207,7 @@ class Session:
         """An engine with this session's choices on another module (a randomised copy, say)."""
         return CamEngine(module, self.engine.config)
 
-    def explain(
+    def explain_images(
         self,
         batch: Tensor,
         specs: Sequence[tgt.TargetSpec] | None = None,
@@ -216,7 +216,7 @@ class Session:
         """Maps for a batch of resized uint8 images (B, 3, H, W): normalised and moved here.
         ``sizes``: the original (H, W) of each image (a segmentation --region in image pixels)."""
         x = self.preprocess.normalize(batch.to(self.device, non_blocking=True))
-        return self.engine.explain(x, self.specs if specs is None else specs, sizes)
+        return self.engine.maps(x, self.specs if specs is None else specs, sizes)
 
     def logits(self, x: Tensor) -> Tensor:
         """(N, classes) logits of normalised inputs, without gradients."""

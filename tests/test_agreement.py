@@ -39,7 +39,7 @@ def full_res(cam: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def compare(model, x: torch.Tensor, name: str, cls, hw: tuple[int, int]) -> float:  # noqa: ANN001
     ours = CamEngine(model, EngineConfig(["bn2"], [get_method(name)], options=MethodOptions(perturbation_batch=64)))
-    mine = ours.explain(x, [ClassIndex(CAT)])[0].maps[0].cam
+    mine = ours.maps(x, [ClassIndex(CAT)])[0].maps[0].cam
     with cls(model=model, target_layers=[model.bn2]) as cam:
         if hasattr(cam, "batch_size"):
             cam.batch_size = 64
@@ -77,7 +77,7 @@ def test_randomising_head_and_last_block_changes_gradcam(chelsea, bundled) -> No
     h, w = rgb.shape[:2]
 
     def gradcam(m: torch.nn.Module) -> np.ndarray:
-        return full_res(CamEngine(m, EngineConfig(["bn2"], [get_method("gradcam")])).explain(x, [ClassIndex(CAT)])[0].maps[0].cam, h, w)
+        return full_res(CamEngine(m, EngineConfig(["bn2"], [get_method("gradcam")])).maps(x, [ClassIndex(CAT)])[0].maps[0].cam, h, w)
 
     trained = gradcam(model)
     rand = gradcam(randomized_copy(model, ["classifier", "blocks.6", "conv_head", "bn2"]))

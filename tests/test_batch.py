@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from camcli.errors import UsageError
-from camcli.pipeline import ExplainOptions, explain, parse_shard
+from camcli.options import parse_shard
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.records import load_run
 
 TINY = dict(model="toymodels:tiny_cnn", workers=0, quiet=True)

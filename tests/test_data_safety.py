@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from conftest import noise_images
 
 runner = CliRunner()
@@ -202,7 +202,7 @@ def test_output_names_are_unique_and_the_same_in_every_shard(tmp_path: Path) -> 
     from PIL import Image
 
     from camcli.images import discover
-    from camcli.pipeline import output_stems
+    from camcli.run import output_stems
 
     folder = tmp_path / "in"
     names = ["y.jpg", "y.png", "y.jpg.png",  # same stem; name.ext against name.ext.ext

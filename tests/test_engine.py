@@ -120,10 +120,10 @@ def test_gradients_are_taken_once_per_target_and_only_when_a_method_reads_them(m
 
     x = torch.randn(2, 3, 32, 32)
     silent = MethodInfo("silent", lazy, "", "", needs_gradients=True)
-    CamEngine(_model(), EngineConfig(["features"], [silent])).explain(x, [ClassIndex(0)])
+    CamEngine(_model(), EngineConfig(["features"], [silent])).maps(x, [ClassIndex(0)])
     assert grads == []
     two = [get_method("gradcam"), get_method("gradcam++")]  # both read the same target's gradients
-    CamEngine(_model(), EngineConfig(["features"], two)).explain(x, [ClassIndex(0), ClassIndex(1)])
+    CamEngine(_model(), EngineConfig(["features"], two)).maps(x, [ClassIndex(0), ClassIndex(1)])
     assert len(grads) == 2  # one backward per target, shared by the methods
 
 

@@ -20,7 +20,7 @@ def _finercam(model: torch.nn.Module, x: torch.Tensor, target: int, **opts: obje
     info = get_method("finercam")
     mopts = MethodOptions(**opts)  # type: ignore[arg-type]
     engine = CamEngine(model, EngineConfig(["features"], [info.derive(mopts)], options=mopts))
-    return engine.explain(x, [ClassIndex(target)])[0].maps[0].cam
+    return engine.maps(x, [ClassIndex(target)])[0].maps[0].cam
 
 
 def test_references_are_the_closest_scores_without_the_target() -> None:
@@ -49,7 +49,7 @@ def test_finercam_on_a_gap_linear_head_equals_the_contrast_of_classifier_weights
     weights = w[c] - 0.6 * w[refs].mean(dim=0)
     expected = finalize((weights[None, :, None, None] * a).sum(dim=1))[0][0].numpy()
     np.testing.assert_allclose(_finercam(model, x, c), expected, atol=1e-5)
-    plain = CamEngine(model, EngineConfig(["features"], [get_method("gradcam")])).explain(x, [ClassIndex(c)])[0].maps[0].cam
+    plain = CamEngine(model, EngineConfig(["features"], [get_method("gradcam")])).maps(x, [ClassIndex(c)])[0].maps[0].cam
     assert not np.allclose(plain, expected, atol=1e-3)  # the contrast is a different map
 
 
@@ -58,7 +58,7 @@ def test_alpha_zero_is_the_base_method() -> None:
     x = torch.randn(2, 3, 32, 32)
     for base in ("gradcam", "layercam", "scorecam"):
         ours = _finercam(model, x, 1, finer_base=base, finer_alpha=0.0)
-        plain = CamEngine(model, EngineConfig(["features"], [get_method(base)])).explain(x, [ClassIndex(1)])[0].maps[0].cam
+        plain = CamEngine(model, EngineConfig(["features"], [get_method(base)])).maps(x, [ClassIndex(1)])[0].maps[0].cam
         np.testing.assert_allclose(ours, plain, atol=1e-5)
 
 

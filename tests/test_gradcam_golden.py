@@ -32,7 +32,7 @@ def test_gradcam_on_paper_two_channel_2x2() -> None:
     a = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]])
     model = GapLinear(torch.tensor([[1.0, -0.25], [0.0, 1.0]]))
     engine = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")]))
-    out = engine.explain(a, [ClassIndex(0)])[0]
+    out = engine.maps(a, [ClassIndex(0)])[0]
     assert out.maps[0].target == 0
     assert torch.allclose(torch.from_numpy(out.maps[0].cam), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     # the raw, un-normalised weighted activations w_k A_k from the method itself
@@ -42,7 +42,7 @@ def test_gradcam_on_paper_two_channel_2x2() -> None:
     assert torch.allclose(raw[0, 0], 0.25 * a[0, 0]) and torch.allclose(raw[0, 1], -0.0625 * a[0, 1])
     assert torch.allclose(raw.sum(dim=1), torch.tensor([[[0.25, 0.0], [0.0, -0.125]]]))
     # class 1 looks only at channel 2: map is [[0,0],[0,1]]
-    out1 = engine.explain(a, [ClassIndex(1)])[0]
+    out1 = engine.maps(a, [ClassIndex(1)])[0]
     assert torch.allclose(torch.from_numpy(out1.maps[0].cam), torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
 
 
@@ -61,7 +61,7 @@ def test_engine_gradients_equal_hand_derivative() -> None:
     from camcli.methods.base import MethodInfo
 
     info = MethodInfo(name="spy", fn=spy, description="", paper="", needs_gradients=True)
-    CamEngine(model, EngineConfig(["feat"], [info])).explain(a, [ClassIndex(2)])
+    CamEngine(model, EngineConfig(["feat"], [info])).maps(a, [ClassIndex(2)])
     expected = (w[2] / 12.0).view(1, 5, 1, 1).expand(2, 5, 3, 4)
     assert torch.allclose(captured["g"], expected, atol=1e-7)
 
@@ -72,7 +72,7 @@ def test_gradcam_equals_cam_on_gap_linear_conv_net() -> None:
     model = tiny_cnn().eval()
     x = torch.randn(3, 3, 32, 48)
     engine = CamEngine(model, EngineConfig(["features.3"], [get_method("gradcam")]))
-    outs = engine.explain(x, [TopK(1)])
+    outs = engine.maps(x, [TopK(1)])
     with torch.no_grad():
         a = model.features(x)
         logits = model(x)

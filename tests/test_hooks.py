@@ -23,7 +23,7 @@ def test_run_leaves_no_hooks_and_restores_flags_and_mode() -> None:
     model.fc.weight.requires_grad_(False)  # a mixed state that must come back exactly
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     engine = CamEngine(model, EngineConfig(["features.2"], [get_method("gradcam"), get_method("gradcam++")]))
-    engine.explain(torch.randn(2, 3, 32, 32), [TopK(2)])
+    engine.maps(torch.randn(2, 3, 32, 32), [TopK(2)])
     assert hook_count(model) == 0
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert model.training and all(m.training for m in model.modules())
@@ -36,7 +36,7 @@ def test_hooks_removed_when_the_forward_raises() -> None:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     engine = CamEngine(model, EngineConfig(["features.2"], [get_method("gradcam")]))
     with pytest.raises(RuntimeError):
-        engine.explain(torch.randn(1, 5, 32, 32), [TopK(1)])  # wrong channel count
+        engine.maps(torch.randn(1, 5, 32, 32), [TopK(1)])  # wrong channel count
     assert hook_count(model) == 0
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not model.training
@@ -65,7 +65,7 @@ def test_inplace_relu_after_target_layer_keeps_activation_and_gradient() -> None
 
     from camcli.methods.base import MethodInfo
 
-    CamEngine(model, EngineConfig(["features.2"], [MethodInfo("spy", spy, "", "", needs_gradients=True)])).explain(x, [TopK(1)])
+    CamEngine(model, EngineConfig(["features.2"], [MethodInfo("spy", spy, "", "", needs_gradients=True)])).maps(x, [TopK(1)])
     with torch.no_grad():
         conv_out = model.features[2](model.features[1](model.features[0](x)))
     assert torch.allclose(seen["a"], conv_out, atol=1e-6)

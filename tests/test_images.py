@@ -12,7 +12,7 @@ from PIL import Image
 
 from camcli.errors import ImageError, UsageError
 from camcli.images import Preprocess, decode, discover
-from camcli.pipeline import output_stems
+from camcli.run import output_stems
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:  # noqa: ANN003
@@ -155,7 +155,7 @@ def test_max_pixels_is_checked_from_the_header(tmp_path: Path) -> None:
 
 def test_fifo_and_broken_link_named_on_the_command_line_are_per_image_errors(small_images: Path, tmp_path: Path) -> None:
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
@@ -170,7 +170,7 @@ def test_fifo_and_broken_link_named_on_the_command_line_are_per_image_errors(sma
 
 def test_fifos_and_broken_links_in_folders_are_skipped_and_counted(small_images: Path, tmp_path: Path) -> None:
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     os.mkfifo(small_images / "pipe.png")
     (small_images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
@@ -181,7 +181,7 @@ def test_fifos_and_broken_links_in_folders_are_skipped_and_counted(small_images:
 
 def test_outputs_follow_the_links_name_not_its_target(tmp_path: Path) -> None:
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     store = tmp_path / "store" / "deep"
     store.mkdir(parents=True)

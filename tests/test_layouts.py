@@ -120,11 +120,11 @@ A23 = torch.tensor([[[[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], [[0.0, 2.0, 0.0], [0.0,
 @pytest.mark.parametrize("kind", ["tokens", "nhwc"])
 def test_token_and_nhwc_layers_give_the_cnn_map(method: str, kind: str) -> None:
     ref = CamEngine(GapLinear(W), EngineConfig(["feat"], [get_method(method)], signed=True))
-    expected = ref.explain(A23, [ClassIndex(0)])[0].maps[0].cam
+    expected = ref.maps(A23, [ClassIndex(0)])[0].maps[0].cam
     model = TokenGapLinear(W, nhwc=kind == "nhwc")
     engine = CamEngine(model, EngineConfig(["feat"], [get_method(method)], signed=True, layout="tokens:1" if kind == "tokens" else None))
     engine.check(A23)
-    got = engine.explain(A23, [ClassIndex(0)])[0].maps[0].cam
+    got = engine.maps(A23, [ClassIndex(0)])[0].maps[0].cam
     assert got.shape == (2, 3)
     assert np.allclose(got, expected, atol=1e-6)
     # Grad-CAM by hand: G = w / 6 everywhere, so the map is 1*A1 - 0.25*A2 = [[1, -.5, 0], [0, 0, 3]] / 3
@@ -141,4 +141,4 @@ def test_unreadable_layer_names_itself_and_the_override() -> None:
         CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], layout="tokens:4")).check(x)
     ok = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], layout={"feat": "tokens:1"}))
     ok.check(x)
-    assert ok.explain(x, [ClassIndex(0)])[0].maps[0].cam.shape == (4, 4)
+    assert ok.maps(x, [ClassIndex(0)])[0].maps[0].cam.shape == (4, 4)

@@ -72,7 +72,7 @@ def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_huge_image_is_refused_by_default_with_its_size(huge_png: Path, tmp_path: Path) -> None:
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     assert huge_png.stat().st_size < 2_000_000  # 256 Mpx that compress to almost nothing: a bomb
     res = explain([huge_png], ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "o"), quiet=True))
@@ -227,28 +227,29 @@ def test_map_statistics_of_large_images_are_measured_at_a_bounded_resolution(mon
 
 
 def test_batches_stay_within_the_pixel_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import camcli.local_runner as local_runner
     import camcli.pipeline as P
     from camcli.session import Session
 
     folder = noise_images(tmp_path / "imgs", [(40, 40)] * 9, seed=1)
     seen: list[int] = []
-    real = Session.explain
+    real = Session.explain_images
 
     def spy(self: Session, batch: object, specs: object = None, sizes: object = None) -> object:
         seen.append(len(batch))  # type: ignore[arg-type]
         return real(self, batch, specs, sizes)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Session, "explain", spy)
+    monkeypatch.setattr(Session, "explain_images", spy)
 
     def run(out: str) -> dict[str, np.ndarray]:
-        P.explain([folder], P.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / out), save_raw=True,
+        P.run_explain([folder], P.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / out), save_raw=True,
                                              workers=0, quiet=True))
         return {p.name: np.load(p) for p in (tmp_path / out).glob("*.npy")}
 
     free = run("free")
     assert max(seen) == 8
     seen.clear()
-    monkeypatch.setattr(P, "PIXEL_BUDGET", 2 * 1600)  # two 40x40 images
+    monkeypatch.setattr(local_runner, "PIXEL_BUDGET", 2 * 1600)  # two 40x40 images
     budgeted = run("budget")
     assert max(seen) == 2 and sum(seen) == 9
     assert free.keys() == budgeted.keys() and all(np.array_equal(free[k], budgeted[k]) for k in free)

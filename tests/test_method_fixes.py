@@ -155,7 +155,7 @@ def test_fullgrad_draws_token_bias_terms_on_the_patch_grid() -> None:
         ref = ref + F.interpolate(term[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
         drawn += 1
     assert drawn == 1 + 2 * 4  # patch embedding + (qkv, proj, fc1, fc2) per block
-    ours = CamEngine(model, EngineConfig(["blocks.1"], [get_method("fullgrad")])).explain(x, [ClassIndex(0)])[0].maps[0].cam
+    ours = CamEngine(model, EngineConfig(["blocks.1"], [get_method("fullgrad")])).maps(x, [ClassIndex(0)])[0].maps[0].cam
     assert pearson(ours, ref[0].numpy()) > 0.9999
 
 
@@ -291,7 +291,7 @@ def test_attention_rollout_discard_ratio_matches_a_hand_written_reference() -> N
     maps = {}
     for r in (0.0, ratio):
         outs = CamEngine(model, EngineConfig(["blocks.2"], [get_method("attention-rollout")],
-                                             options=MethodOptions(discard_ratio=r))).explain(x, [ClassIndex(0)] * 2)
+                                             options=MethodOptions(discard_ratio=r))).maps(x, [ClassIndex(0)] * 2)
         maps[r] = [o.maps[0].cam for o in outs]
     for img in range(2):
         assert pearson(maps[ratio][img], refs[img]) > 0.9999
@@ -323,7 +323,7 @@ def test_shapleycam_check_runs_when_the_engine_is_used_directly() -> None:
     assert model.blocks[0].attn.fused_attn
     engine = CamEngine(model, EngineConfig(["blocks.0.norm1"], [get_method("shapleycam")]))
     with pytest.raises(UsageError, match="shapleycam needs second derivatives"):
-        engine.explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
+        engine.maps(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
 
 
 # -- KPCA-CAM above KPCA_MAX_POSITIONS: Nystrom, at full resolution -----------------------------------

@@ -93,7 +93,7 @@ def test_scorecam_by_hand() -> None:
     w1 = math.exp(0.55) / (math.exp(0.55) + math.exp(0.175))
     w2 = 1 - w1
     engine = CamEngine(toy_scores_model(), EngineConfig(["feat"], [get_method("scorecam")], signed=True))
-    out = engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    out = engine.maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam
     expected = torch.tensor([[w1, 0.0], [0.0, 2 * w2]])
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
 
@@ -103,7 +103,7 @@ def test_ablationcam_by_hand() -> None:
     # w1 = (0.425 - 0.175)/0.425, w2 = (0.425 - 0.55)/0.425  -> map = w1 A1 + w2 A2
     w1, w2 = 0.25 / 0.425, -0.125 / 0.425
     engine = CamEngine(toy_scores_model(), EngineConfig(["feat"], [get_method("ablationcam")], signed=True))
-    out = engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    out = engine.maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam
     expected = torch.tensor([[w1, 0.0], [0.0, 2 * w2]])
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
 
@@ -123,10 +123,10 @@ def test_ablationcam_divides_by_abs_score_when_the_logit_is_negative() -> None:
     with torch.no_grad():
         assert float(model(A_TOY)[0, 0]) == pytest.approx(-0.45)
     w1, w2 = 5 / 9, -20 / 9
-    signed = CamEngine(model, EngineConfig(["feat"], [get_method("ablationcam")], signed=True)).explain(A_TOY, [ClassIndex(0)])
+    signed = CamEngine(model, EngineConfig(["feat"], [get_method("ablationcam")], signed=True)).maps(A_TOY, [ClassIndex(0)])
     expected = torch.tensor([[w1, 0.0], [0.0, 2 * w2]])
     assert np.allclose(signed[0].maps[0].cam, (expected / expected.abs().max()).numpy(), atol=1e-6)
-    plain = CamEngine(model, EngineConfig(["feat"], [get_method("ablationcam")])).explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    plain = CamEngine(model, EngineConfig(["feat"], [get_method("ablationcam")])).maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam
     assert np.allclose(plain, [[1.0, 0.0], [0.0, 0.0]], atol=1e-6)  # the supporting channel
     # pytorch-grad-cam's literal division by y highlights the opposing channel instead
     with AblationCAM(model=model, target_layers=[model.feat]) as peer:
@@ -175,7 +175,7 @@ def test_cam_equals_gradcam_on_gap_linear_head() -> None:
     x = torch.randn(4, 3, 40, 40)
     engine = CamEngine(model, EngineConfig(["features"], parse_methods("cam,gradcam")))
     engine.check(x[:1])
-    for o in engine.explain(x, [TopK(2)]):
+    for o in engine.maps(x, [TopK(2)]):
         by = {}
         for m in o.maps:
             by.setdefault(m.target, {})[m.method] = m.cam
@@ -195,7 +195,7 @@ def test_hirescam_equals_gradcam_with_spatially_constant_gradients() -> None:
     torch.manual_seed(3)
     a = torch.rand(2, 5, 4, 6)
     engine = CamEngine(GapLinear(torch.randn(3, 5)), EngineConfig(["feat"], parse_methods("gradcam,hirescam")))
-    for o in engine.explain(a, [ClassIndex(1)]):
+    for o in engine.maps(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 
 
@@ -209,7 +209,7 @@ def two_objects() -> tuple[nn.Module, torch.Tensor]:
 
 def test_counterfactual_highlights_the_other_object() -> None:
     model, x = two_objects()
-    o = CamEngine(model, EngineConfig(["feat"], parse_methods("gradcam,counterfactual"))).explain(x, [ClassIndex(0)])[0]
+    o = CamEngine(model, EngineConfig(["feat"], parse_methods("gradcam,counterfactual"))).maps(x, [ClassIndex(0)])[0]
     grad, counter = o.maps[0].cam, o.maps[1].cam
     assert grad[:, :4].sum() > 0 and grad[:, 4:].sum() == 0  # Grad-CAM: the cat
     assert counter[:, 4:].sum() > 0 and counter[:, :4].sum() == 0  # counterfactual: the dog
@@ -217,7 +217,7 @@ def test_counterfactual_highlights_the_other_object() -> None:
 
 def test_signed_keeps_negative_evidence() -> None:
     model, x = two_objects()
-    o = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], signed=True)).explain(x, [ClassIndex(0)])[0]
+    o = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], signed=True)).maps(x, [ClassIndex(0)])[0]
     cam = o.maps[0].cam
     assert cam.min() == pytest.approx(-1.0) and cam.max() == pytest.approx(1.0)
     assert (cam[:, 4:] <= 0).all() and (cam[:, :4] >= 0).all()
@@ -225,7 +225,7 @@ def test_signed_keeps_negative_evidence() -> None:
 
 def test_empty_map_is_flagged_not_divided_by_zero() -> None:
     model = GapLinear(torch.tensor([[-1.0, -2.0]]))
-    o = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).explain(torch.rand(1, 2, 3, 3), [ClassIndex(0)])[0]
+    o = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).maps(torch.rand(1, 2, 3, 3), [ClassIndex(0)])[0]
     m = o.maps[0]
     assert m.empty and "empty" in m.note and np.isfinite(m.cam).all() and (m.cam == 0).all()
 
@@ -235,8 +235,8 @@ def test_eigen_smooth_takes_the_first_component() -> None:
     p = torch.tensor([[3.0, 1.0], [0.0, 0.0]])
     a = p.expand(1, 2, 2, 2).clone()
     model = GapLinear(torch.tensor([[3.0, 4.0]]))
-    plain = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).explain(a, [ClassIndex(0)])[0].maps[0].cam
-    smooth = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], eigen_smooth=True)).explain(a, [ClassIndex(0)])[0]
+    plain = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).maps(a, [ClassIndex(0)])[0].maps[0].cam
+    smooth = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], eigen_smooth=True)).maps(a, [ClassIndex(0)])[0]
     assert np.allclose(plain, [[1.0, 1 / 3], [0.0, 0.0]], atol=1e-6)
     assert np.allclose(smooth.maps[0].cam, [[1.0, 0.0], [0.0, 0.0]], atol=1e-6)  # relu(P - mean P)
 
@@ -248,8 +248,8 @@ def test_aug_smooth_maps_back_flips_and_scales() -> None:
     blob = torch.exp(-((xx - 0.25) ** 2 + (yy - 0.4) ** 2) / 0.02)
     a = torch.stack([blob, 1 - blob])[None]
     model = GapLinear(torch.tensor([[1.0, -0.5]]))
-    plain = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).explain(a, [ClassIndex(0)])[0].maps[0].cam
-    aug = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], aug_smooth=True)).explain(a, [ClassIndex(0)])[0].maps[0].cam
+    plain = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")])).maps(a, [ClassIndex(0)])[0].maps[0].cam
+    aug = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], aug_smooth=True)).maps(a, [ClassIndex(0)])[0].maps[0].cam
     assert np.abs(aug - plain).max() < 0.08
     assert np.abs(aug - plain[:, ::-1]).max() > 0.5
 
@@ -290,7 +290,7 @@ def test_guided_methods_cover_inplace_and_functional_relus() -> None:
     torch.manual_seed(0)
     model = FunctionalReluNet().eval()
     x = torch.randn(1, 3, 8, 8)
-    o = CamEngine(model, EngineConfig(["conv2"], parse_methods("guided-backprop,guided-gradcam"))).explain(x, [ClassIndex(1)])[0]
+    o = CamEngine(model, EngineConfig(["conv2"], parse_methods("guided-backprop,guided-gradcam"))).maps(x, [ClassIndex(1)])[0]
     gb = next(m for m in o.maps if m.method == "guided-backprop")
     assert gb.layer == "input" and gb.cam.shape == (8, 8) and gb.cam.max() == pytest.approx(1.0)
     # reference: guided gradient computed directly; every ReLU (module and functional) is guided
@@ -312,7 +312,7 @@ def test_several_layers_fuse_and_per_layer() -> None:
 
     model = tiny_cnn()
     x = torch.randn(1, 3, 32, 32)
-    o = CamEngine(model, EngineConfig(["features.1", "features.3"], [get_method("gradcam")], per_layer=True)).explain(x, [TopK(1)])[0]
+    o = CamEngine(model, EngineConfig(["features.1", "features.3"], [get_method("gradcam")], per_layer=True)).maps(x, [TopK(1)])[0]
     layers = [m.layer for m in o.maps]
     assert layers == ["features.1+features.3", "features.1", "features.3"]
     fused, early, late = (torch.from_numpy(m.cam) for m in o.maps)
@@ -336,8 +336,8 @@ def test_saturation_is_reported() -> None:
     torch.manual_seed(0)
     model = Saturating()
     engine = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")]))
-    big = engine.explain(torch.randn(1, 3, 6, 6) * 100, [TopK(1)])[0].saturation
-    small = engine.explain(torch.randn(1, 3, 6, 6) * 0.01, [TopK(1)])[0].saturation
+    big = engine.maps(torch.randn(1, 3, 6, 6) * 100, [TopK(1)])[0].saturation
+    small = engine.maps(torch.randn(1, 3, 6, 6) * 0.01, [TopK(1)])[0].saturation
     assert big["modules"] == ["squash"] and big["units"] == 4 * 36
     assert big["share"] > 0.8 and small["share"] == 0.0
 
@@ -351,9 +351,9 @@ def test_batching_never_changes_a_map(bundled, samples) -> None:  # noqa: ANN001
     methods = parse_methods("gradcam,gradcam++,layercam,scorecam,ss-cam,smoothgradcam++")
     opts = MethodOptions(score_channels=8, samples=2)
     engine = CamEngine(bundled.module, EngineConfig(["bn2"], methods, options=opts))
-    together = engine.explain(batch, [ClassIndex(285)])
+    together = engine.maps(batch, [ClassIndex(285)])
     for i in (0, 5):
-        alone = engine.explain(batch[i : i + 1], [ClassIndex(285)])[0]
+        alone = engine.maps(batch[i : i + 1], [ClassIndex(285)])[0]
         for a, b in zip(alone.maps, together[i].maps):
             assert a.method == b.method
             assert np.allclose(a.cam, b.cam, atol=1e-4), a.method
@@ -398,7 +398,7 @@ def test_iscam_by_hand() -> None:
     w1 = 1 / (1 + math.exp(-(0.4875 - 0.20625)))
     engine = CamEngine(toy_scores_model(), EngineConfig(["feat"], [get_method("is-cam")], signed=True,
                        options=MethodOptions(samples=2)))
-    out = engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+    out = engine.maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam
     expected = torch.tensor([[w1, 0.0], [0.0, 2 * (1 - w1)]])
     assert np.allclose(out, (expected / expected.abs().max()).numpy(), atol=1e-6)
 
@@ -407,7 +407,7 @@ def test_sscam_without_noise_is_scorecam_and_noise_is_seeded() -> None:
     def run(name: str, **opts: float) -> np.ndarray:
         engine = CamEngine(toy_scores_model(), EngineConfig(["feat"], [get_method(name)], signed=True,
                            options=MethodOptions(**opts)))
-        return engine.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam
+        return engine.maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam
 
     assert np.allclose(run("ss-cam", noise=0.0, samples=3), run("scorecam"), atol=1e-6)
     noisy = run("ss-cam", noise=0.5, samples=3)
@@ -423,7 +423,7 @@ def test_smoothgradcampp_equals_gradcampp_when_gradients_ignore_noise() -> None:
     model = GapLinear(torch.randn(2, 3))
     engine = CamEngine(model, EngineConfig(["feat"], parse_methods("gradcam++,smoothgradcam++"),
                        options=MethodOptions(noise=0.3, samples=4)))
-    for o in engine.explain(a, [ClassIndex(1)]):
+    for o in engine.maps(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 
 
@@ -433,7 +433,7 @@ def test_guided_gradcam_is_saliency_times_upsampled_gradcam() -> None:
     torch.manual_seed(0)
     model = FunctionalReluNet().eval()
     x = torch.randn(1, 3, 8, 8)
-    o = CamEngine(model, EngineConfig(["conv2"], parse_methods("guided-gradcam"))).explain(x, [ClassIndex(1)])[0]
+    o = CamEngine(model, EngineConfig(["conv2"], parse_methods("guided-gradcam"))).maps(x, [ClassIndex(1)])[0]
     xg = x.clone().requires_grad_(True)
     with GuidedReLUMode():
         (g,) = torch.autograd.grad(model(xg)[0, 1], xg)
@@ -474,11 +474,11 @@ def test_noisy_maps_on_cpu_are_unchanged_by_drawing_noise_on_the_cpu() -> None:
 
     ss = CamEngine(toy_scores_model(), EngineConfig(["feat"], [get_method("ss-cam")], signed=True,
                    options=MethodOptions(noise=0.5, samples=3, seed=7)))
-    assert np.allclose(ss.explain(A_TOY, [ClassIndex(0)])[0].maps[0].cam, [[1.0, 0.0], [0.0, 0.9372602]], atol=1e-6)
+    assert np.allclose(ss.maps(A_TOY, [ClassIndex(0)])[0].maps[0].cam, [[1.0, 0.0], [0.0, 0.9372602]], atol=1e-6)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 16, 16)
     sg = CamEngine(tiny_cnn(), EngineConfig(["features.2"], [get_method("smoothgradcam++")], signed=True,
                    options=MethodOptions(noise=0.3, samples=3, seed=7)))
-    first = sg.explain(x, [ClassIndex(1)])[0].maps[0].cam
+    first = sg.maps(x, [ClassIndex(1)])[0].maps[0].cam
     assert np.allclose(first[0], [0.1569439, -0.0351094, 0.4510500, 0.8087826], atol=1e-5)
     assert np.allclose(first[3], [0.3214593, 0.6373886, 0.0031556, 1.0000000], atol=1e-5)

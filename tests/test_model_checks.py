@@ -73,7 +73,7 @@ def test_the_refusal_holds_without_the_load_time_probe() -> None:
 def test_the_default_layer_passes_over_modules_called_twice() -> None:
     s = Session.open(ExplainOptions(model="test_model_checks:shared_twice", image_size=32, quiet=True))
     assert s.layers == ["stem"]  # block and its children finish later, but twice each
-    out = s.engine.explain(torch.rand(1, 3, 32, 32), s.specs)[0]
+    out = s.engine.maps(torch.rand(1, 3, 32, 32), s.specs)[0]
     assert out.maps[0].cam.shape == (16, 16)
 
 

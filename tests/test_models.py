@@ -91,8 +91,8 @@ def test_tuple_outputs_need_output_key(tmp_path: Path) -> None:
     lm = load_model("toymodels:tuple_out")
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(UsageError, match="--output-key"):
-        CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")])).explain(x, [TopK(1)])
-    out = CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")], output_key="0")).explain(x, [TopK(1)])
+        CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")])).maps(x, [TopK(1)])
+    out = CamEngine(lm.module, EngineConfig(["net.features"], [get_method("gradcam")], output_key="0")).maps(x, [TopK(1)])
     assert out[0].maps[0].cam.shape == (8, 8)
 
 
@@ -111,8 +111,8 @@ def test_torch_export_archive_gives_the_eager_models_maps(tmp_path: Path) -> Non
     assert lm.source == "torch.export" and lm.num_classes == 3 and lm.flexible_size
     x = torch.randn(2, 3, 96, 128)
     methods = parse_methods("gradcam,layercam,scorecam")
-    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).explain(x, [TopK(1)])
-    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).explain(x, [TopK(1)])
+    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).maps(x, [TopK(1)])
+    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).maps(x, [TopK(1)])
     for a, b in zip(ours, ref):
         for ma, mb in zip(a.maps, b.maps):
             assert ma.target == mb.target and np.allclose(ma.cam, mb.cam, atol=1e-5), ma.method
@@ -132,8 +132,8 @@ def test_guided_backprop_reaches_the_relus_of_an_exported_graph(tmp_path: Path) 
     assert lm.input_size == 64 and not lm.flexible_size  # static height and width: the example's size
     x = torch.randn(1, 3, 64, 64)
     methods = parse_methods("guided-backprop")
-    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).explain(x, [ClassIndex(1)])[0].maps[0].cam
-    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).explain(x, [ClassIndex(1)])[0].maps[0].cam
+    ours = CamEngine(lm.module, EngineConfig(["layer4"], methods)).maps(x, [ClassIndex(1)])[0].maps[0].cam
+    ref = CamEngine(eager, EngineConfig(["layer4"], methods)).maps(x, [ClassIndex(1)])[0].maps[0].cam
     assert np.allclose(ours, ref, atol=1e-5)
 
 
@@ -222,7 +222,7 @@ def test_explaining_with_the_bundled_model_imports_neither_timm_nor_torchvision(
         "import sys\n"
         "from camcli.cli import app\n"
         "from camcli.options import ExplainOptions\n"
-        "from camcli.pipeline import explain\n"
+        "from camcli.pipeline import run_explain as explain\n"
         f"r = explain([{str(samples / 'chelsea.jpg')!r}], ExplainOptions(out={str(tmp_path)!r}, quiet=True))\n"
         "assert r.exit_code == 0\n"
         "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"

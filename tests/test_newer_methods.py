@@ -37,7 +37,7 @@ def peer_map(cls, model: nn.Module, layer: nn.Module, x: torch.Tensor, target: i
 
 def our_maps(model: nn.Module, layer: str, name: str, x: torch.Tensor, target: int, **kw) -> list[np.ndarray]:
     """camcli's maps, upsampled to the input's size as pytorch-grad-cam returns them."""
-    outs = CamEngine(model, EngineConfig([layer], [get_method(name)], **kw)).explain(x, [ClassIndex(target)])
+    outs = CamEngine(model, EngineConfig([layer], [get_method(name)], **kw)).maps(x, [ClassIndex(target)])
     h, w = x.shape[-2:]
     return [cv2.resize(o.maps[0].cam, (w, h), interpolation=cv2.INTER_LINEAR) for o in outs]
 
@@ -130,7 +130,7 @@ def test_kpca_cam_matches_pytorch_grad_cams_kernel_pca_up_to_sign(resnet18: nn.M
     a = acts["a"]  # (2, 128, 8, 8)
     with pgc.KPCA_CAM(model=resnet18, target_layers=[resnet18.layer2], kernel="rbf") as cam:
         theirs = cam.get_cam_image(x, resnet18.layer2, None, a.numpy(), None, False)
-    outs = CamEngine(resnet18, EngineConfig(["layer2"], [get_method("kpca-cam")], signed=True)).explain(x, [ClassIndex(0)])
+    outs = CamEngine(resnet18, EngineConfig(["layer2"], [get_method("kpca-cam")], signed=True)).maps(x, [ClassIndex(0)])
     for b, o in enumerate(outs):
         ours = o.maps[0].cam  # signed: divided by its largest |value|
         r = pearson(ours, theirs[b])
@@ -164,7 +164,7 @@ def test_shapleycam_by_hand() -> None:
     # w = (1, -1), v = (0.5, 2): weights ((7/4 + 0.5) / 4, (-1/2 + 2) / 4) = (9/16, 3/8).
     # Grad-CAM's weights mean(G) = ((3.5 + 0.5) / 4, (-1 + 2) / 4) = (1, 1/4) give another map.
     model = QuadHead(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.5, 2.0]]))
-    o = CamEngine(model, EngineConfig(["feat"], parse_methods("shapleycam,gradcam"), signed=True)).explain(A, [ClassIndex(0)])[0]
+    o = CamEngine(model, EngineConfig(["feat"], parse_methods("shapleycam,gradcam"), signed=True)).maps(A, [ClassIndex(0)])[0]
     shapley = 9 / 16 * A[0, 0] + 3 / 8 * A[0, 1]  # [[0.5625, 1.5], [2.0625, 0.5625]]
     grad = 1.0 * A[0, 0] + 0.25 * A[0, 1]
     assert np.allclose(o.maps[0].cam, (shapley / shapley.max()).numpy(), atol=1e-6)
@@ -176,7 +176,7 @@ def test_shapleycam_is_gradcam_when_the_score_is_linear_in_the_layer() -> None:
     torch.manual_seed(5)
     a = torch.rand(2, 3, 4, 5)
     engine = CamEngine(GapLinear(torch.randn(2, 3)), EngineConfig(["feat"], parse_methods("gradcam,shapleycam"), signed=True))
-    for o in engine.explain(a, [ClassIndex(1)]):
+    for o in engine.maps(a, [ClassIndex(1)]):
         assert np.allclose(o.maps[0].cam, o.maps[1].cam, atol=1e-6)
 
 
@@ -221,8 +221,8 @@ def test_shapleycam_agrees_with_pytorch_grad_cam() -> None:
     with PeerShapleyRaw(model=model, target_layers=[model.target]) as cam:
         cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * 2)
         raw_peer = cam.raw / np.abs(cam.raw).max(axis=(1, 2), keepdims=True)
-    shapley = CamEngine(model, EngineConfig(["target"], [get_method("shapleycam")], signed=True)).explain(x, [ClassIndex(3)])
-    grad = CamEngine(model, EngineConfig(["target"], [get_method("gradcam")], signed=True)).explain(x, [ClassIndex(3)])
+    shapley = CamEngine(model, EngineConfig(["target"], [get_method("shapleycam")], signed=True)).maps(x, [ClassIndex(3)])
+    grad = CamEngine(model, EngineConfig(["target"], [get_method("gradcam")], signed=True)).maps(x, [ClassIndex(3)])
     for b in range(2):
         assert np.allclose(shapley[b].maps[0].cam, raw_peer[b], atol=1e-5)
         assert np.abs(grad[b].maps[0].cam - raw_peer[b]).max() > 0.05
@@ -239,11 +239,11 @@ def test_shapleycam_memory_stays_flat_over_many_batches() -> None:
         gc.collect()
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
-    engine.explain(x, [ClassIndex(0)])
-    engine.explain(x, [ClassIndex(0)])
+    engine.maps(x, [ClassIndex(0)])
+    engine.maps(x, [ClassIndex(0)])
     before = live_tensors()
     for _ in range(4):
-        engine.explain(x, [ClassIndex(0)])
+        engine.maps(x, [ClassIndex(0)])
     assert live_tensors() == before
 
 
@@ -286,7 +286,7 @@ def test_fullgrad_by_hand() -> None:
     model = BiasNet().eval()
     x = torch.tensor([[[[1.0, 2.0, -1.0]]]])
     for layer in ("conv", "bn"):  # the chosen layer plays no part
-        o = CamEngine(model, EngineConfig([layer], [get_method("fullgrad")])).explain(x, [ClassIndex(0)])[0]
+        o = CamEngine(model, EngineConfig([layer], [get_method("fullgrad")])).maps(x, [ClassIndex(0)])[0]
         assert o.maps[0].layer == "input"
         assert np.allclose(o.maps[0].cam, [[0.0, 6 / 7, 1.0]], atol=1e-6)
 
@@ -300,7 +300,7 @@ def test_fullgrad_takes_one_backward_pass(monkeypatch: pytest.MonkeyPatch) -> No
         return real(outputs, inputs, *args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting)
-    CamEngine(BiasNet().eval(), EngineConfig(["bn"], [get_method("fullgrad")])).explain(torch.randn(1, 1, 1, 3), [ClassIndex(0)])
+    CamEngine(BiasNet().eval(), EngineConfig(["bn"], [get_method("fullgrad")])).maps(torch.randn(1, 1, 1, 3), [ClassIndex(0)])
     assert calls == [4]  # input, conv, BN and fc outputs, all in one call (fc's term is then left out)
 
 

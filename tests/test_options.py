@@ -23,7 +23,7 @@ from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import evaluate
 from camcli.boxes import Box
 from camcli.options import EvaluateOptions, ExplainOptions
-from camcli.pipeline import explain
+from camcli.pipeline import run_explain as explain
 from camcli.session import Session
 from camcli.targets import ClassIndex
 
@@ -367,7 +367,7 @@ def _maps(method: str, model: Any = None, **kw: Any) -> list[np.ndarray]:  # noq
     rng = np.random.default_rng(3)
     rgbs = rng.integers(0, 255, (2, 40, 56, 3), dtype=np.uint8)
     batch = torch.stack([s.preprocess.resize(rgb) for rgb in rgbs])  # at the session's --image-size
-    return [m.cam for o in s.explain(batch) for m in o.maps]
+    return [m.cam for o in s.explain_images(batch) for m in o.maps]
 
 
 @pytest.mark.parametrize(

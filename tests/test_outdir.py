@@ -21,7 +21,7 @@ from camcli import outdir
 from camcli.cli import app
 from camcli.errors import UsageError
 from camcli.outdir import LOCK_NAME, OutputLock
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.records import load_run
 
 runner = CliRunner()

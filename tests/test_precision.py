@@ -29,7 +29,7 @@ def test_bf16_maps_agree_with_fp32_on_the_sample_photos(samples: Path, bundled) 
         x = pre(decode(photo))[None]
         with torch.inference_mode():
             cls = int(bundled.module(x).argmax())  # the same class for both: astronaut's top two are close
-        fp32, bf16 = (engines[p].explain(x, [ClassIndex(cls)])[0] for p in ("fp32", "bf16"))
+        fp32, bf16 = (engines[p].maps(x, [ClassIndex(cls)])[0] for p in ("fp32", "bf16"))
         assert [m.method for m in fp32.maps] == [m.method for m in bf16.maps]
         for a, b in zip(fp32.maps, bf16.maps):
             assert not a.empty and not b.empty
@@ -53,7 +53,7 @@ def test_forward_runs_in_bf16_and_methods_get_fp32(bundled) -> None:  # noqa: AN
 
     try:
         CamEngine(bundled.module, EngineConfig(["bn2"], [MethodInfo("spy", spy, "", "", needs_gradients=True)],
-                  precision="bf16")).explain(torch.randn(1, 3, 64, 64), [ClassIndex(1)])
+                  precision="bf16")).maps(torch.randn(1, 3, 64, 64), [ClassIndex(1)])
     finally:
         handle.remove()
     assert seen == {"layer output": torch.bfloat16, "activations": torch.float32, "gradients": torch.float32}

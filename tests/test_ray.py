@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.records import load_run
 
 runner = CliRunner()
@@ -93,10 +93,11 @@ def test_ray_address_is_optional_and_checked() -> None:
 def test_an_actor_tunes_the_allocator_of_its_own_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ray actor owns its worker process, as the command owns its own: it keeps freed heap memory
     for the next batch (camcli.allocator; tests/test_allocator.py counts the page faults it saves)."""
+    import camcli.allocator
     import camcli.ray_runner as R
 
     calls: list[int] = []
-    monkeypatch.setattr(R, "keep_heap_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(camcli.allocator, "keep_heap_memory", lambda: calls.append(1) or True)
     monkeypatch.chdir(tmp_path)  # the actor changes into the driver's folder: undone after the test
     monkeypatch.setattr(sys, "path", list(sys.path))
     actor = R.CamActor({"model": "toymodels:tiny_cnn", "quiet": True}, str(tmp_path / "o"), str(TESTS))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.ray_runner import adopt_journals
 from camcli.records import RecordStream, iter_records, output_files
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.stats import energy_in_box
 
 # Annotated by hand on sample_images/chelsea.jpg (451x300): cheek to cheek, brow to chin.

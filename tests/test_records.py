@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.pipeline import ExplainOptions, explain
+from camcli.pipeline import ExplainOptions, run_explain as explain
 from camcli.records import load_run
 
 runner = CliRunner()

@@ -49,7 +49,7 @@ def test_two_regions_give_different_maps_at_the_default_layer(
             opts = ExplainOptions(model=name, weights=weights, region=region, layer=layer, image_size=64, quiet=True)
             s = Session.open(opts, model=lm)
             assert s.layers == [layer or stage]
-            out.append(s.engine.explain(x, [ClassIndex(1)], sizes=[(64, 64)])[0].maps[0].cam)
+            out.append(s.engine.maps(x, [ClassIndex(1)], sizes=[(64, 64)])[0].maps[0].cam)
         assert out[0].std() > 0 and out[1].std() > 0
         return out
 

@@ -40,7 +40,7 @@ def _by_hand(x: torch.Tensor, c: int, region: torch.Tensor | None) -> tuple[np.n
 def test_predicted_region_by_hand() -> None:
     x = torch.randn(1, 3, 24, 32)
     s = _session(method="gradcam,hirescam", classes="1")
-    out = s.engine.explain(x, [ClassIndex(1)])[0]
+    out = s.engine.maps(x, [ClassIndex(1)])[0]
     grad, hires = _by_hand(x, 1, None)
     maps = {m.method: m for m in out.maps}
     np.testing.assert_allclose(maps["gradcam"].cam, grad, atol=1e-5)
@@ -53,7 +53,7 @@ def test_predicted_region_by_hand() -> None:
 def test_box_region_by_hand() -> None:
     x = torch.randn(1, 3, 24, 32)
     s = _session(method="hirescam", region="0,0,0.5,0.5")
-    out = s.engine.explain(x, [ClassIndex(2)], sizes=[(24, 32)])[0]
+    out = s.engine.maps(x, [ClassIndex(2)], sizes=[(24, 32)])[0]
     box = torch.zeros(12, 16)
     box[:6, :8] = 1  # the top-left quarter of the 12x16 output grid
     _, hires = _by_hand(x, 2, box)
@@ -93,7 +93,7 @@ def test_agrees_with_pytorch_grad_cam_semantic_segmentation_target(samples: Path
     s = Session.open(ExplainOptions(model="lraspp_mobilenet_v3_large", weights="random", image_size=128, quiet=True))
     rgb = decode(samples / "chelsea.jpg")
     batch = s.preprocess.resize(rgb)[None]
-    out = s.explain(batch)[0]
+    out = s.explain_images(batch)[0]
     c = out.maps[0].target
     x = s.preprocess.normalize(batch.float())
     model = s.model.module.float().eval()
@@ -143,7 +143,7 @@ def test_check_rules_work_for_segmentation(small_images: Path, tmp_path: Path) -
 
     sess = _session(method="hirescam", region="0,0,0.5,0.5")
     rgb = decode(small_images / "b.jpg")
-    outs = [sess.explain(sess.preprocess.resize(rgb)[None], [ClassIndex(c)], [rgb.shape[:2]])[0] for c in range(3)]
+    outs = [sess.explain_images(sess.preprocess.resize(rgb)[None], [ClassIndex(c)], [rgb.shape[:2]])[0] for c in range(3)]
     c = next(c for c, o in enumerate(outs) if not o.maps[0].empty)  # a class with positive evidence there
     f = tmp_path / "seg.yaml"
     f.write_text(yaml.safe_dump({"model": "toymodels:tiny_seg", "layer": "features", "method": "hirescam",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import camcli.stats as S
-from camcli import pipeline
+from camcli import feed, local_runner, pipeline
 from camcli.images import stack_images
 from camcli.render import upsample
 from conftest import noise_images
@@ -21,10 +21,10 @@ from conftest import noise_images
 def test_writer_threads_follow_the_cores_this_process_may_use(
     monkeypatch: pytest.MonkeyPatch, cores: int, decoders: int, threads: int
 ) -> None:
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert pipeline.available_cores() == cores
-    assert pipeline.writer_threads(decoders) == threads
-    assert pipeline.auto_workers() == (0 if cores <= 2 else min(4, cores // 2))
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert feed.available_cores() == cores
+    assert local_runner.writer_threads(decoders) == threads
+    assert feed.auto_workers() == (0 if cores <= 2 else min(4, cores // 2))
 
 
 class Spy:
@@ -32,7 +32,7 @@ class Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.seen: dict[str, Any] = {"most_pending": 0, "most_pixels": 0, "largest": 0}
-        seen, real = self.seen, pipeline.WriterPool
+        seen, real = self.seen, local_runner.WriterPool
 
         class Pool(real):  # type: ignore[misc, valid-type]
             def __init__(self, workers: int, max_pending: int) -> None:
@@ -50,15 +50,15 @@ class Spy:
                 self.sizes[fut] = pixels
                 return fut
 
-        monkeypatch.setattr(pipeline, "WriterPool", Pool)
+        monkeypatch.setattr(local_runner, "WriterPool", Pool)
 
 
 def test_explain_sizes_its_writer_pool_and_bounds_its_queue(
     monkeypatch: pytest.MonkeyPatch, small_images: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     spy = Spy(monkeypatch)
-    res = pipeline.explain([small_images], pipeline.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "out"),
+    res = pipeline.run_explain([small_images], pipeline.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "out"),
                                                                    workers=0, batch_size=1, quiet=True))
     assert res.summary["counts"]["ok"] == 2
     assert spy.seen["workers"] == 7  # 8 cores, no decoding processes, the main thread
@@ -67,16 +67,16 @@ def test_explain_sizes_its_writer_pool_and_bounds_its_queue(
 
 def test_more_writer_threads_keep_the_pixel_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """However many threads write, the overlays waiting for them hold at most PIXEL_BUDGET pixels."""
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    monkeypatch.setattr(pipeline, "PIXEL_BUDGET", 3 * 1600)  # three 40x40 images
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(local_runner, "PIXEL_BUDGET", 3 * 1600)  # three 40x40 images
     spy = Spy(monkeypatch)
     folder = noise_images(tmp_path / "imgs", [(40, 40)] * 12 + [(80, 80)], seed=2)
-    res = pipeline.explain([folder], pipeline.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "out"),
+    res = pipeline.run_explain([folder], pipeline.ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "out"),
                                                              workers=0, batch_size=4, quiet=True))
     assert res.summary["counts"]["ok"] == 13
     assert spy.seen["workers"] == 32 and spy.seen["max_pending"] == 64
     assert spy.seen["largest"] == 6400  # larger than the budget: it went alone
-    assert spy.seen["most_pixels"] <= max(pipeline.PIXEL_BUDGET, spy.seen["largest"])
+    assert spy.seen["most_pixels"] <= max(local_runner.PIXEL_BUDGET, spy.seen["largest"])
 
 
 def reference_stats(cam: np.ndarray, empty: bool = False) -> dict[str, Any]:

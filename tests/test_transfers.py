@@ -96,8 +96,8 @@ def test_engine_conversions_do_not_grow_with_the_batch(
     specs = [TopK(2), ClassIndex(1)]
     small, big = torch.randn(4, 3, 24, 32), torch.randn(16, 3, 24, 32)
     outs: dict[int, list] = {}
-    n4 = conversions(lambda: outs.setdefault(4, engine.explain(small, specs)))
-    n16 = conversions(lambda: outs.setdefault(16, engine.explain(big, specs)))
+    n4 = conversions(lambda: outs.setdefault(4, engine.maps(small, specs)))
+    n16 = conversions(lambda: outs.setdefault(16, engine.maps(big, specs)))
     assert (n16 - n4) / 12 <= PER_EXTRA_IMAGE, f"{n4} conversions for 4 images, {n16} for 16"
     # the outputs are complete: every image has its maps, predictions and saturation record
     for o in outs[16]:
@@ -110,7 +110,7 @@ def test_explain_conversions_do_not_grow_with_the_images(
 ) -> None:
     from camcli.models import load_model
     from camcli.options import ExplainOptions
-    from camcli.pipeline import explain
+    from camcli.pipeline import run_explain as explain
 
     rng = np.random.default_rng(0)
     for n in (4, 16):
@@ -138,8 +138,8 @@ def test_segmentation_conversions_do_not_grow_with_the_batch(conversions: Callab
     specs = [TopK(2)]
     small, big = torch.randn(4, 3, 24, 32), torch.randn(16, 3, 24, 32)
     outs: dict[int, list] = {}
-    n4 = conversions(lambda: outs.setdefault(4, sess.engine.explain(small, specs)))
-    n16 = conversions(lambda: outs.setdefault(16, sess.engine.explain(big, specs)))
+    n4 = conversions(lambda: outs.setdefault(4, sess.engine.maps(small, specs)))
+    n16 = conversions(lambda: outs.setdefault(16, sess.engine.maps(big, specs)))
     assert (n16 - n4) / 12 <= PER_EXTRA_IMAGE, f"{n4} conversions for 4 images, {n16} for 16"
     for o in outs[16]:
         shares = dict(o.top)

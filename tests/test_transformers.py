@@ -73,7 +73,7 @@ def test_gradcam_on_a_trained_vit_lands_on_the_class_square(reg_tokens: int) -> 
     engine.check(x[:1])
     for c in range(3):
         idx = (y == c).nonzero().flatten()[:16]
-        outs = engine.explain(x[idx], [ClassIndex(c)])
+        outs = engine.maps(x[idx], [ClassIndex(c)])
         for k, method in enumerate(("gradcam", "chefer")):
             assert outs[0].maps[k].method == method and outs[0].maps[k].cam.shape == (4, 4)
             hits = [int(np.argmax(o.maps[k].cam)) == int(cell[i]) for o, i in zip(outs, idx)]
@@ -85,7 +85,7 @@ def test_last_block_output_gives_patch_tokens_no_gradient() -> None:
     # token of the final norm has a zero gradient and Grad-CAM there is empty.
     model = toymodels.tiny_vit()
     x = torch.randn(1, 3, 32, 32)
-    out = CamEngine(model, EngineConfig(["norm"], [get_method("gradcam")])).explain(x, [ClassIndex(0)])[0].maps[0]
+    out = CamEngine(model, EngineConfig(["norm"], [get_method("gradcam")])).maps(x, [ClassIndex(0)])[0].maps[0]
     assert out.empty and not out.cam.any()
 
 
@@ -98,8 +98,8 @@ def agreement(
     same model; a wrapper returning plain logits for Hugging Face models), at ``layer`` of ``model``."""
     engine = CamEngine(model, EngineConfig([layer], [get_method("gradcam")]))
     engine.check(x)
-    target = engine.explain(x, [ClassIndex(0)])[0].top[0][0]
-    mine = engine.explain(x, [ClassIndex(target)])[0].maps[0]
+    target = engine.maps(x, [ClassIndex(0)])[0].top[0][0]
+    mine = engine.maps(x, [ClassIndex(target)])[0].maps[0]
     assert not mine.empty
     with pgc.GradCAM(model=theirs or model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
@@ -162,7 +162,7 @@ def test_hugging_face_vit_folder_loads_offline_and_agrees(tmp_path: Path) -> Non
 
     assert agreement(lm.module, layer, x, reshape, theirs=Logits(lm.module).eval()) > 0.98
     # the engine reads `logits` from the model's own output object
-    out = CamEngine(lm.module, EngineConfig([layer], [get_method("gradcam")])).explain(x, [ClassIndex(1)])[0]
+    out = CamEngine(lm.module, EngineConfig([layer], [get_method("gradcam")])).maps(x, [ClassIndex(1)])[0]
     assert out.maps[0].cam.shape == (6, 6) and len(out.top) == 3
 
 
@@ -186,7 +186,7 @@ def test_flexible_transformers_get_inputs_in_whole_patches() -> None:
     assert pre.input_hw(480, 722) == (224, 336)  # 337.0 would not divide into 16-pixel patches
     x = torch.randn(1, 3, *pre.input_hw(480, 722))
     layer = choose_layers(vit.module, None, vit.name, x)
-    out = CamEngine(vit.module, EngineConfig(layer, [get_method("gradcam")])).explain(x, [ClassIndex(0)])[0]
+    out = CamEngine(vit.module, EngineConfig(layer, [get_method("gradcam")])).maps(x, [ClassIndex(0)])[0]
     assert layer == ["blocks.0.norm1"] and out.maps[0].cam.shape == (14, 21)  # 2 register tokens dropped
     swin = load_model("toymodels:dynamic_swin")
     assert (swin.flexible_size, swin.size_multiple) == (True, 32)
@@ -225,7 +225,7 @@ def test_every_method_works_on_a_token_layer_or_says_why(name: str) -> None:
             engine.check(x[:1])
         return
     engine.check(x[:1])
-    maps = [o.maps[0] for o in engine.explain(x, [ClassIndex(1)])]
+    maps = [o.maps[0] for o in engine.maps(x, [ClassIndex(1)])]
     shape = (32, 32) if get_method(name).pixel_space else (4, 4)  # pixel-space methods: the input's size
     assert all(m.cam.shape == shape and np.isfinite(m.cam).all() for m in maps)
     assert any(not m.empty for m in maps)
@@ -279,7 +279,7 @@ def test_attention_methods_on_torchvision_and_their_refusals() -> None:
     engine.check(x)
     with torch.no_grad():
         before = model(x)
-    maps = engine.explain(x, [ClassIndex(2)])[0].maps
+    maps = engine.maps(x, [ClassIndex(2)])[0].maps
     assert [m.method for m in maps] == ["attention-rollout", "chefer"]
     assert all(m.cam.shape == (8, 8) and not m.empty for m in maps)
     with torch.no_grad():
@@ -289,4 +289,4 @@ def test_attention_methods_on_torchvision_and_their_refusals() -> None:
         CamEngine(swin, EngineConfig(["norm"], [get_method("chefer")])).check(torch.randn(1, 3, 224, 224))
     gap = toymodels.tiny_vit(class_token=False, global_pool="avg").eval()
     with pytest.raises(UsageError, match="reads the class token's row"):
-        CamEngine(gap, EngineConfig(["blocks.1.norm1"], [get_method("rollout")])).explain(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
+        CamEngine(gap, EngineConfig(["blocks.1.norm1"], [get_method("rollout")])).maps(torch.randn(1, 3, 32, 32), [ClassIndex(0)])
