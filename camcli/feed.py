@@ -13,7 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,19 @@ def auto_workers() -> int:
     """Decoding workers when --workers is not given: none on 2 cores or fewer, else up to 4."""
     cores = available_cores()
     return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def decoding_workers(requested: int | None, warn: Callable[[str], None]) -> int:
+    """The decoding worker processes for a run: ``requested`` (--workers) capped at the cores this
+    process may run on, with a warning when capped (more would only compete for them), or
+    auto_workers() when not given."""
+    if requested is None:
+        return auto_workers()
+    cores = available_cores()
+    if requested > cores:
+        warn(f"--workers {requested}: this process may run on {cores} core(s); using {cores} decoding workers")
+        return cores
+    return requested
 
 
 def shard_of(rel: Path, n: int) -> int:

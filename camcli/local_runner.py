@@ -15,7 +15,7 @@ import numpy as np
 
 from camcli.engine import ImageOutput
 from camcli.errors import OutputError
-from camcli.feed import PIXEL_BUDGET, Batch, Decoder, available_cores, auto_workers, feed
+from camcli.feed import PIXEL_BUDGET, Batch, Decoder, available_cores, decoding_workers, feed
 from camcli.records import output_files
 from camcli.run import ImageWriter, Plan, RunResult, error_record, remove_files, start_run
 from camcli.session import Session
@@ -82,7 +82,7 @@ def run_local(
             progress(len(batch.items))
         return True
 
-    workers = auto_workers() if opts.workers is None else opts.workers
+    workers = decoding_workers(opts.workers, session.warn)
     threads = writer_threads(workers)
     decoder = Decoder(session.preprocess, opts.max_pixels)
 

@@ -326,7 +326,7 @@ OPTIONS: tuple[Option, ...] = (
            check=_not_empty, defaults={_V: "camcli-eval"}, example="elsewhere"),
     Option("recursive", ("--recursive", "-r"), Kind.BOOL, False, "Descend into subfolders.",
            frozenset({_E, _V}), example=True),
-    Option("workers", ("--workers",), Kind.INT, None, "Decoding worker processes (0: main process).",
+    Option("workers", ("--workers",), Kind.INT, None, "Decoding worker processes (0: main process; at most the available cores).",
            frozenset({_E}), check=_at_least(0), default_text="0 on <= 2 cores, else up to 4", example=0),
     Option("alpha", ("--alpha",), Kind.FLOAT, 0.5, "Heatmap opacity, 0..1.", frozenset({_E}),
            shapes_output=True, check=_between(0.0, 1.0), example=0.7),

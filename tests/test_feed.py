@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from camcli.feed import Batch, Decoder, Item, cut_batches, find_inputs
+from camcli.feed import Batch, Decoder, Item, cut_batches, decoding_workers, find_inputs
 from camcli.images import Preprocess
 from camcli.options import ExplainOptions
+from camcli.pipeline import run_explain
 from camcli.run import Plan, start_run
 from camcli.session import Session
 
@@ -136,3 +138,31 @@ def test_ray_actor_batches_by_the_feed_rules(tmp_path: Path, monkeypatch: pytest
     assert calls == [[(3, 4, 4), (3, 4, 4)], [(3, 4, 6)]]
     assert [(r["key"], r["status"]) for r in records] == [("kd", "error"), ("ka", "error"), ("kc", "error"), ("kb", "error")]
     assert records[0]["error"] == "d: broken"
+
+
+def test_more_workers_than_cores_are_capped_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("camcli.feed.available_cores", lambda: 2)
+    said: list[str] = []
+    assert decoding_workers(64, said.append) == 2
+    assert said == ["--workers 64: this process may run on 2 core(s); using 2 decoding workers"]
+    assert decoding_workers(2, said.append) == 2 and decoding_workers(0, said.append) == 0
+    assert decoding_workers(None, said.append) == 0  # auto: none on 2 cores
+    assert len(said) == 1
+
+
+def test_workers_64_runs_without_torchs_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 64 leaked DataLoader's "suggested max number of worker" warning; now it is capped."""
+    monkeypatch.setattr("camcli.feed.available_cores", lambda: 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(folder / f"{k}.png")
+    opts = ExplainOptions(model="toymodels:tiny_cnn", out=str(tmp_path / "out"), workers=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_explain([folder], opts)
+    assert result.exit_code == 0
+    assert [str(w.message) for w in caught if "worker" in str(w.message)] == []
+    assert "--workers 64: this process may run on 2 core(s); using 2 decoding workers" in capsys.readouterr().err
