@@ -19,9 +19,10 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -214,6 +215,23 @@ def actor_pool(device: str) -> tuple[int, float]:
     return max(1, int(res.get("CPU", 1)) // 2), 0.0
 
 
+RAY_DATA_FETCH_THREAD = "iter_threaded"  # the name Ray Data (2.x) gives the threads that fetch rows for iter_rows
+
+
+def stop_iteration(rows: Iterator[Any], timeout: float = 30.0) -> None:
+    """Close a Ray Data row iterator and wait (at most ``timeout`` seconds) for its fetching threads
+    to end. Closing only asks them to stop after the block they are fetching; one still fetching
+    when ray.shutdown() runs touches the shut-down core worker, and Ray then ends the whole process
+    (exit 1, no summary): an interrupted --ray run died this way."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.name == RAY_DATA_FETCH_THREAD and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 def run_on_ray(
     opts: ExplainOptions,
     plan: Plan,
@@ -278,17 +296,21 @@ def run_on_ray(
                                        "journal": str(journal)},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=1,
             )
-            for row in ds.iter_rows():
-                rec = json.loads(row["record"])
-                if "output_error" in rec:
-                    raise OutputError(rec["output_error"])
-                run.stream.add(rec)
-                have.add(rec.get("key"))
-                if progress is not None:
-                    progress(1)
-                if rec["status"] != "ok" and opts.fail_fast:
-                    return False
-            return True
+            rows = iter(ds.iter_rows())
+            try:
+                for row in rows:
+                    rec = json.loads(row["record"])
+                    if "output_error" in rec:
+                        raise OutputError(rec["output_error"])
+                    run.stream.add(rec)
+                    have.add(rec.get("key"))
+                    if progress is not None:
+                        progress(1)
+                    if rec["status"] != "ok" and opts.fail_fast:
+                        return False
+                return True
+            finally:
+                stop_iteration(rows)
 
         return run.finish(body)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from camcli.cli import app
 from camcli.pipeline import ExplainOptions, run_explain as explain
-from camcli.ray_runner import adopt_journals
+from camcli.ray_runner import RAY_DATA_FETCH_THREAD, adopt_journals, stop_iteration
 from camcli.records import RecordStream, iter_records, output_files
 
 runner = CliRunner()
@@ -90,3 +91,31 @@ def test_interrupted_ray_run_leaves_no_file_without_a_record(
     assert on_disk == listed and len(records) == len({r["key"] for r in records}) >= 1
     assert json.loads((out / "summary.json").read_text())["interrupted"] is True
     assert not list(out.glob(".camcli-ray*"))
+
+
+def test_stopping_the_row_iterator_waits_for_its_fetching_threads() -> None:
+    """An interrupted --ray run ended the whole process (exit 1, no summary): ray.shutdown() ran while
+    a Ray Data fetching thread was still finishing its block, and that thread then touched the
+    shut-down core worker. stop_iteration closes the iterator and waits for those threads first."""
+    release = threading.Event()
+    finished: list[str] = []
+
+    def fetch() -> None:  # a fetching thread still busy with its block when the iterator is closed
+        release.wait(5)
+        time.sleep(0.3)
+        finished.append("fetched")
+
+    class Rows:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+            release.set()
+
+    fetcher = threading.Thread(target=fetch, name=RAY_DATA_FETCH_THREAD, daemon=True)
+    other = threading.Thread(target=release.wait, name="unrelated", daemon=True)
+    fetcher.start()
+    other.start()
+    rows = Rows()
+    stop_iteration(rows, timeout=10)  # type: ignore[arg-type]
+    assert rows.closed and finished == ["fetched"] and not fetcher.is_alive()
