@@ -34,6 +34,19 @@ def _start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _sigterm_once_started(p: subprocess.Popen[str], marker: Path) -> str:
+    """SIGTERM ``p`` once it has written ``marker`` (its work has begun); its stderr, once it ended."""
+    try:
+        while not marker.exists() and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return err
+
+
 def _workers(p: subprocess.Popen[str], timeout: float = 120) -> list[psutil.Process]:
     """The decoding workers of a running explain, once they have started ([] if it ended first)."""
     end = time.monotonic() + timeout
@@ -87,14 +100,7 @@ def test_evaluate_stops_on_sigterm_with_the_message(tmp_path: Path, many: Path) 
     marker = tmp_path / "started"
     p = _start(["evaluate", str(many), "--model", "toymodels:slow_cnn", "--out", str(tmp_path / "ev"), "--steps", "2"],
                tmp_path, CAMCLI_TEST_STARTED=str(marker))
-    try:
-        while not marker.exists() and p.poll() is None:
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    err = _sigterm_once_started(p, marker)
     assert p.returncode == 143 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
     assert not (tmp_path / "ev" / LOCK_NAME).exists()
 
@@ -391,16 +397,8 @@ def test_check_stopped_by_sigterm_still_writes_its_reports(tmp_path: Path, many:
     cases = [{"image": str(p), "class": 0, "expect": {"top_k": 3}} for p in sorted(many.glob("*.png"))[:20]]
     (tmp_path / "check.yaml").write_text(yaml.safe_dump({"model": "toymodels:slow_cnn", "cases": cases}))
     marker = tmp_path / "started"
-    p = subprocess.Popen(camcli("check", "check.yaml", "--junit", "r.xml", "--json", "r.json"), env=child_env(
-        CAMCLI_TEST_STARTED=str(marker)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        while not marker.exists() and p.poll() is None:
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    p = _start(["check", "check.yaml", "--junit", "r.xml", "--json", "r.json"], tmp_path, CAMCLI_TEST_STARTED=str(marker))
+    err = _sigterm_once_started(p, marker)
     assert p.returncode == 143 and "interrupted by SIGTERM" in err and "Traceback" not in err, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["interrupted"] == "SIGTERM"
