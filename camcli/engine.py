@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camcli import targets as tgt
+from camcli.activation import probabilities
 from camcli.capabilities import ModelAccess
 from camcli.errors import UsageError
 from camcli.hooks import LayerTap, SaturationMeter, frozen
@@ -25,6 +26,7 @@ from camcli.maps import CONSTANT, EMPTY, REASONS, finalize, first_component, fus
 from camcli.hostcopy import HostPack
 from camcli.methods import MethodInfo, MethodOptions, MethodOutput
 from camcli.models.outputs import pick_logits
+from camcli.options import Activation
 
 @dataclass
 class CamMap:
@@ -34,7 +36,7 @@ class CamMap:
     layer: str
     target: int | None
     score: float | None
-    probability: float | None
+    probability: float | None  # under the session's activation (none: the raw output); segmentation: pixel share
     cam: np.ndarray  # (h, w) float32: [0, 1], or [-1, 1] with signed maps
     empty: bool = False
     note: str | None = None  # EMPTY or CONSTANT when the map is blank
@@ -45,7 +47,7 @@ class CamMap:
 
 @dataclass
 class ImageOutput:
-    top: list[tuple[int, float]]  # (class index, probability; segmentation: pixel share), best first
+    top: list[tuple[int, float]]  # (class index, probability or raw value; segmentation: pixel share), best first
     maps: list[CamMap] = field(default_factory=list)
     saturation: dict[str, Any] | None = None  # bounded units saturated at/after the layer
 
@@ -97,6 +99,9 @@ class EngineConfig:
     region: tgt.Region | None = None  # segmentation models: explain this region instead of the predicted pixels
     layout: Layout | str | Mapping[str, Layout | str] | None = None  # None: found from the model
     precision: str = "fp32"  # the model's forward passes; maps are always computed in fp32
+    # How classifier outputs become the records' values and the top-k ranking (resolved: never auto);
+    # segmentation models rank by pixel shares whatever it is.
+    activation: Activation = Activation.SOFTMAX
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -109,6 +114,9 @@ class EngineConfig:
         object.__setattr__(self, "methods", tuple(self.methods))
         if self.options is None:
             object.__setattr__(self, "options", MethodOptions())
+        if Activation(self.activation) is Activation.AUTO:
+            raise UsageError("activation 'auto' must be resolved from the model first (camcli.activation.resolve)")
+        object.__setattr__(self, "activation", Activation(self.activation))
 
     @property
     def needs_gradients(self) -> bool:
@@ -305,8 +313,9 @@ class CamEngine:
                         logits = self._forward(x)
             raws, acts = self._activations(tap.activations, x)
             scores = logits.detach().float()
-            # Per class and image: the softmax probability, or for segmentation the pixel share.
-            probs = tgt.pixel_shares(scores) if scores.dim() == 4 else scores.softmax(dim=1)
+            # Per class and image: the probability under the activation (none: the raw output), or for
+            # segmentation the pixel share.
+            probs = tgt.pixel_shares(scores) if scores.dim() == 4 else probabilities(scores, self.config.activation)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
             batch = _Batch(scores, probs, top_p, top_i, meter.saturated, meter.units, list(meter.modules))
             targets = tgt.resolve(specs, scores, self.region, sizes) if fixed is None else fixed

@@ -247,7 +247,7 @@ def _run_evaluation(
     result = EvaluationResult(aggregate, path, writer.path, counts,
                               ExitCode.PARTIAL if counts["error"] else ExitCode.OK, curves.means())
     if opts.plots:
-        write_plots(result, out_dir)
+        write_plots(result, out_dir, session.value_key)
     return result
 
 
@@ -280,7 +280,7 @@ class _ImageScorer:
                                    for k in range(SANITY_SEEDS)]
         # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
         # perturbed inputs share forward passes across images, maps, metrics and curve steps.
-        self.batcher = M.Batcher(session.logits, opts.perturbation_batch)
+        self.batcher = M.Batcher(session.logits, opts.perturbation_batch, activation=session.activation)
 
     def queue(self, idx: int, src: ImageSource, size: tuple[int, int], note: str | None, x: torch.Tensor,
               outs: Any, boxes: list[Box] | None) -> _Queued:  # noqa: ANN401
@@ -298,7 +298,7 @@ class _ImageScorer:
         sx, sy = w / size[1], h / size[0]
         scaled = None if boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
         record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
-                                  "label": lm.label(target), "probability": None}, "metrics": {}}
+                                  "label": lm.label(target), self.session.value_key: None}, "metrics": {}}
         if note:
             record["note"] = note
         jobs: dict[str, dict[str, M.Job]] = {}
@@ -312,7 +312,7 @@ class _ImageScorer:
     def finish(self, q: _Queued, curves: CurveMeans) -> dict[str, Any]:
         """The image's record, its metrics filled in (the Batcher has run); its curves go to ``curves``."""
         y = float(q.whole.result[0])
-        q.record["target"]["probability"] = round(y, 6)
+        q.record["target"][self.session.value_key] = round(y, 6)
         for name, cam in q.maps.items():
             scores = {probe: job.result for probe, job in q.jobs[name].items()}
             for probe, curve in scores.items():
@@ -389,8 +389,9 @@ def _beats(aggregate: dict[str, dict[str, dict[str, Any]]], name: str, metric: s
     return mine > max(base) if get_metric(metric).higher_is_better else mine < min(base)
 
 
-def write_plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
-    """Mean deletion and insertion curves per method, one PNG each (from the running sums)."""
+def write_plots(result: EvaluationResult, out_dir: Path, value_key: str = "probability") -> list[Path]:
+    """Mean deletion and insertion curves per method, one PNG each (from the running sums).
+    ``value_key``: probability, or value (--activation none: the raw output)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,7 +412,7 @@ def write_plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
             plt.close(fig)
             continue
         ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
-        ax.set_ylabel("target class probability")
+        ax.set_ylabel("target class probability" if value_key == "probability" else "target output value")
         ax.set_title(f"{kind} curve (mean over images)")
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -2,7 +2,8 @@
 
 Conventions (the choices the papers leave open are written here and in the README):
 - ``x`` is a preprocessed (3, H, W) input; ``cam`` a (H, W) map at the same resolution, >= 0.
-- ``prob`` maps a batch (N, 3, H, W) to the (N,) probability of the target class.
+- ``prob`` maps a batch (N, 3, H, W) to the (N,) probability of the target class (under the
+  session's ``--activation``: softmax, sigmoid, or the raw output with none).
 - Pixels are ranked by the map, highest first; ties keep raster order (stable sort).
 - Curves have ``steps + 1`` points at fractions 0, 1/steps, ..., 1; AUC is the trapezoid rule on [0, 1].
 """
@@ -15,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from camcli.activation import probabilities
+from camcli.options import Activation
 
 ProbFn = Callable[[Tensor], Tensor]
 
@@ -218,10 +222,11 @@ def road(x: Tensor, cam: Tensor, prob: ProbFn, mean: Sequence[float], std: Seque
     return road_scores(_batched(prob, image, n, batch), len(percentages))
 
 
-def target_probability(logits: Tensor, classes: Tensor) -> Tensor:
-    """(N,) probability of class ``classes[i]`` in row i of (N, classes) logits: what every curve,
-    Average Drop and ROAD score reads (the one place that turns evaluate's logits into probabilities)."""
-    return logits.softmax(dim=1).gather(1, classes.to(logits.device)[:, None])[:, 0]
+def target_probability(logits: Tensor, classes: Tensor, activation: Activation | None = Activation.SOFTMAX) -> Tensor:
+    """(N,) probability of class ``classes[i]`` in row i of (N, classes) logits under ``activation``
+    (softmax, sigmoid, or none: the raw output): what every curve, Average Drop and ROAD score reads
+    (the one place that turns evaluate's logits into probabilities)."""
+    return probabilities(logits, activation).gather(1, classes.to(logits.device)[:, None])[:, 0]
 
 
 class Job:
@@ -243,12 +248,15 @@ class Batcher:
     A deletion curve's 101 images, the next curve's and the next image's fill the same forward
     passes (inputs of one shape together; other shapes get their own). Inputs are made lazily, in
     order, one batch at a time, so memory holds a batch, not a curve; each batch comes back to the
-    host in one copy. ``logits`` maps a batch (N, 3, H, W) to (N, classes) logits.
+    host in one copy. ``logits`` maps a batch (N, 3, H, W) to (N, classes) logits, read through
+    ``activation`` (the session's, resolved).
     """
 
     def __init__(self, logits: Callable[[Tensor], Tensor], batch: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 activation: Activation | None = Activation.SOFTMAX) -> None:
         self.logits = logits
+        self.activation = activation
         self.batch = max(1, batch)
         self.on_batch = on_batch
         self.jobs: list[Job] = []
@@ -270,7 +278,7 @@ class Batcher:
                 chunk = items[start : start + self.batch]
                 x = torch.stack([job.image(i) for job, i in chunk])
                 classes = torch.tensor([job.target for job, _ in chunk], device=x.device)
-                values = target_probability(self.logits(x), classes).float().cpu().numpy()
+                values = target_probability(self.logits(x), classes, self.activation).float().cpu().numpy()
                 for (job, i), v in zip(chunk, values):
                     job.probs[i] = v
                 if self.on_batch is not None:

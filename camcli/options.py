@@ -47,6 +47,19 @@ class Precision(StrEnum):
 PRECISIONS = tuple(p.value for p in Precision)
 
 
+class Activation(StrEnum):
+    """``--activation``: how the model's outputs become the numbers records, top-k, check and
+    evaluate read. ``auto`` is resolved once per session from the model (camcli/activation.py)."""
+
+    AUTO = "auto"
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+    NONE = "none"  # the raw output value (a regressor, or a logit read as it is)
+
+
+ACTIVATIONS = tuple(a.value for a in Activation)
+
+
 class Kind(str, Enum):
     """The value types an option can have; each knows how to read itself from a file."""
 
@@ -262,6 +275,12 @@ OPTIONS: tuple[Option, ...] = (
            "Forward pass: fp32, bf16 (autocast on CUDA and CPU), fp16 (CUDA only), or auto (bf16 on a CUDA "
            "device that supports it, else fp32). Maps are always computed in fp32.",
            _MAP, shapes_output=True, check=_one_of(PRECISIONS), example="bf16", parse=Precision),
+    # Not part of the options' fingerprint as given: Session.shaping adds the resolved activation as a
+    # resolved fact when it is not softmax, so every softmax run keeps the fingerprint it had before.
+    Option("activation", ("--activation",), Kind.STR, "auto",
+           "How outputs become probabilities (records, top-k, check, evaluate): softmax, sigmoid, none (the raw "
+           "value), or auto (found from the model: see the README's 'Output activation').",
+           _MAP, group="model", check=_one_of(ACTIVATIONS), example="sigmoid", parse=Activation),
     # -- what to explain -----------------------------------------------------------------------
     Option("method", ("--method", "-M"), Kind.LIST, "gradcam",
            "Comma-separated methods (see `camcli methods`), or all: every method that fits the model.", _MAP, shapes_output=True, check=_items,
@@ -462,6 +481,7 @@ class MapOptions(ModelOptions):
     device: str = _field("device")
     max_pixels: int = _field("max_pixels")
     precision: Precision = _field("precision")
+    activation: Activation = _field("activation")
     method: tuple[str, ...] = _field("method")
     layer: tuple[str, ...] | None = _field("layer")
     region: Box | None = _field("region")  # camcli.boxes.Box: values in a stated unit

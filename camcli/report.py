@@ -15,13 +15,17 @@ from camcli.models import LoadedModel
 SCHEMA_VERSION = 2  # 2: per-image records moved from summary.json to records.jsonl
 
 
-# What the number beside each predicted class means: a classifier's softmax probability, or the
-# share of pixels a segmentation model assigns to the class.
+# What the number beside each predicted class means: a classifier's probability (softmax or sigmoid),
+# or the share of pixels a segmentation model assigns to the class. A classifier read with --activation
+# none reports its raw output as "value" (Session.value_key).
 SHARE_KEY = {"classification": "probability", "segmentation": "pixel_share"}
 
 
-def prediction_entries(top: Sequence[tuple[int, float]], model: LoadedModel) -> list[dict[str, Any]]:
-    key = SHARE_KEY[model.task]
+def prediction_entries(
+    top: Sequence[tuple[int, float]], model: LoadedModel, key: str | None = None
+) -> list[dict[str, Any]]:
+    """The record's predictions; ``key``: what the number is called (default: by the model's task)."""
+    key = key or SHARE_KEY[model.task]
     return [{"index": i, "label": model.label(i), key: round(p, 6)} for i, p in top]
 
 

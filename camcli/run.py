@@ -120,8 +120,10 @@ def render_outputs(
     class_suffix: bool,
     fused_layer: str | None,
     written: list[Path] | None = None,
+    value_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Upsample each map to the image, write overlay (and raw) atomically, return summary entries.
+    ``value_key``: what a target's number is called (Session.value_key; default by the model's task).
 
     ``written`` collects the path of each file as it is written: when a later one fails, the
     caller removes them (see ImageWriter.write).
@@ -157,7 +159,7 @@ def render_outputs(
                 "index": m.target,
                 "label": model.label(m.target),
                 "score": None if m.score is None else round(m.score, 6),
-                SHARE_KEY[model.task]: None if m.probability is None else round(m.probability, 6),
+                value_key or SHARE_KEY[model.task]: None if m.probability is None else round(m.probability, 6),
             }
         if m.region is not None and target is not None:
             target["region"] = m.region
@@ -308,7 +310,7 @@ class ImageWriter:
             render_outputs, out_dir=out_dir, model=session.model,
             colormap=resolve_colormap(opts.colormap or ("diverging" if opts.signed else "jet")), alpha=opts.alpha,
             signed=opts.signed, save_raw=opts.save_raw, class_suffix=not tgt.is_default(session.specs),
-            fused_layer=session.layer_name if len(layers) > 1 else None,
+            fused_layer=session.layer_name if len(layers) > 1 else None, value_key=session.value_key,
         )
         self.warned: set[str] = set()
 
@@ -340,7 +342,7 @@ class ImageWriter:
             "status": "ok",
             "error": None,
             "input_size": list(tensor.shape[-2:]),
-            "predictions": prediction_entries(out.top, self.session.model),
+            "predictions": prediction_entries(out.top, self.session.model, self.session.value_key),
             "saturation": out.saturation,
             **({"note": note} if note else {}),
             "explanations": [],

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from camcli import activation as act
 from camcli import options as O
 from camcli import targets as tgt
 from camcli.engine import CamEngine, EngineConfig, ImageOutput, fitting, unfit
@@ -21,7 +22,7 @@ from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
 from camcli.models.outputs import pick_logits
-from camcli.options import ExplainOptions, ImagesOptions, MapOptions
+from camcli.options import Activation, ExplainOptions, ImagesOptions, MapOptions
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,16 +96,29 @@ def _asks_all(names: Sequence[str]) -> bool:
 
 
 def engine_config(
-    opts: MapOptions, layers: Sequence[str], methods: Sequence[MethodInfo], mopts: MethodOptions, precision: str
+    opts: MapOptions, layers: Sequence[str], methods: Sequence[MethodInfo], mopts: MethodOptions, precision: str,
+    activation: Activation | None = Activation.SOFTMAX,
 ) -> EngineConfig:
-    """The engine's configuration from any command's options and what they resolved to."""
+    """The engine's configuration from any command's options and what they resolved to
+    (``activation``: resolved by camcli.activation.resolve; None, a segmentation model's, ranks by pixel shares)."""
     return EngineConfig(
         layers, methods, options=mopts, signed=opts.signed, output_key=opts.output_key,
         per_layer=isinstance(opts, ExplainOptions) and opts.per_layer,
         aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
         channels_last=True, region=tgt.parse_region(opts.region, opts.region_mask),
-        layout=opts.layout, precision=precision,
+        layout=opts.layout, precision=precision, activation=activation or Activation.SOFTMAX,
     )
+
+
+def resolve_activation(opts: MapOptions, lm: LoadedModel, warn: Callable[[str], None]) -> Activation | None:
+    """``--activation`` for this model, once per session (auto: camcli.activation's rules); None for
+    a segmentation model. Softmax over one output is always 1: a warning says so."""
+    resolved = act.resolve(opts.activation, outputs=lm.num_classes, task=lm.task, named=lm.labels is not None,
+                           problem_type=lm.problem_type)
+    if resolved is Activation.SOFTMAX and lm.num_classes == 1:
+        warn("--activation softmax on a model with one output: its probability is always 1 "
+             "(use sigmoid for a binary classifier's logit, none for a raw value)")
+    return resolved
 
 
 def _check_task(lm: LoadedModel, config: EngineConfig) -> None:
@@ -128,6 +142,8 @@ class Session:
     methods: list[MethodInfo]
     engine: CamEngine
     warn: Callable[[str], None]
+    # --activation as resolved for the model (never auto); None: a segmentation model (pixel shares)
+    activation: Activation | None = Activation.SOFTMAX
 
     @classmethod
     def open(cls, opts: MapOptions, *, model: LoadedModel | None = None, device: str | None = None) -> "Session":
@@ -166,7 +182,8 @@ class Session:
                   else layer_infos(lm.module, probe.trace, tuple(probe.inputs.shape), layout))
         layers = choose_layers(lm.module, opts.layer, lm.name, example, layout, segmentation_classes, traced)
         check_single_calls(layers, traced, lm.name)  # at load, not once per image
-        config = engine_config(opts, layers, methods, mopts, precision)
+        activation = resolve_activation(opts, lm, warn)  # once per session, not per image
+        config = engine_config(opts, layers, methods, mopts, precision, activation)
         _check_task(lm, config)
         if every:  # --method all: every method that fits, a one-line reason for each one skipped
             reasons = unfit(lm.module, config, example)
@@ -186,7 +203,7 @@ class Session:
             options=opts, model=lm, device=device,
             preprocess=lm.preprocess(),
             layers=layers, specs=specs, methods=list(config.methods), engine=engine,
-            warn=warn,
+            warn=warn, activation=activation,
         )
 
     @property
@@ -224,12 +241,21 @@ class Session:
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             return pick_logits(self.model.module(x), self.options.output_key).float()
 
+    @property
+    def value_key(self) -> str:
+        """What records call the number beside a class: probability, value (--activation none) or
+        pixel_share (segmentation)."""
+        return "pixel_share" if self.model.task == "segmentation" else act.value_key(self.activation)
+
     def shaping(self) -> dict[str, Any]:
         """Everything that shapes the outputs: declared options plus what they resolved to."""
+        # The activation is a resolved fact only when it is not softmax (or None, segmentation): runs
+        # made before --activation existed read every output through softmax, and keep their fingerprints.
+        extra = {} if self.activation in (None, Activation.SOFTMAX) else {"activation": self.activation.value}
         return O.shaping(
             self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
             classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
-            precision=self.precision,
+            precision=self.precision, **extra,
         )
 
     def fingerprint(self) -> str:
@@ -242,6 +268,8 @@ class Session:
         rec["layer"] = self.layers
         if "precision" in rec:
             rec["precision"] = self.precision  # what ran: auto resolved for the device
+        if "activation" in rec:  # what ran: auto resolved for the model; null for segmentation (pixel shares)
+            rec["activation"] = None if self.activation is None else self.activation.value
         if "class" in rec:
             rec["class"] = [str(s) for s in self.specs]
         return rec

@@ -96,6 +96,8 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "image_size": (96, lambda s, v: s.model.input_size == 96),
     "device": ("cpu", lambda s, v: s.device.type == "cpu"),
     "precision": ("bf16", lambda s, v: s.engine.precision == "bf16" and s.record()["precision"] == "bf16"),
+    "activation": ("sigmoid", lambda s, v: s.activation is O.Activation.SIGMOID
+                   and s.engine.config.activation is O.Activation.SIGMOID and s.record()["activation"] == "sigmoid"),
     "method": ("layercam", lambda s, v: [m.name for m in s.methods] == ["layercam"]),
     "layer": ("features.0", lambda s, v: s.layers == ["features.0"]),
     "per_layer": (True, lambda s, v: s.engine.per_layer is True),

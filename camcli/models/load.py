@@ -446,7 +446,8 @@ def _huggingface(folder: Path, weights: str | None) -> tuple[nn.Module, dict[str
     weight_file = next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
     meta = module_meta(module, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224})
     meta.update(_hf_preprocessing(folder))
-    meta.update(weights=str(folder), sha=file_sha256(weight_file) if weight_file else None, labels=_hf_labels(config))
+    meta.update(weights=str(folder), sha=file_sha256(weight_file) if weight_file else None, labels=_hf_labels(config),
+                problem_type=getattr(config, "problem_type", None))
     return module, meta
 
 
@@ -694,4 +695,5 @@ def load_model(
         weights_sha256=meta.get("sha"),
         probe=probe,
         size_multiple=multiple,
+        problem_type=meta.get("problem_type"),
     )

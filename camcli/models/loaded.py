@@ -45,6 +45,8 @@ class LoadedModel:
     weights: str | None = None  # file path, "bundled", "pretrained (cache)" or "random"
     weights_sha256: str | None = None
     task: str = "classification"  # or "segmentation": (B, classes, H, W) scores per pixel
+    # A Hugging Face config's problem_type (multi_label_classification, regression, ...): what --activation auto reads
+    problem_type: str | None = None
     # flexible models: input sides are rounded to a multiple of this (a transformer's patch grid stride)
     size_multiple: int = 1
     probe: Probe | None = field(default=None, repr=False, compare=False)
