@@ -132,7 +132,7 @@ def _file_options(p: Path, data: dict[str, Any], overrides: dict[str, Any] | Non
         if values.get(key) and values[key] != "random":
             f = Path(values[key]) if Path(values[key]).is_absolute() else root / values[key]
             if not f.is_file():
-                raise _err(p, f"model.{key}", f"file {str(f)!r} does not exist")
+                raise _err(p, key if key == "reference" else f"model.{key}", f"file {str(f)!r} does not exist")
             values[key] = str(f)
     if values.get("model"):
         values["model"] = _local(root, values["model"])
