@@ -11,11 +11,13 @@ The rules of ``auto``, in order (the README's "Output activation" table):
 1. a segmentation model: no activation (pixel shares);
 2. a Hugging Face config's ``problem_type``: ``multi_label_classification`` -> sigmoid,
    ``regression`` -> none;
-3. one output: sigmoid when a label names it (a ``--labels`` file with one label, or a Hugging Face
+3. a run that explains another scalar than a class (``--reference``, ``--target``): none, since the
+   outputs are an embedding or whatever the callable reads, not class logits;
+4. one output: sigmoid when a label names it (a ``--labels`` file with one label, or a Hugging Face
    ``id2label`` that is not the generated ``LABEL_0``): the output is that class's logit, a binary
    classifier; none otherwise (a regressor, or a logit nobody named): the raw value, never a
    constant 1. Pass ``--activation sigmoid`` for an unnamed binary logit;
-4. otherwise softmax.
+5. otherwise softmax.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ def resolve(
     task: str = "classification",
     named: bool = False,
     problem_type: str | None = None,
+    scalar_target: bool = False,
 ) -> Activation | None:
     """The activation a session uses: ``requested`` unless it is ``auto`` (the rules above).
 
     ``outputs``: the model's classes (output units); ``named``: the model's outputs have labels;
-    ``problem_type``: a Hugging Face config's. None for a segmentation model (pixel shares);
+    ``problem_type``: a Hugging Face config's; ``scalar_target``: the run explains a --reference
+    similarity or a --target callable, not a class. None for a segmentation model (pixel shares);
     asking one for sigmoid or none is a UsageError.
     """
     requested = Activation(requested)
@@ -60,6 +64,8 @@ def resolve(
     if problem_type == MULTI_LABEL:
         return Activation.SIGMOID
     if problem_type == REGRESSION:
+        return Activation.NONE
+    if scalar_target:
         return Activation.NONE
     if outputs == 1:
         return Activation.SIGMOID if named else Activation.NONE

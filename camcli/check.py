@@ -195,10 +195,19 @@ def _run_check(
         raise CheckFileError(f"{cf.path}: {e}") from None
     lm = session.model
     specs_by_case: dict[int, list[tgt.TargetSpec]] = {}
+    # --reference / --target (top level, or the command line) explain one scalar for every case
+    default: list[tgt.TargetSpec] = (list(session.specs) if any(isinstance(s, tgt.OUTPUT_SPECS) for s in session.specs)
+                                     else [tgt.TopK(1)])
     for case in cf.cases:
+        if case.reference is not None:
+            try:  # its embedding, once per case, by the session's model
+                specs_by_case[case.index] = [session.reference(str(case.reference))]
+            except UsageError as e:
+                raise CheckFileError(f"{cf.path}: cases[{case.index}].reference: {e}") from None
+            continue
         try:
             specs_by_case[case.index] = (
-                [tgt.TopK(1)] if case.spec is None else tgt.parse_class_specs([case.spec], lm.labels, lm.num_classes)
+                default if case.spec is None else tgt.parse_class_specs([case.spec], lm.labels, lm.num_classes)
             )
         except UsageError as e:
             raise CheckFileError(f"{cf.path}: cases[{case.index}].class: {e}") from None

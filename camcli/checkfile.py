@@ -16,7 +16,7 @@ from camcli.methods import MethodInfo, parse_methods
 # Keys of the file's own; every other top-level key is an option of `check` (camcli.options), and
 # the model options may also sit inside ``model:`` (with ``name`` for the model itself).
 FILE_KEYS = ("model", "baselines", "cases")
-CASE_KEYS = {"image", "class", "name", "expect"}
+CASE_KEYS = {"image", "class", "reference", "name", "expect"}
 EXPECT_KEYS = {"top_k", "region", "region_mask", "min_energy_in_region", "peak_in_region", "min_baseline_similarity"}
 RULES = ("top_k", "min_energy_in_region", "peak_in_region", "min_baseline_similarity")  # what a case checks
 
@@ -44,6 +44,7 @@ class Case:
     height: int
     spec: int | str | None  # the case's `class:` as written: a target spec, resolved by camcli.targets
     expect: Expect
+    reference: Path | None = None  # the case's `reference:` image: explain the similarity to its embedding
 
 
 @dataclass
@@ -127,11 +128,11 @@ def _file_options(p: Path, data: dict[str, Any], overrides: dict[str, Any] | Non
         values.update(O.read_file_options(model, O.CHECK, f"{p}: model", group="model"))
     except UsageError as e:
         raise CheckFileError(str(e)) from None
-    for key in ("weights", "labels"):
+    for key in ("weights", "labels", "reference"):
         if values.get(key) and values[key] != "random":
             f = Path(values[key]) if Path(values[key]).is_absolute() else root / values[key]
             if not f.is_file():
-                raise _err(p, f"model.{key}", f"file {str(f)!r} does not exist")
+                raise _err(p, key if key == "reference" else f"model.{key}", f"file {str(f)!r} does not exist")
             values[key] = str(f)
     if values.get("model"):
         values["model"] = _local(root, values["model"])
@@ -179,6 +180,16 @@ def load_check_file(
         spec = c.get("class")
         if spec is not None and (isinstance(spec, bool) or not isinstance(spec, (int, str))):
             raise _err(p, f"{where}.class", f"{spec!r} is not a class index or label")
+        reference = None
+        if spec is not None and (opts.reference is not None or opts.target is not None):
+            raise _err(p, f"{where}.class", f"{spec!r}: the check explains one scalar per case (--reference or "
+                       "--target), not a class: drop the case's class")
+        if c.get("reference") is not None:
+            if spec is not None:
+                raise _err(p, where, "give class or reference, not both: a reference case explains the similarity "
+                           "to the reference image's embedding, no class")
+            reference = root / str(c["reference"])
+            _image_size(p, f"{where}.reference", reference, opts.max_pixels)
         exp_raw = c.get("expect") or {}
         if not isinstance(exp_raw, dict):
             raise _err(p, f"{where}.expect", "expected a mapping of rules")
@@ -217,7 +228,10 @@ def load_check_file(
             raise _err(p, f"{where}.expect", f"case {c.get('name') or image.stem!r} has no rules, so it could never fail; "
                        f"give at least one of {', '.join(RULES)}")
         name = str(c.get("name") or image.stem)
-        cases.append(Case(i, name, image, w, h, spec, ex))
+        if ex.top_k is not None and (reference is not None or opts.reference is not None or opts.target is not None):
+            raise _err(p, f"{where}.expect.top_k", "top_k ranks the case's class; a case explained by a reference "
+                       "or a target callable has none (use the region and baseline rules)")
+        cases.append(Case(i, name, image, w, h, spec, ex, reference))
 
     cf = CheckFile(path=p, options=opts, methods=methods, baselines=baselines, cases=cases, raw=data)
     if require_baselines and baselines is not None:

@@ -43,6 +43,9 @@ class CamMap:
     channels: np.ndarray | None = None  # (N, h, w) normalised strongest channels (`activations` topN)
     channel_ids: list[int] | None = None
     region: dict[str, Any] | None = None  # segmentation: the region whose score was explained
+    # a target that is no class (targets.described): its kind and what it compares with; ``score`` is
+    # its value, and ``target`` and ``probability`` are None
+    explained: dict[str, Any] | None = None
 
 
 @dataclass
@@ -397,7 +400,7 @@ class CamEngine:
             if res.channels is not None:
                 chans = finalize(res.channels.flatten(0, 1), False)[0].reshape(res.channels.shape)
             entries.append(_Entry(method, layer_name, target.classes, target_scores, shares, kind, maps, code,
-                                  chans, res.channel_ids))
+                                  chans, res.channel_ids, tgt.described(target)))
         return entries
 
     def _to_host(self, batch: _Batch) -> list[ImageOutput]:
@@ -434,6 +437,7 @@ class CamEngine:
             ids = None if hids is None else host[hids]
             share = None if hsh is None else host[hsh]
             has_target = e.method.needs_target
+            about = e.about if has_target else None
             for i, out in enumerate(outputs):
                 c = int(classes[i])
                 if c < 0:
@@ -442,15 +446,16 @@ class CamEngine:
                     CamMap(
                         method=e.method.name,
                         layer=e.layer,
-                        target=c if has_target else None,
+                        target=c if has_target and about is None else None,
                         score=float(score[i]) if has_target else None,
-                        probability=float(prob[i]) if has_target else None,
+                        probability=float(prob[i]) if has_target and about is None else None,
                         cam=maps[i].copy(),  # its own memory, not a view of the batch's (pinned) buffer
                         empty=bool(code[i]),
                         note=REASONS[int(code[i])],
                         channels=None if chans is None else chans[i].copy(),
                         channel_ids=None if ids is None else ids[i].tolist(),
                         region=None if (share is None or not has_target) else tgt.describe_region(e.region_kind, float(share[i])),
+                        explained=about,
                     )
                 )
         return outputs
@@ -487,6 +492,7 @@ class _Entry:
     code: Tensor  # (B,) uint8 blank-map reason, an index into REASONS
     channels: Tensor | None = None  # (B, N, h, w) normalised strongest channels (`activations` topN)
     channel_ids: Tensor | None = None  # (B, N)
+    about: dict[str, Any] | None = None  # targets.described: a target that is no class
 
 
 @dataclass

@@ -91,6 +91,9 @@ class Option:
     flag_value: str | None = None  # the value of the flag given without one (``--ray``): its value is optional
     metavar: str | None = None  # how ``--help`` names the value
     parse: Callable[[Any], Any] | None = None  # text as given -> the typed value; ValueError: left for ``check``
+    # False: left out of the fingerprint while unset (None), so runs made before the option existed
+    # keep their fingerprints (--skip-existing reuses their outputs)
+    fingerprint_unset: bool = True
 
     @property
     def key(self) -> str:
@@ -202,6 +205,15 @@ def _not_empty(v: Any) -> str | None:  # noqa: ANN401
     return "must not be empty" if isinstance(v, str) and not v.strip() else None
 
 
+def _target(v: Any) -> str | None:  # noqa: ANN401
+    """``--target``: module:function as text (Python callers may give the callable itself)."""
+    if callable(v):
+        return None
+    if not isinstance(v, str) or not re.fullmatch(r"[\w.]+:[\w.]+", v.strip()):
+        return "is not module:function (for example mypkg.targets:score)"
+    return None
+
+
 def names(v: Any) -> tuple[str, ...]:  # noqa: ANN401
     """A list option as given ("a,b", ["a", "b,c"], ("a",)) -> ("a", "b", "c"); the one place a comma
     is split. Empty items stay, for :func:`_items` to refuse."""
@@ -302,6 +314,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("region_mask", ("--region-mask",), Kind.STR, None,
            "Segmentation models: explain the class's score summed over this mask image's non-zero pixels.",
            _MAP, shapes_output=True, check=_not_empty, example="mask.png"),
+    Option("reference", ("--reference",), Kind.STR, None,
+           "Explain the cosine similarity of the model's output (an embedding) to this image's, computed "
+           "once by the same model; for models without class logits. Not with --class.",
+           frozenset({_E, _C}), shapes_output=True, check=_not_empty, metavar="IMAGE", example="reference.png",
+           fingerprint_unset=False),
+    Option("target", ("--target",), Kind.STR, None,
+           "Explain what module:function returns: the model output (batch first) -> one scalar per image "
+           "(Python: any callable). Not with --class.",
+           frozenset({_E, _C}), shapes_output=True, check=_target, metavar="MODULE:FUNCTION",
+           example="toymodels:second_minus_first", fingerprint_unset=False),
     # -- how maps are computed -----------------------------------------------------------------
     Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,
            check=_at_least(1), example=3),
@@ -509,6 +531,9 @@ class CheckOptions(MapOptions):
 
     COMMAND: ClassVar[str] = CHECK
 
+    reference: str | None = _field("reference")
+    target: str | Callable[[Any], Any] | None = _field("target")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ImagesOptions(MapOptions):
@@ -526,6 +551,8 @@ class ExplainOptions(ImagesOptions):
     COMMAND: ClassVar[str] = EXPLAIN
 
     per_layer: bool = _field("per_layer")
+    reference: str | None = _field("reference")
+    target: str | Callable[[Any], Any] | None = _field("target")
     workers: int | None = _field("workers")
     alpha: float = _field("alpha")
     colormap: str | None = _field("colormap")
@@ -580,7 +607,8 @@ def shaping(opts: ModelOptions, **resolved: Any) -> dict[str, Any]:  # noqa: ANN
     """Everything that shapes the outputs, as JSON values: declared options plus resolved facts
     (the model's weights hash, the layers and classes actually used). Records headers keep it, so
     `camcli merge` can name the option in which two shards differ."""
-    values = {o.name: opts.spelled(o.name) for o in options_for(opts.COMMAND) if o.shapes_output}
+    values = {o.name: opts.spelled(o.name) for o in options_for(opts.COMMAND)
+              if o.shapes_output and (o.fingerprint_unset or opts.spelled(o.name) is not None)}
     values.update(resolved)
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 

@@ -163,6 +163,8 @@ def render_outputs(
             }
         if m.region is not None and target is not None:
             target["region"] = m.region
+        if m.explained is not None:  # no class: what was explained, and its value
+            target = {**m.explained, "value": None if m.score is None else round(m.score, 6)}
         entries.append(
             {
                 "method": m.method,

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from camcli import activation as act
 from camcli import options as O
 from camcli import targets as tgt
-from camcli.engine import CamEngine, EngineConfig, ImageOutput, fitting, unfit
-from camcli.errors import UsageError
-from camcli.images import Preprocess
+from camcli.engine import CamEngine, EngineConfig, ImageOutput, fitting, forward_logits, unfit
+from camcli.errors import ImageError, UsageError
+from camcli.images import Preprocess, read_image
 from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_names, trace_layers
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
+from camcli.models.load import file_sha256, import_object
 from camcli.models.outputs import pick_logits
 from camcli.options import Activation, ExplainOptions, ImagesOptions, MapOptions
 
@@ -114,11 +115,25 @@ def resolve_activation(opts: MapOptions, lm: LoadedModel, warn: Callable[[str], 
     """``--activation`` for this model, once per session (auto: camcli.activation's rules); None for
     a segmentation model. Softmax over one output is always 1: a warning says so."""
     resolved = act.resolve(opts.activation, outputs=lm.num_classes, task=lm.task, named=lm.labels is not None,
-                           problem_type=lm.problem_type)
+                           problem_type=lm.problem_type,
+                           scalar_target=bool(getattr(opts, "reference", None) or getattr(opts, "target", None)))
     if resolved is Activation.SOFTMAX and lm.num_classes == 1:
         warn("--activation softmax on a model with one output: its probability is always 1 "
              "(use sigmoid for a binary classifier's logit, none for a raw value)")
     return resolved
+
+
+def _class_free(config: EngineConfig, flag: str, every: bool, warn: Callable[[str], None]) -> EngineConfig:
+    """Methods that explain a class through the head's weights (cam) or a contrast of classes
+    (finercam) have nothing to explain for ``--reference``/``--target``: refused, or skipped with --method all."""
+    odd = {m.name: "it explains a class" for m in config.methods if m.needs_classifier or m.retarget is not None}
+    if odd and not every:
+        name = next(iter(odd))
+        raise UsageError(f"--method {name} explains a class (the classifier's weights or a contrast of classes); "
+                         f"{flag} explains another scalar: use gradcam, layercam, scorecam or another method")
+    for name in odd:
+        warn(f"--method all: skipping {name}: {flag} explains no class")
+    return fitting(config, odd)
 
 
 def _check_task(lm: LoadedModel, config: EngineConfig) -> None:
@@ -129,6 +144,65 @@ def _check_task(lm: LoadedModel, config: EngineConfig) -> None:
     if lm.task != "segmentation" and config.region is not None:
         raise UsageError("--region and --region-mask are for segmentation models (output batch x classes x H x W); "
                          f"{lm.name} is a classifier")
+
+
+def _output_target(opts: MapOptions) -> tuple[str, Any]:
+    """``--reference`` or ``--target`` as given: (flag, value), or ("", None) when neither is.
+    Refused together, and with an explicit ``--class``: they explain one scalar of the output, no class."""
+    reference, target = getattr(opts, "reference", None), getattr(opts, "target", None)
+    if reference is not None and target is not None:
+        raise UsageError("give --reference or --target, not both: each is the one scalar explained per image")
+    flag, value = ("--reference", reference) if reference is not None else ("--target", target)
+    if value is not None and isinstance(opts, ImagesOptions) and opts.classes is not None:
+        raise UsageError(f"{flag} explains one scalar of the model output, not a class: drop --class "
+                         f"{','.join(opts.classes)!r}")
+    return ("", None) if value is None else (flag, value)
+
+
+def readable_reference(path: str, max_pixels: int) -> Any:  # noqa: ANN401
+    """``--reference`` decoded as RGB (H, W, 3) uint8; UsageError (exit 2) naming it when it is no
+    readable image. Checked before the model loads."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UsageError(f"--reference {path!r}: no such file (an image whose embedding the outputs are compared with)")
+    try:
+        return read_image(path, max_pixels).rgb
+    except ImageError as e:
+        raise UsageError(f"--reference {path!r} is not a readable image ({str(e).removeprefix(f'{path}: ')})") from None
+
+
+def callable_target(value: Any) -> tgt.Custom:  # noqa: ANN401
+    """``--target`` module:function imported (exit 2 naming it when it cannot be), or a callable as is."""
+    if callable(value):
+        return tgt.Custom(value, tgt.callable_name(value))
+    fn = import_object(str(value).strip(), "--target")
+    if not callable(fn):
+        raise UsageError(f"--target {value!r} is a {type(fn).__name__}, not a function of the model output")
+    return tgt.Custom(fn, str(value).strip())
+
+
+def reference_spec(lm: LoadedModel, config: EngineConfig, device: torch.device, path: str, rgb: Any) -> tgt.Reference:  # noqa: ANN401
+    """The reference image's embedding: one forward of the same model with the same preprocessing."""
+    pre = lm.preprocess()
+    x = pre.normalize(pre.resize(rgb)[None].to(device))
+    with torch.no_grad():  # not inference mode: its tensors could not be saved for the score's backward
+        embedding = forward_logits(lm.module, config, x).detach().flatten(1)[0].float().clone()
+    return tgt.Reference(path, file_sha256(path), embedding)
+
+
+def probe_callable(spec: tgt.Custom, lm: LoadedModel, config: EngineConfig, example: Tensor) -> None:
+    """A callable target run once on the model's output for two images: one of the wrong shape fails
+    here, naming the shape it returned, before any image is read."""
+    x = torch.cat([example, example.flip(-1)])
+    with torch.no_grad():
+        output = forward_logits(lm.module, config, x)
+        try:
+            got = spec.fn(output)
+        except Exception as e:  # noqa: BLE001 - the user's function failed: say which, in one line
+            raise UsageError(f"--target {spec.name!r} failed on the model output of shape {tuple(output.shape)}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        tgt.checked_scores(got, output, spec.name)
 
 
 @dataclass
@@ -154,6 +228,9 @@ class Session:
         """
         opts.validate()
         warn = _quiet if opts.quiet else stderr_warning
+        out_flag, out_value = _output_target(opts)  # before any model work: a bad one exits 2 at once
+        reference_rgb = readable_reference(out_value, opts.max_pixels) if out_flag == "--reference" else None
+        custom = callable_target(out_value) if out_flag == "--target" else None
         mopts = method_options(opts)
         methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(opts.method)]
         every = _asks_all(opts.method)
@@ -190,6 +267,8 @@ class Session:
             for name, why in reasons.items():
                 warn(f"--method all: skipping {name}: {why}")
             config = fitting(config, reasons)
+        if out_flag:
+            config = _class_free(config, out_flag, every, warn)
         engine = CamEngine(lm.module, config)
         try:
             engine.check(example, None if probe is None else probe.seen(layers))
@@ -197,8 +276,15 @@ class Session:
             if not e.layer_hint:
                 raise
             raise UsageError(f"{e} (see `camcli layers --model {lm.name}`)") from None
-        specs = tgt.parse_class_specs(opts.classes if isinstance(opts, ImagesOptions) else None, lm.labels,
-                                      lm.num_classes)
+        specs: list[tgt.TargetSpec]
+        if custom is not None:
+            probe_callable(custom, lm, config, example)
+            specs = [custom]
+        elif reference_rgb is not None:
+            specs = [reference_spec(lm, config, device, out_value, reference_rgb)]
+        else:
+            specs = tgt.parse_class_specs(opts.classes if isinstance(opts, ImagesOptions) else None, lm.labels,
+                                          lm.num_classes)
         return cls(
             options=opts, model=lm, device=device,
             preprocess=lm.preprocess(),
@@ -247,6 +333,22 @@ class Session:
         pixel_share (segmentation)."""
         return "pixel_share" if self.model.task == "segmentation" else act.value_key(self.activation)
 
+    def reference(self, path: str) -> tgt.Reference:
+        """A ``--reference`` target spec for ``path`` (a check case's ``reference:``): UsageError when it
+        is no readable image."""
+        rgb = readable_reference(path, self.options.max_pixels)
+        return reference_spec(self.model, self.engine.config, self.device, path, rgb)
+
+    def _output_facts(self) -> dict[str, Any]:
+        """A reference's file hash and a callable's name: what shapes the outputs besides the option's text."""
+        facts: dict[str, Any] = {}
+        for s in self.specs:
+            if isinstance(s, tgt.Reference):
+                facts["reference_sha256"] = s.sha256
+            elif isinstance(s, tgt.Custom):
+                facts["target"] = s.name
+        return facts
+
     def shaping(self) -> dict[str, Any]:
         """Everything that shapes the outputs: declared options plus what they resolved to."""
         # The activation is a resolved fact only when it is not softmax (or None, segmentation): runs
@@ -255,7 +357,7 @@ class Session:
         return O.shaping(
             self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
             classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
-            precision=self.precision, **extra,
+            precision=self.precision, **extra, **self._output_facts(),
         )
 
     def fingerprint(self) -> str:
@@ -271,5 +373,6 @@ class Session:
         if "activation" in rec:  # what ran: auto resolved for the model; null for segmentation (pixel shares)
             rec["activation"] = None if self.activation is None else self.activation.value
         if "class" in rec:
-            rec["class"] = [str(s) for s in self.specs]
+            rec["class"] = [str(s) for s in self.specs if not isinstance(s, tgt.OUTPUT_SPECS)] or None
+        rec.update(self._output_facts())
         return rec

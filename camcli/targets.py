@@ -10,10 +10,11 @@ a segmentation region) are new classes here, not changes to the engine.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from camcli.boxes import Box
@@ -37,7 +38,43 @@ class ClassIndex:
         return str(self.index)
 
 
-TargetSpec = TopK | ClassIndex
+@dataclass(frozen=True)
+class Reference:
+    """``--reference IMAGE``: the cosine similarity of each image's output to the reference image's,
+    its embedding computed once per run by the same model and preprocessing (Session.open)."""
+
+    path: str
+    sha256: str
+    embedding: Tensor = field(compare=False, repr=False)  # (D,) float32: the reference's output, flattened
+
+    def __str__(self) -> str:
+        return "reference"
+
+    def target(self, classes: Tensor) -> Target:
+        return SimilarityTarget(classes, self.embedding, self.path)
+
+
+@dataclass(frozen=True)
+class Custom:
+    """``--target module:function`` or a callable from Python: model output (N, ...) -> (N,)."""
+
+    fn: Callable[[Tensor], Tensor] = field(compare=False, repr=False)
+    name: str  # module:function as given, or the callable's module:qualname
+
+    def __str__(self) -> str:
+        return "callable"
+
+    def target(self, classes: Tensor) -> Target:
+        return CallableTarget(classes, self.fn, self.name)
+
+
+TargetSpec = TopK | ClassIndex | Reference | Custom
+OUTPUT_SPECS = (Reference, Custom)  # specs that explain a scalar of the whole output, not a class
+
+
+def callable_name(fn: Callable[..., object]) -> str:
+    """A callable's module:qualname, as records and the fingerprint name it."""
+    return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def parse_class_specs(
@@ -126,6 +163,65 @@ class ContrastTarget:
         c = self.classes.clamp(min=0).to(output.device)[rows]
         refs = self.references.to(output.device)[rows]
         return output.gather(1, c[:, None])[:, 0] - self.alpha * output.gather(1, refs).mean(dim=1)
+
+
+@dataclass
+class SimilarityTarget:
+    """Cosine similarity of each row's output (flattened) to a reference embedding, as pytorch-grad-cam's
+    ``SimilarityToConceptTarget``: cos(output[i], reference). ``classes`` are 0: every image has a map."""
+
+    classes: Tensor
+    embedding: Tensor  # (D,)
+    reference: str
+
+    @property
+    def about(self) -> dict[str, object]:
+        return {"kind": "reference", "reference": self.reference}
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        flat = output.flatten(1).float()
+        if flat.shape[1] != self.embedding.numel():
+            raise UsageError(
+                f"--reference {self.reference!r}: the model output has {flat.shape[1]} values per image, the "
+                f"reference's {self.embedding.numel()}; the two must be embeddings of one size"
+            )
+        return F.cosine_similarity(flat, self.embedding.to(flat.device, flat.dtype)[None], dim=1)
+
+
+@dataclass
+class CallableTarget:
+    """What a user's callable makes of the model output: (N, ...) -> (N,), one scalar per row."""
+
+    classes: Tensor
+    fn: Callable[[Tensor], Tensor]
+    name: str
+
+    @property
+    def about(self) -> dict[str, object]:
+        return {"kind": "callable", "callable": self.name}
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        return checked_scores(self.fn(output), output, self.name)
+
+
+def checked_scores(got: object, output: Tensor, name: str) -> Tensor:
+    """``got``, a callable target's result on ``output``, if it is one scalar per row; UsageError naming
+    the shape it has and the shape expected otherwise."""
+    expected = (output.shape[0],)
+    shape = tuple(got.shape) if isinstance(got, Tensor) else None
+    if shape != expected:
+        what = f"shape {shape}" if shape is not None else f"a {type(got).__name__}, not a tensor"
+        raise UsageError(
+            f"--target {name!r} returned {what}; expected shape {expected}: one scalar per image of the "
+            f"model output of shape {tuple(output.shape)}"
+        )
+    assert isinstance(got, Tensor)
+    return got
+
+
+def described(target: Target) -> dict[str, object] | None:
+    """What a target that is no class explains (its kind, and the reference or callable), for records."""
+    return getattr(target, "about", None)
 
 
 def contrast(target: Target, logits: Tensor, references: int, alpha: float) -> ContrastTarget:
@@ -266,6 +362,12 @@ def resolve(
     they win, and the target sums class c's score over ``region`` (image pixels, ``sizes`` per
     image) or, by default, over the pixels the model assigns to c.
     """
+    own = [s for s in specs if isinstance(s, OUTPUT_SPECS)]
+    if own:
+        if len(own) != len(specs):
+            raise UsageError("--reference and --target explain one scalar of the output, not a class: drop --class")
+        zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return [s.target(zeros) for s in own]
     if logits.dim() == 2:
         idx = class_indices(specs, logits)
         return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])]

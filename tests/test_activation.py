@@ -258,3 +258,10 @@ def test_an_unknown_activation_is_exit_2_naming_the_accepted_values(grey: Path, 
                             "--out", str(tmp_path / "o"), "-q"])
     assert r.exit_code == 2
     assert "--activation 'tanh' is not one of auto, softmax, sigmoid, none" in r.output
+
+
+def test_auto_is_none_when_the_run_explains_a_reference_or_a_callable() -> None:
+    """An embedding's outputs are no class logits: ranking them through softmax would mean nothing."""
+    assert resolve(Activation.AUTO, outputs=8, scalar_target=True) is Activation.NONE
+    assert resolve(Activation.SIGMOID, outputs=8, scalar_target=True) is Activation.SIGMOID  # asked for
+    assert resolve(Activation.AUTO, outputs=8) is Activation.SOFTMAX

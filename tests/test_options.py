@@ -25,7 +25,7 @@ from camcli.boxes import Box
 from camcli.options import EvaluateOptions, ExplainOptions
 from camcli.pipeline import run_explain as explain
 from camcli.session import Session
-from camcli.targets import ClassIndex
+from camcli.targets import ClassIndex, Custom, Reference
 
 runner = CliRunner()
 TINY = "toymodels:tiny_cnn"
@@ -114,6 +114,8 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "seed": (7, lambda s, v: s.engine.options.seed == 7),
     "region": ("0,0,0.5,0.5", lambda s, v: s.engine.region is not None and s.engine.region.box == (0, 0, 0.5, 0.5)),
     "region_mask": (None, lambda s, v: s.engine.region is not None and s.engine.region.mask == v),
+    "reference": (None, lambda s, v: isinstance(s.specs[0], Reference) and s.specs[0].path == v),
+    "target": ("toymodels:second_minus_first", lambda s, v: isinstance(s.specs[0], Custom) and s.specs[0].name == v),
     "mean": ("0.5,0.5,0.5", lambda s, v: s.model.mean == (0.5, 0.5, 0.5) and s.preprocess.mean == (0.5, 0.5, 0.5)),
     "std": ("0.25,0.25,0.25", lambda s, v: s.model.std == (0.25, 0.25, 0.25)),
     "layout": ("nchw", lambda s, v: all(str(lay.spec) == "nchw" for lay in s.engine.layouts.forced.values())),
@@ -161,8 +163,14 @@ def _mask(tmp: Path) -> str:
     return str(p)
 
 
+def _reference(tmp: Path) -> str:
+    p = tmp / "reference.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(p)
+    return str(p)
+
+
 FILE_VALUES: dict[str, Callable[[Path], Any]] = {
-    "out": lambda tmp: str(tmp / "elsewhere"), "boxes": _boxes, "region_mask": _mask,
+    "out": lambda tmp: str(tmp / "elsewhere"), "boxes": _boxes, "region_mask": _mask, "reference": _reference,
 }
 
 
@@ -187,7 +195,8 @@ def _check_file(tmp: Path, image: Path, extra: dict[str, Any]) -> Path:
     top = {k: v for k, v in extra.items() if k not in model_keys}
     doc: dict[str, Any] = {
         "model": {"name": TINY, **model_keys}, **top,
-        "cases": [{"image": str(image), "expect": {"top_k": 4}}],
+        # a rule every target passes (--reference and --target have no class for top_k to rank)
+        "cases": [{"image": str(image), "expect": {"region": [0, 0, 8, 8], "min_energy_in_region": 0.0}}],
     }
     if "model" in doc["model"]:
         doc["model"]["name"] = doc["model"].pop("model")

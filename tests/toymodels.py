@@ -197,3 +197,8 @@ class FixedSize(TinyCNN):
 def fixed_size() -> nn.Module:
     torch.manual_seed(0)
     return FixedSize()
+
+
+def second_minus_first(output: torch.Tensor) -> torch.Tensor:
+    """A --target callable: output (N, C) -> (N,), the contrast of the second score with the first."""
+    return output[:, 1] - output[:, 0]

@@ -345,23 +345,32 @@ def module_meta(module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]]:
+def import_object(spec: str, flag: str = "--model") -> Any:  # noqa: ANN401
+    """The object ``module:attr.path`` names (the current folder importable, as ``python -m`` does);
+    a module that cannot be imported, or lacks the attribute, is a ModelError (exit 2) naming ``flag``."""
     mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelError(f"{flag} {spec!r} is not module:function (for example mypkg.models:build)")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         if e.name not in (None, mod_name, mod_name.split(".")[0]):  # found, but its own import failed
-            raise ModelError(f"--model {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
-        raise ModelError(f"--model {spec!r}: cannot import module {mod_name!r} ({e})") from None
+            raise ModelError(f"{flag} {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
+        raise ModelError(f"{flag} {spec!r}: cannot import module {mod_name!r} ({e})") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing: say where
-        raise ModelError(f"--model {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
+        raise ModelError(f"{flag} {spec!r}: importing module {mod_name!r} failed: {_first_line(e)}") from None
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ModelError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+            raise ModelError(f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    return obj
+
+
+def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, dict[str, Any]]:
+    obj = import_object(spec)
     module = _call_builder(spec, obj) if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(module, nn.Module):
         raise ModelError(f"--model {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
