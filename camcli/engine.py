@@ -321,7 +321,7 @@ class CamEngine:
             probs = tgt.pixel_shares(scores) if scores.dim() == 4 else probabilities(scores, self.config.activation)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
             batch = _Batch(scores, probs, top_p, top_i, meter.saturated, meter.units, list(meter.modules))
-            targets = tgt.resolve(specs, scores, self.region, sizes) if fixed is None else fixed
+            targets = tgt.resolve(specs, scores, self.region, sizes, probs) if fixed is None else fixed
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:

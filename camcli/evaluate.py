@@ -181,7 +181,9 @@ def _run_evaluation(
     check_writable(out_dir)
     session = Session.open(opts, model=model)
     specs = session.specs
-    if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1):
+    if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1) or not isinstance(
+        specs[0], (tgt.TopK, tgt.ClassIndex)
+    ):
         raise UsageError("evaluate explains one class per image: --class top1, an index or a label")
     if session.model.task != "classification":
         raise UsageError("evaluate's metrics (class probability under deletion, ROAD, ...) are defined for "

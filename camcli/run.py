@@ -103,6 +103,8 @@ def map_filename(stem: Path, m: CamMap, *, class_suffix: bool, layer_suffix: boo
         parts.append(m.layer)
     if class_suffix and m.target is not None:
         parts.append(str(m.target))
+    elif class_suffix and m.explained is not None and m.explained.get("kind") == "not":
+        parts.append(f"not{m.explained['index']}")  # beside class K's own map, if both are asked for
     return stem.parent / (".".join(parts) + ext)
 
 

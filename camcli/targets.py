@@ -39,6 +39,28 @@ class ClassIndex:
 
 
 @dataclass(frozen=True)
+class Not:
+    """``not:K``: what lowers class K's output, -y^K (Grad-CAM's counterfactual explanation; for a
+    one-output model, "what makes it say no")."""
+
+    index: int
+
+    def __str__(self) -> str:
+        return f"not:{self.index}"
+
+
+@dataclass(frozen=True)
+class Above:
+    """``above:T``: every class whose value under the activation (probability, or pixel share for
+    segmentation) is above T, per image: a multi-label model's positive labels."""
+
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"above:{self.threshold:g}"
+
+
+@dataclass(frozen=True)
 class Reference:
     """``--reference IMAGE``: the cosine similarity of each image's output to the reference image's,
     its embedding computed once per run by the same model and preprocessing (Session.open)."""
@@ -68,7 +90,7 @@ class Custom:
         return CallableTarget(classes, self.fn, self.name)
 
 
-TargetSpec = TopK | ClassIndex | Reference | Custom
+TargetSpec = TopK | ClassIndex | Not | Above | Reference | Custom
 OUTPUT_SPECS = (Reference, Custom)  # specs that explain a scalar of the whole output, not a class
 
 
@@ -82,13 +104,14 @@ def parse_class_specs(
     labels: Sequence[str] | None,
     num_classes: int,
 ) -> list[TargetSpec]:
-    """Parse ``--class`` items: ``top1``, ``top5``, ``285``, ``"Egyptian cat"`` (None: top1).
+    """Parse ``--class`` items: ``top1``, ``top5``, ``285``, ``"Egyptian cat"``, ``not:285`` (what
+    lowers it), ``above:0.5`` (every class above a probability) (None: top1).
 
     Raises UsageError naming the bad value and what is accepted.
     """
     tokens = ["top1"] if values is None else [str(v).strip() for v in values]
     if not tokens or not all(tokens):
-        raise UsageError("--class is empty (accepted: top1, topK, a class index or a label name)")
+        raise UsageError("--class is empty (accepted: top1, topK, a class index or a label name, not:CLASS, above:T)")
     specs: list[TargetSpec] = []
     lowered = {lab.lower(): i for i, lab in enumerate(labels or [])}
     for tok in tokens:
@@ -98,35 +121,50 @@ def parse_class_specs(
             if not 1 <= k <= num_classes:
                 raise UsageError(f"--class {tok!r}: k must be between 1 and {num_classes}")
             spec: TargetSpec = TopK(k)
-        elif re.fullmatch(r"-?\d+", tok):
-            idx = int(tok)
-            if not 0 <= idx < num_classes:
-                raise UsageError(
-                    f"--class {idx} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
-                )
-            spec = ClassIndex(idx)
-        elif tok.lower() in lowered:
-            spec = ClassIndex(lowered[tok.lower()])
+        elif tok.lower().startswith("above:"):
+            spec = Above(_threshold(tok))
+        elif tok.lower().startswith("not:"):
+            spec = Not(_class_index(tok[4:].strip(), labels, lowered, num_classes))
         else:
-            hint = ""
-            if labels:
-                hint = suggest(tok.lower(), lowered)
-                for low, i in lowered.items():
-                    hint = hint.replace(f"'{low}'", f"'{labels[i]}'")
-            accepted = "top1, topK, a class index" + (", or a label name" if labels else "")
-            raise UsageError(
-                f"unknown class {tok!r}{hint} (accepted: {accepted}"
-                + ("" if labels else "; this model has no labels, pass --labels FILE")
-                + ")"
-            )
+            spec = ClassIndex(_class_index(tok, labels, lowered, num_classes))
         if spec not in specs:
             specs.append(spec)
     return specs
 
 
-def slots(specs: Sequence[TargetSpec]) -> int:
-    """How many target slots each image gets (before removing duplicates)."""
-    return sum(s.k if isinstance(s, TopK) else 1 for s in specs)
+def _threshold(tok: str) -> float:
+    text = tok.split(":", 1)[1].strip()
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not 0.0 < t < 1.0:  # also NaN
+        raise UsageError(f"--class {tok!r}: the threshold must be a number between 0 and 1, such as above:0.5")
+    return t
+
+
+def _class_index(tok: str, labels: Sequence[str] | None, lowered: dict[str, int], num_classes: int) -> int:
+    """A class given by index or label name (``not:`` stripped)."""
+    if re.fullmatch(r"-?\d+", tok):
+        idx = int(tok)
+        if not 0 <= idx < num_classes:
+            raise UsageError(
+                f"--class {idx} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+            )
+        return idx
+    if tok.lower() in lowered:
+        return lowered[tok.lower()]
+    hint = ""
+    if labels:
+        hint = suggest(tok.lower(), lowered)
+        for low, i in lowered.items():
+            hint = hint.replace(f"'{low}'", f"'{labels[i]}'")
+    accepted = "top1, topK, a class index" + (", or a label name" if labels else "") + ", not:CLASS, above:T"
+    raise UsageError(
+        f"unknown class {tok!r}{hint} (accepted: {accepted}"
+        + ("" if labels else "; this model has no labels, pass --labels FILE")
+        + ")"
+    )
 
 
 class Target(Protocol):
@@ -148,6 +186,21 @@ class ClassTarget:
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         c = self.classes.clamp(min=0).to(output.device)[rows.to(output.device)]
         return output.gather(1, c[:, None])[:, 0]
+
+
+@dataclass
+class NotTarget:
+    """``not:K``: minus the logit of a class, -y^c, whose gradients point at what lowers it."""
+
+    classes: Tensor
+
+    @property
+    def about(self) -> dict[str, object]:
+        return {"kind": "not", "index": int(self.classes.flatten()[0]) if self.classes.numel() else None}
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        c = self.classes.clamp(min=0).to(output.device)[rows.to(output.device)]
+        return -output.gather(1, c[:, None])[:, 0]
 
 
 @dataclass
@@ -325,7 +378,9 @@ def pixel_shares(scores: Tensor) -> Tensor:
 
 
 def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
-    """(B, T) class indices per image; a repeated class within a row becomes -1 (skip)."""
+    """(B, T) class indices per image; a repeated class within a row becomes -1 (skip).
+    ``logits``: what ranks the classes (topK) and what ``above:T`` compares with T, per image and
+    class: probabilities under the activation, or pixel shares."""
     b = logits.shape[0]
     # topK columns are prefixes of one another: a later topK adds only the ranks not taken yet, so a
     # slot that is a duplicate in every row (top1 then top3) never exists and nobody has to look at
@@ -340,8 +395,12 @@ def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
                 assert ranked is not None
                 cols.append(ranked[:, ranks_taken : s.k])
                 ranks_taken = s.k
-        else:
+        elif isinstance(s, Above):
+            cols.append(above(logits, s.threshold))
+        elif isinstance(s, ClassIndex):
             cols.append(torch.full((b, 1), s.index, dtype=torch.long, device=logits.device))
+    if not cols:
+        return torch.empty((b, 0), dtype=torch.long, device=logits.device)
     idx = torch.cat(cols, dim=1)
     out = idx.clone()
     for j in range(1, idx.shape[1]):
@@ -350,17 +409,29 @@ def class_indices(specs: Sequence[TargetSpec], logits: Tensor) -> Tensor:
     return out
 
 
+def above(values: Tensor, threshold: float) -> Tensor:
+    """(B, n) the classes whose value is above ``threshold``, best first, -1 where a row has fewer
+    than n = the most any row has (one wait for the device, to know n)."""
+    passed = values > threshold
+    n = int(passed.sum(dim=1).max()) if values.numel() else 0
+    ranked = values.masked_fill(~passed, float("-inf")).topk(n, dim=1)
+    return torch.where(torch.isfinite(ranked.values), ranked.indices, -1)
+
+
 def resolve(
     specs: Sequence[TargetSpec],
     logits: Tensor,
     region: Region | None = None,
     sizes: Sequence[tuple[int, int]] | None = None,
+    probs: Tensor | None = None,
 ) -> list[Target]:
     """The targets of a batch, one per slot, from the specs and the batch's scores.
 
-    Classifiers: the class logit. Segmentation scores (B, C, H, W): topK ranks classes by the pixels
-    they win, and the target sums class c's score over ``region`` (image pixels, ``sizes`` per
-    image) or, by default, over the pixels the model assigns to c.
+    Classifiers: the class logit (``not:K``: minus it). Segmentation scores (B, C, H, W): topK ranks
+    classes by the pixels they win, and the target sums class c's score over ``region`` (image
+    pixels, ``sizes`` per image) or, by default, over the pixels the model assigns to c.
+    ``probs``: (B, classes) the values that rank classes and that ``above:T`` compares (under the
+    activation; default: the logits, or the pixel shares).
     """
     own = [s for s in specs if isinstance(s, OUTPUT_SPECS)]
     if own:
@@ -368,10 +439,18 @@ def resolve(
             raise UsageError("--reference and --target explain one scalar of the output, not a class: drop --class")
         zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return [s.target(zeros) for s in own]
+    negated = [s for s in specs if isinstance(s, Not)]
+    if negated and logits.dim() != 2:
+        raise UsageError(f"--class {negated[0]}: not: is for classifiers, whose output is (batch, classes)")
+    ranking = probs if probs is not None else (logits if logits.dim() == 2 else pixel_shares(logits))
     if logits.dim() == 2:
-        idx = class_indices(specs, logits)
-        return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])]
-    idx = class_indices(specs, pixel_shares(logits))
+        idx = class_indices(specs, ranking)
+        full = logits.shape[0]
+        nots: list[Target] = [
+            NotTarget(torch.full((full,), s.index, dtype=torch.long, device=logits.device)) for s in negated
+        ]
+        return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])] + nots
+    idx = class_indices(specs, ranking)
     grid = (logits.shape[-2], logits.shape[-1])
     if region is not None:
         hw = list(sizes) if sizes is not None else [grid] * logits.shape[0]
