@@ -105,6 +105,8 @@ class EngineConfig:
     # How classifier outputs become the records' values and the top-k ranking (resolved: never auto);
     # segmentation models rank by pixel shares whatever it is.
     activation: Activation = Activation.SOFTMAX
+    # --score probability: a class's map explains its value under the activation, not its logit
+    explain_probability: bool = False
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -321,7 +323,8 @@ class CamEngine:
             probs = tgt.pixel_shares(scores) if scores.dim() == 4 else probabilities(scores, self.config.activation)
             top_p, top_i = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
             batch = _Batch(scores, probs, top_p, top_i, meter.saturated, meter.units, list(meter.modules))
-            targets = tgt.resolve(specs, scores, self.region, sizes, probs) if fixed is None else fixed
+            targets = tgt.resolve(specs, scores, self.region, sizes, probs,
+                                  self.config.activation if self.config.explain_probability else None) if fixed is None else fixed
             rows = torch.arange(b, device=logits.device)
             agnostic_done = False
             for target in targets:

@@ -58,6 +58,7 @@ class Activation(StrEnum):
 
 
 ACTIVATIONS = tuple(a.value for a in Activation)
+SCORES = ("logit", "probability")  # --score: what a class's map explains
 
 
 class Kind(str, Enum):
@@ -303,7 +304,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("per_layer", ("--per-layer",), Kind.BOOL, False, "With several layers, also write each layer's map.",
            frozenset({_E}), shapes_output=True, example=True),
     Option("classes", ("--class", "-c"), Kind.LIST, None,
-           "top1, topK, a class index or a label; repeatable or comma-separated (evaluate and check: one per image).",
+           "top1, topK, a class index or a label, not:CLASS (what lowers it), above:T (every class above "
+           "probability T); repeatable or comma-separated (evaluate and check: one per image).",
            frozenset({_E, _V}), shapes_output=True, file_key="class", check=_items, default_text="top1",
            example="1"),
     Option("region", ("--region",), Kind.STR, None,
@@ -319,6 +321,12 @@ OPTIONS: tuple[Option, ...] = (
            "once by the same model; for models without class logits. Not with --class.",
            frozenset({_E, _C}), shapes_output=True, check=_not_empty, metavar="IMAGE", example="reference.png",
            fingerprint_unset=False),
+    Option("score", ("--score",), Kind.STR, None,
+           "What a class's map explains: logit (its raw output y^c, as Grad-CAM) or probability (its value "
+           "under --activation: softmax, pytorch-grad-cam's ClassifierOutputSoftmaxTarget; sigmoid, one "
+           "label of a multi-label model).",
+           frozenset({_E, _C}), shapes_output=True, check=_one_of(SCORES), default_text="logit",
+           example="probability", fingerprint_unset=False),
     Option("target", ("--target",), Kind.STR, None,
            "Explain what module:function returns: the model output (batch first) -> one scalar per image "
            "(Python: any callable). Not with --class.",
@@ -532,6 +540,7 @@ class CheckOptions(MapOptions):
     COMMAND: ClassVar[str] = CHECK
 
     reference: str | None = _field("reference")
+    score: str | None = _field("score")
     target: str | Callable[[Any], Any] | None = _field("target")
 
 
@@ -552,6 +561,7 @@ class ExplainOptions(ImagesOptions):
 
     per_layer: bool = _field("per_layer")
     reference: str | None = _field("reference")
+    score: str | None = _field("score")
     target: str | Callable[[Any], Any] | None = _field("target")
     workers: int | None = _field("workers")
     alpha: float = _field("alpha")

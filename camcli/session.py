@@ -108,6 +108,7 @@ def engine_config(
         aug_smooth=opts.aug_smooth, eigen_smooth=opts.eigen_smooth,
         channels_last=True, region=tgt.parse_region(opts.region, opts.region_mask),
         layout=opts.layout, precision=precision, activation=activation or Activation.SOFTMAX,
+        explain_probability=getattr(opts, "score", None) == "probability",
     )
 
 
@@ -141,6 +142,9 @@ def _check_task(lm: LoadedModel, config: EngineConfig) -> None:
     if lm.task == "segmentation" and config.aug_smooth:
         raise UsageError("--aug-smooth is for classifiers: flipped and rescaled segmentation outputs do not "
                          "line up with the region (drop --aug-smooth)")
+    if lm.task == "segmentation" and config.explain_probability:
+        raise UsageError("--score probability is for classifiers: a segmentation model's class score is summed "
+                         "over a region (accepted here: --score logit)")
     if lm.task != "segmentation" and config.region is not None:
         raise UsageError("--region and --region-mask are for segmentation models (output batch x classes x H x W); "
                          f"{lm.name} is a classifier")

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camcli.activation import probabilities
 from camcli.boxes import Box
 from camcli.errors import UsageError, suggest
-from camcli.options import region_box, region_problem
+from camcli.options import Activation, region_box, region_problem
 
 
 @dataclass(frozen=True)
@@ -179,13 +180,17 @@ class Target(Protocol):
 
 @dataclass
 class ClassTarget:
-    """The logit of a class: y^c. Rows whose class is -1 score the class 0 (their maps are dropped)."""
+    """The logit of a class: y^c; or with ``through`` (--score probability) its value under that
+    activation: softmax(y)_c (pytorch-grad-cam's ClassifierOutputSoftmaxTarget), sigmoid(y^c), or y^c
+    for none. Rows whose class is -1 score the class 0 (their maps are dropped)."""
 
     classes: Tensor
+    through: Activation | None = None
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         c = self.classes.clamp(min=0).to(output.device)[rows.to(output.device)]
-        return output.gather(1, c[:, None])[:, 0]
+        values = output if self.through is None else probabilities(output, self.through)
+        return values.gather(1, c[:, None])[:, 0]
 
 
 @dataclass
@@ -424,6 +429,7 @@ def resolve(
     region: Region | None = None,
     sizes: Sequence[tuple[int, int]] | None = None,
     probs: Tensor | None = None,
+    through: Activation | None = None,
 ) -> list[Target]:
     """The targets of a batch, one per slot, from the specs and the batch's scores.
 
@@ -431,7 +437,8 @@ def resolve(
     classes by the pixels they win, and the target sums class c's score over ``region`` (image
     pixels, ``sizes`` per image) or, by default, over the pixels the model assigns to c.
     ``probs``: (B, classes) the values that rank classes and that ``above:T`` compares (under the
-    activation; default: the logits, or the pixel shares).
+    activation; default: the logits, or the pixel shares). ``through``: a classifier's class targets
+    explain their value under this activation instead of the logit (--score probability).
     """
     own = [s for s in specs if isinstance(s, OUTPUT_SPECS)]
     if own:
@@ -449,7 +456,7 @@ def resolve(
         nots: list[Target] = [
             NotTarget(torch.full((full,), s.index, dtype=torch.long, device=logits.device)) for s in negated
         ]
-        return [ClassTarget(idx[:, t]) for t in range(idx.shape[1])] + nots
+        return [ClassTarget(idx[:, t], through) for t in range(idx.shape[1])] + nots
     idx = class_indices(specs, ranking)
     grid = (logits.shape[-2], logits.shape[-1])
     if region is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -118,3 +119,57 @@ def test_evaluate_refuses_not_and_above(tmp_path: Path) -> None:
         r = runner.invoke(app, ["evaluate", str(folder), "--model", "toymodels:tiny_cnn", "--out", str(tmp_path / "ev"),
                                 "--class", spec])
         assert r.exit_code == 2 and "evaluate explains one class per image" in r.output, r.output
+
+
+def test_score_probability_explains_the_softmax_probability_by_hand() -> None:
+    # W rows (2, 1), (0, 0), (-1, -1), no bias; mean(A) = (0.25, 0.5) -> logits (1, 0, -0.75).
+    # d p_0 / d A_k(i,j) = p_0 (W_0k - sum_j p_j W_jk) / 4: Grad-CAM's weights for the probability.
+    # The logit's map has weights (2, 1) / 4: [[0.5, 0], [0, 0.5]] -> [[1, 0], [0, 1]]; the
+    # probability's weighs channel 1 against the classes' mean, so its two pixels differ.
+    w = torch.tensor([[2.0, 1.0], [0.0, 0.0], [-1.0, -1.0]])
+    model = GapLinear(w, torch.zeros(3))
+    p = torch.softmax(torch.tensor([1.0, 0.0, -0.75]), dim=0).numpy()
+    alpha = p[0] * (w[0].numpy() - p @ w.numpy()) / 4
+    raw = np.array([[alpha[0] * 1.0, 0.0], [0.0, alpha[1] * 2.0]])
+    expected = np.maximum(raw, 0) / np.maximum(raw, 0).max()
+    logit = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")]))
+    prob = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], explain_probability=True))
+    by_logit, by_prob = logit.maps(A, [ClassIndex(0)])[0].maps[0], prob.maps(A, [ClassIndex(0)])[0].maps[0]
+    assert np.allclose(by_logit.cam, [[1, 0], [0, 1]])
+    assert np.allclose(by_prob.cam, expected, atol=1e-6) and not np.allclose(by_prob.cam, by_logit.cam)
+    assert by_prob.score == pytest.approx(float(p[0]), abs=1e-6) and by_logit.score == pytest.approx(1.0)
+    # sigmoid: d s(y_0) = s (1 - s) W_0 / 4, a positive multiple of the logit's: the same map, its own value
+    sig = CamEngine(model, EngineConfig(["feat"], [get_method("gradcam")], activation=Activation.SIGMOID,
+                                        explain_probability=True))
+    m = sig.maps(A, [ClassIndex(0)])[0].maps[0]
+    assert np.allclose(m.cam, by_logit.cam, atol=1e-6) and m.score == pytest.approx(1 / (1 + np.exp(-1.0)), abs=1e-6)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_score_probability_and_not_agree_with_pytorch_grad_cams_targets() -> None:
+    """ClassifierOutputSoftmaxTarget is --score probability (softmax); BinaryClassifierOutputTarget(1)
+    and (0) on a one-output model are --class 0 and --class not:0. No deviation: both are the same
+    scalar; pytorch-grad-cam adds 1e-7 to its min-max division."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputSoftmaxTarget
+
+    from toymodels import TinyCNN
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 32, 32)
+    for classes, spec, theirs_target, through in [
+        (4, ClassIndex(2), ClassifierOutputSoftmaxTarget(2), True),
+        (1, ClassIndex(0), BinaryClassifierOutputTarget(1), False),
+        (1, Not(0), BinaryClassifierOutputTarget(0), False),
+    ]:
+        model = TinyCNN(num_classes=classes).eval()
+        engine = CamEngine(model, EngineConfig(["features.3"], [get_method("gradcam")], explain_probability=through,
+                                               activation=Activation.SOFTMAX if classes > 1 else Activation.NONE))
+        mine = engine.maps(x, [spec])[0].maps[0].cam
+        with pgc.GradCAM(model=model, target_layers=[model.features[3]]) as cam:
+            theirs = cam(input_tensor=x, targets=[theirs_target])[0]
+        full = cv2.resize(mine, theirs.shape[::-1], interpolation=cv2.INTER_LINEAR)  # as pytorch-grad-cam scales
+        assert mine.max() > 0 and _pearson(full, theirs) > 0.99, (spec, theirs_target)

@@ -116,6 +116,7 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "region_mask": (None, lambda s, v: s.engine.region is not None and s.engine.region.mask == v),
     "reference": (None, lambda s, v: isinstance(s.specs[0], Reference) and s.specs[0].path == v),
     "target": ("toymodels:second_minus_first", lambda s, v: isinstance(s.specs[0], Custom) and s.specs[0].name == v),
+    "score": ("probability", lambda s, v: s.engine.config.explain_probability and s.record()["score"] == v),
     "mean": ("0.5,0.5,0.5", lambda s, v: s.model.mean == (0.5, 0.5, 0.5) and s.preprocess.mean == (0.5, 0.5, 0.5)),
     "std": ("0.25,0.25,0.25", lambda s, v: s.model.std == (0.25, 0.25, 0.25)),
     "layout": ("nchw", lambda s, v: all(str(lay.spec) == "nchw" for lay in s.engine.layouts.forced.values())),
