@@ -173,3 +173,15 @@ def test_score_probability_and_not_agree_with_pytorch_grad_cams_targets() -> Non
             theirs = cam(input_tensor=x, targets=[theirs_target])[0]
         full = cv2.resize(mine, theirs.shape[::-1], interpolation=cv2.INTER_LINEAR)  # as pytorch-grad-cam scales
         assert mine.max() > 0 and _pearson(full, theirs) > 0.99, (spec, theirs_target)
+
+
+def test_gradcam_of_not_k_is_the_counterfactual_method() -> None:
+    """Selvaraju et al.'s counterfactual map negates the gradients of y^K; not:K negates y^K itself."""
+    from toymodels import TinyCNN
+
+    torch.manual_seed(5)
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 32, 32)
+    grad = CamEngine(model, EngineConfig(["features.3"], [get_method("gradcam")])).maps(x, [Not(1)])
+    counter = CamEngine(model, EngineConfig(["features.3"], [get_method("counterfactual")])).maps(x, [ClassIndex(1)])
+    for a, b in zip(grad, counter):
+        assert b.maps[0].cam.max() > 0 and np.allclose(a.maps[0].cam, b.maps[0].cam, atol=1e-6)
