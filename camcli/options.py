@@ -343,7 +343,7 @@ OPTIONS: tuple[Option, ...] = (
            "CLIP-style models: explain the image's similarity to this text prompt (logit_scale x cosine, as "
            "CLIP's logits); repeatable: several prompts are zero-shot classes (softmax over the prompts) that "
            "--class picks from.",
-           frozenset({_E, _C}), shapes_output=True, check=_prompts, metavar="PROMPT", example=["red", "blue"],
+           frozenset({_E, _C}), shapes_output=True, check=_prompts, metavar="PROMPT", example="red",
            fingerprint_unset=False, parse=prompts),
     # -- how maps are computed -----------------------------------------------------------------
     Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,

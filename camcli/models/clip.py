@@ -28,9 +28,12 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 class ClipImage(nn.Module):
-    """A ``CLIPModel``'s image tower, its output compared with prompts' text embeddings once they are set."""
+    """A ``CLIPModel``'s image tower, its output compared with prompts' text embeddings once they are set.
 
-    def __init__(self, clip: nn.Module, folder: Path | None = None) -> None:
+    ``folder``: where the tokenizer is saved (a Hugging Face folder); or ``tokenizer`` itself (a
+    ``--model module:function`` returning ``ClipImage(CLIPModel(...), tokenizer=...)``)."""
+
+    def __init__(self, clip: nn.Module, folder: Path | None = None, tokenizer: Any = None) -> None:  # noqa: ANN401
         super().__init__()
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
@@ -39,6 +42,7 @@ class ClipImage(nn.Module):
         self.config = clip.config.vision_config
         self.text_config = clip.config.text_config
         self.folder = folder
+        self._tokenizer = tokenizer
         # The text tower, outside the module tree: used once per run by set_prompts, never hooked.
         object.__setattr__(self, "_text", (clip.text_model.eval(), clip.text_projection.eval()))
         self.prompts: tuple[str, ...] = ()
@@ -57,6 +61,8 @@ class ClipImage(nn.Module):
 
     def tokenizer(self) -> Any:  # noqa: ANN401
         """The tokenizer saved in the model's folder; UsageError naming the files it lacks."""
+        if self._tokenizer is not None:
+            return self._tokenizer
         folder = self.folder
         if folder is None or not has_tokenizer(folder):
             where = "the model" if folder is None else f"the CLIP folder {str(folder)!r}"
