@@ -276,7 +276,7 @@ def _pair(v: object) -> Grid | None:
 
 HF_PREFIX = {  # Hugging Face model_type -> prefix tokens before register tokens
     "vit": 1, "vit_msn": 1, "vit_mae": 1, "beit": 1, "data2vec-vision": 1, "dinov2": 1,
-    "dinov2_with_registers": 1, "deit": 2, "ijepa": 0, "swin": 0, "swinv2": 0, "donut-swin": 0,
+    "dinov2_with_registers": 1, "deit": 2, "clip_vision_model": 1, "ijepa": 0, "swin": 0, "swinv2": 0, "donut-swin": 0,
 }
 HF_SWIN = {"swin", "swinv2", "donut-swin"}
 

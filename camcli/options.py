@@ -222,6 +222,21 @@ def names(v: Any) -> tuple[str, ...]:  # noqa: ANN401
     return tuple(p.strip() for part in parts for p in str(part).split(","))
 
 
+def prompts(v: Any) -> tuple[str, ...]:  # noqa: ANN401
+    """``--text`` as given ("a photo of a dog", ["red", "blue"]) -> a tuple of prompts. Never split on
+    commas: a prompt is free text."""
+    parts = [v] if isinstance(v, (str, int)) else list(v)
+    return tuple(str(p).strip() for p in parts)
+
+
+def _prompts(v: Any) -> str | None:  # noqa: ANN401
+    if not isinstance(v, tuple) or not v or any(not p for p in v):
+        return "has an empty prompt (give each prompt as its own --text)"
+    if len(set(v)) != len(v):
+        return "names a prompt twice (each prompt is one zero-shot class)"
+    return None
+
+
 def _ints(v: Any) -> tuple[int, ...]:  # noqa: ANN401
     """A list of integers as given ("10,50", [10, 50]) -> (10, 50); ValueError if not."""
     parts = v.split(",") if isinstance(v, str) else v
@@ -332,6 +347,12 @@ OPTIONS: tuple[Option, ...] = (
            "(Python: any callable). Not with --class.",
            frozenset({_E, _C}), shapes_output=True, check=_target, metavar="MODULE:FUNCTION",
            example="toymodels:second_minus_first", fingerprint_unset=False),
+    Option("text", ("--text",), Kind.LIST, None,
+           "CLIP-style models: explain the image's similarity to this text prompt (logit_scale x cosine, as "
+           "CLIP's logits); repeatable: several prompts are zero-shot classes (softmax over the prompts) that "
+           "--class picks from.",
+           frozenset({_E, _C}), shapes_output=True, check=_prompts, metavar="PROMPT", example="red",
+           fingerprint_unset=False, parse=prompts),
     # -- how maps are computed -----------------------------------------------------------------
     Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,
            check=_at_least(1), example=3),
@@ -542,6 +563,7 @@ class CheckOptions(MapOptions):
     reference: str | None = _field("reference")
     score: str | None = _field("score")
     target: str | Callable[[Any], Any] | None = _field("target")
+    text: tuple[str, ...] | None = _field("text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -563,6 +585,7 @@ class ExplainOptions(ImagesOptions):
     reference: str | None = _field("reference")
     score: str | None = _field("score")
     target: str | Callable[[Any], Any] | None = _field("target")
+    text: tuple[str, ...] | None = _field("text")
     workers: int | None = _field("workers")
     alpha: float = _field("alpha")
     colormap: str | None = _field("colormap")
@@ -741,7 +764,7 @@ def typer_parameters(command: str) -> list[Any]:
             long = decls[0]
             decls[0] = f"{long}/--no-{long[2:]}"
         typ: Any = py[o.kind]
-        if o.name == "classes":
+        if o.name in ("classes", "text"):
             typ = list[str]  # repeatable
         info = typer.Option(*decls, help=o.help_for(command), show_default=False, metavar=o.metavar)
         params.append(

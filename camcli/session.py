@@ -6,7 +6,7 @@ same Session from their options and differ only in what they do with the maps.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,6 +21,7 @@ from camcli.images import Preprocess, read_image
 from camcli.layers import check_single_calls, choose_layers, layer_infos, layer_names, trace_layers
 from camcli.methods import MethodInfo, MethodOptions, parse_methods
 from camcli.models import LoadedModel, load_model
+from camcli.models.clip import is_clip
 from camcli.models.load import file_sha256, import_object
 from camcli.models.outputs import pick_logits
 from camcli.options import Activation, ExplainOptions, ImagesOptions, MapOptions
@@ -117,7 +118,8 @@ def resolve_activation(opts: MapOptions, lm: LoadedModel, warn: Callable[[str], 
     a segmentation model. Softmax over one output is always 1: a warning says so."""
     resolved = act.resolve(opts.activation, outputs=lm.num_classes, task=lm.task, named=lm.labels is not None,
                            problem_type=lm.problem_type,
-                           scalar_target=bool(getattr(opts, "reference", None) or getattr(opts, "target", None)))
+                           scalar_target=bool(getattr(opts, "reference", None) or getattr(opts, "target", None)
+                                              or len(getattr(opts, "text", None) or ()) == 1))
     if resolved is Activation.SOFTMAX and lm.num_classes == 1:
         warn("--activation softmax on a model with one output: its probability is always 1 "
              "(use sigmoid for a binary classifier's logit, none for a raw value)")
@@ -161,6 +163,38 @@ def _output_target(opts: MapOptions) -> tuple[str, Any]:
         raise UsageError(f"{flag} explains one scalar of the model output, not a class: drop --class "
                          f"{','.join(opts.classes)!r}")
     return ("", None) if value is None else (flag, value)
+
+
+def _text_prompts(opts: MapOptions, out_flag: str) -> tuple[str, ...]:
+    """``--text`` as given (no prompts: ()), checked before any model work: not with --reference or
+    --target, and not with --class for one prompt (several prompts are the classes --class picks from)."""
+    prompts = tuple(getattr(opts, "text", None) or ())
+    if prompts and out_flag:
+        raise UsageError(f"give --text or {out_flag}, not both: each is what the image embedding is compared with")
+    if len(prompts) == 1 and isinstance(opts, ImagesOptions) and opts.classes is not None:
+        raise UsageError(f"one --text explains the image's similarity to that prompt, not a class: drop --class "
+                         f"{','.join(opts.classes)!r} (or give several prompts, the classes --class picks from)")
+    return prompts
+
+
+def _clip_prompts(lm: LoadedModel, prompts: tuple[str, ...], out_flag: str) -> LoadedModel:
+    """A CLIP-style model with ``prompts`` encoded (once per run): its output becomes (batch, prompts)
+    logits, its classes the prompts. UsageError for --text on a model with no text tower, and for a
+    CLIP-style model given nothing to compare its image embedding with."""
+    if not is_clip(lm.module):
+        if prompts:
+            raise UsageError(f"--text: model {lm.name!r} has no text tower to encode prompts with (accepted: a "
+                             "CLIP-style model, a Hugging Face CLIPModel folder)")
+        return lm
+    if not prompts and not out_flag:
+        raise UsageError(f"model {lm.name!r} is CLIP-style (image and text towers) and has no classes: give --text "
+                         "PROMPT (one prompt, or several as zero-shot classes), or --reference IMAGE or --target "
+                         "to explain its image embedding")
+    lm.module.set_prompts(prompts)  # () when explaining the image embedding itself
+    if not prompts:
+        return lm
+    # The load-time probe saw the embedding, not these logits: the session runs forwards of its own.
+    return replace(lm, num_classes=len(prompts), labels=list(prompts), probe=None)
 
 
 def readable_reference(path: str, max_pixels: int) -> Any:  # noqa: ANN401
@@ -235,6 +269,7 @@ class Session:
         out_flag, out_value = _output_target(opts)  # before any model work: a bad one exits 2 at once
         reference_rgb = readable_reference(out_value, opts.max_pixels) if out_flag == "--reference" else None
         custom = callable_target(out_value) if out_flag == "--target" else None
+        prompts = _text_prompts(opts, out_flag)
         mopts = method_options(opts)
         methods = [m.derive(mopts) if m.derive is not None else m for m in parse_methods(opts.method)]
         every = _asks_all(opts.method)
@@ -250,6 +285,7 @@ class Session:
         layout = opts.layout
         # NHWC is markedly faster for convolutions on CPU (depthwise ones above all) and on CUDA.
         lm.module.to(device=device, memory_format=torch.channels_last)
+        lm = _clip_prompts(lm, prompts, out_flag)  # text encoded here, once per run, never per image
         # A seeded random probe: a zero image can make a non-linear head look linear (find_classifier).
         example = torch.randn(1, 3, lm.input_size, lm.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         segmentation_classes = lm.num_classes if lm.task == "segmentation" else None
@@ -271,8 +307,8 @@ class Session:
             for name, why in reasons.items():
                 warn(f"--method all: skipping {name}: {why}")
             config = fitting(config, reasons)
-        if out_flag:
-            config = _class_free(config, out_flag, every, warn)
+        if out_flag or len(prompts) == 1:
+            config = _class_free(config, out_flag or "--text", every, warn)
         engine = CamEngine(lm.module, config)
         try:
             engine.check(example, None if probe is None else probe.seen(layers))
@@ -286,6 +322,8 @@ class Session:
             specs = [custom]
         elif reference_rgb is not None:
             specs = [reference_spec(lm, config, device, out_value, reference_rgb)]
+        elif len(prompts) == 1:
+            specs = [tgt.Text(prompts[0])]
         else:
             specs = tgt.parse_class_specs(opts.classes if isinstance(opts, ImagesOptions) else None, lm.labels,
                                           lm.num_classes)

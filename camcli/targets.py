@@ -91,8 +91,22 @@ class Custom:
         return CallableTarget(classes, self.fn, self.name)
 
 
-TargetSpec = TopK | ClassIndex | Not | Above | Reference | Custom
-OUTPUT_SPECS = (Reference, Custom)  # specs that explain a scalar of the whole output, not a class
+@dataclass(frozen=True)
+class Text:
+    """``--text PROMPT`` (one prompt) on a CLIP-style model: logit_scale * cos(image, text), the model's
+    one output once the prompt is set (camcli/models/clip.py; encoded once per run, in Session.open)."""
+
+    prompt: str
+
+    def __str__(self) -> str:
+        return "text"
+
+    def target(self, classes: Tensor) -> Target:
+        return TextTarget(classes, self.prompt)
+
+
+TargetSpec = TopK | ClassIndex | Not | Above | Reference | Custom | Text
+OUTPUT_SPECS = (Reference, Custom, Text)  # specs that explain a scalar of the whole output, not a class
 
 
 def callable_name(fn: Callable[..., object]) -> str:
@@ -260,6 +274,21 @@ class CallableTarget:
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
         return checked_scores(self.fn(output), output, self.name)
+
+
+@dataclass
+class TextTarget:
+    """A CLIP-style model's similarity to one prompt: its output (N, 1) is logit_scale * cos(image, text)."""
+
+    classes: Tensor
+    prompt: str
+
+    @property
+    def about(self) -> dict[str, object]:
+        return {"kind": "text", "prompt": self.prompt}
+
+    def score(self, output: Tensor, rows: Tensor) -> Tensor:
+        return output[:, 0]
 
 
 def checked_scores(got: object, output: Tensor, name: str) -> Tensor:
@@ -443,7 +472,8 @@ def resolve(
     own = [s for s in specs if isinstance(s, OUTPUT_SPECS)]
     if own:
         if len(own) != len(specs):
-            raise UsageError("--reference and --target explain one scalar of the output, not a class: drop --class")
+            raise UsageError("--reference, --target and one --text explain one scalar of the output, not a class: "
+                             "drop --class")
         zeros = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return [s.target(zeros) for s in own]
     negated = [s for s in specs if isinstance(s, Not)]

@@ -25,7 +25,7 @@ from camcli.boxes import Box
 from camcli.options import EvaluateOptions, ExplainOptions
 from camcli.pipeline import run_explain as explain
 from camcli.session import Session
-from camcli.targets import ClassIndex, Custom, Reference
+from camcli.targets import ClassIndex, Custom, Reference, Text
 
 runner = CliRunner()
 TINY = "toymodels:tiny_cnn"
@@ -117,6 +117,7 @@ SESSION_EFFECTS: dict[str, tuple[Any, Callable[[Session, Any], bool]]] = {
     "reference": (None, lambda s, v: isinstance(s.specs[0], Reference) and s.specs[0].path == v),
     "target": ("toymodels:second_minus_first", lambda s, v: isinstance(s.specs[0], Custom) and s.specs[0].name == v),
     "score": ("probability", lambda s, v: s.engine.config.explain_probability and s.record()["score"] == v),
+    "text": ("red", lambda s, v: s.specs == [Text("red")] and s.model.labels == ["red"]),
     "mean": ("0.5,0.5,0.5", lambda s, v: s.model.mean == (0.5, 0.5, 0.5) and s.preprocess.mean == (0.5, 0.5, 0.5)),
     "std": ("0.25,0.25,0.25", lambda s, v: s.model.std == (0.25, 0.25, 0.25)),
     "layout": ("nchw", lambda s, v: all(str(lay.spec) == "nchw" for lay in s.engine.layouts.forced.values())),
@@ -148,7 +149,8 @@ OTHER_EFFECTS = {
     "max_pixels": "test_huge_image_is_explained_in_bounded_memory",
 }
 # Options that only fit another model than the tiny classifier.
-NEEDS_MODEL = {"output_key": "toymodels:tuple_out", "region": "toymodels:tiny_seg", "region_mask": "toymodels:tiny_seg"}
+NEEDS_MODEL = {"output_key": "toymodels:tuple_out", "region": "toymodels:tiny_seg", "region_mask": "toymodels:tiny_seg",
+               "text": "toymodels:tiny_clip"}
 
 
 def _boxes(tmp: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -202,3 +204,38 @@ def fixed_size() -> nn.Module:
 def second_minus_first(output: torch.Tensor) -> torch.Tensor:
     """A --target callable: output (N, C) -> (N,), the contrast of the second score with the first."""
     return output[:, 1] - output[:, 0]
+
+
+def char_tokenizer() -> Any:  # noqa: ANN401
+    """A CLIPTokenizer of single letters (no merges): 'red' is r, e, d</w>. Built here, no download."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    letters = list(string.ascii_lowercase)
+    vocab = {t: i for i, t in enumerate([*letters, *(c + "</w>" for c in letters), "<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def clip_model(seed: int = 0, layers: int = 2, width: int = 16, side: int = 32, patch: int = 8) -> nn.Module:
+    """A tiny Hugging Face CLIPModel matching char_tokenizer: side/patch squared patch tokens + a class token."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab = char_tokenizer().get_vocab()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=side, patch_size=patch),
+        projection_dim=8,
+    )
+    return CLIPModel(config).eval()
+
+
+def tiny_clip() -> nn.Module:
+    """A CLIP-style model for --text through module:function: the image tower with its tokenizer."""
+    from camcli.models.clip import ClipImage
+
+    return ClipImage(clip_model(), tokenizer=char_tokenizer())

@@ -452,6 +452,10 @@ def _huggingface(folder: Path, weights: str | None) -> tuple[nn.Module, dict[str
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if getattr(config, "model_type", None) == "clip":
+        from camcli.models.clip import ClipImage
+
+        module = ClipImage(module, folder)  # the image tower explained, text prompts compared with (--text)
     weight_file = next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
     meta = module_meta(module, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224})
     meta.update(_hf_preprocessing(folder))
