@@ -24,7 +24,7 @@ def test_all_skips_cam_and_guided_methods_with_reasons(small_images: Path, tmp_p
     # tanh_net: no ReLU anywhere, and its head averages after a tanh (no GAP -> linear at `conv`)
     r = runner.invoke(app, ["explain", str(small_images / "a.png"), "--model", "toymodels:tanh_net", "-M", "all",
                             "--layer", "conv", "--score-channels", "2", "--samples", "1", "--rise-masks", "16",
-                            "--occlusion-stride", "16", "--out", str(tmp_path)])
+                            "--occlusion-window", "64", "--occlusion-stride", "64", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     lines = [line for line in r.stderr.splitlines() if "--method all: skipping" in line]
     skipped = {line.split("skipping ")[1].split(":")[0] for line in lines}
