@@ -192,7 +192,8 @@ def engine_table(reps: int, batch: int) -> tuple[list[str], dict[str, float]]:
 
 
 def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
-    """Exact Score-CAM on one Lite0 image: camcli vs peers vs the K-forward limit, and --score-channels."""
+    """Exact Score-CAM on one Lite0 image: camcli vs peers vs the K-forward limit, and --score-channels; the
+    black-box methods (occlusion, rise) at their defaults on the same image, against exact Score-CAM."""
     lite = load_model()
     model = lite.module.to(memory_format=torch.channels_last)
     photos = sorted(SAMPLES.glob("*.jpg"))
@@ -208,6 +209,9 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
     theirs = timed(pgc_runner("scorecam", model, "bn2", x1, cls), reps)
     tc = timed(torchcam_runner("scorecam", model, "bn2", x1, cls), reps)
     fast = timed(camcli_runner("scorecam", model, "bn2", x1, MethodOptions(score_channels=128)), reps)
+    # the black-box methods at their defaults: 27 x 27 = 729 patch positions (+1), and 1000 masks
+    occ = timed(camcli_runner("occlusion", model, "bn2", x1), reps)
+    rise = timed(camcli_runner("rise", model, "bn2", x1), reps)
     # agreement: exact vs pytorch-grad-cam on this image; 128 channels vs exact on every sample photo
     exact_map = CamEngine(model, EngineConfig(["bn2"], [get_method("scorecam")], channels_last=True)).maps(x1, [ClassIndex(cls[0])])[0].maps[0].cam
     pgc_map = pgc_runner("scorecam", model, "bn2", x1, cls)()[0]
@@ -232,12 +236,15 @@ def scorecam_table(quick: bool) -> tuple[list[str], dict[str, float]]:
         f"| pytorch-grad-cam ScoreCAM | {theirs:.1f} | {theirs / limit:.2f} |",
         f"| torchcam ScoreCAM | {tc:.1f} | {tc / limit:.2f} |",
         f"| camcli scorecam --score-channels 128 | {fast:.1f} | {fast / limit:.2f} ({ours / fast:.1f}x faster than exact) |",
+        f"| camcli occlusion (16-pixel patch, stride 8: 730 forwards) | {occ:.1f} | {occ / limit:.2f} "
+        f"({occ / ours:.2f}x exact Score-CAM) |",
+        f"| camcli rise (1000 masks) | {rise:.1f} | {rise / limit:.2f} ({rise / ours:.2f}x exact Score-CAM) |",
         "",
         f"Agreement: exact camcli vs pytorch-grad-cam Pearson {r_pgc:.4f}; --score-channels 128 vs exact, "
         f"per sample photo: {', '.join(f'{r:.3f}' for r in rs)} (min {min(rs):.3f}).",
     ]
     return lines, {"score_xlimit": ours / limit, "score_fast_speedup": ours / fast, "score_fast_min_r": min(rs),
-                   "score_pgc_r": r_pgc}
+                   "score_pgc_r": r_pgc, "occlusion_xscore": occ / ours, "rise_xscore": rise / ours}
 
 
 # -- section 2 ------------------------------------------------------------------------------------

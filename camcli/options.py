@@ -388,8 +388,31 @@ OPTIONS: tuple[Option, ...] = (
     Option("discard_ratio", ("--discard-ratio",), Kind.FLOAT, 0.0,
            "attention-rollout: share of each block's lowest head-mean attention weights set to 0 (vit-explain: 0.9).",
            _MAP, shapes_output=True, check=_between(0.0, 0.99), example=0.9),
+    # The black-box methods' options are unset (None) by default, so runs of other methods keep their
+    # fingerprints; a run of occlusion or rise adds the values it used as resolved facts
+    # (MethodInfo.reads, Session.shaping).
+    Option("occlusion_window", ("--occlusion-window",), Kind.INT, None,
+           "occlusion: side of the square patch, in model-input pixels.", _MAP, shapes_output=True,
+           check=_at_least(1), default_text="16", example=8, fingerprint_unset=False),
+    Option("occlusion_stride", ("--occlusion-stride",), Kind.INT, None,
+           "occlusion: step between patch positions, in model-input pixels (at most the window).", _MAP,
+           shapes_output=True, check=_at_least(1), default_text="8", example=4, fingerprint_unset=False),
+    Option("occlusion_fill", ("--occlusion-fill",), Kind.FLOAT, None,
+           "occlusion: value written into the patch, in the normalised input (0: the dataset mean colour).",
+           _MAP, shapes_output=True, default_text="0", example=-1.0, fingerprint_unset=False),
+    Option("rise_masks", ("--rise-masks",), Kind.INT, None,
+           "rise: number of random masks (one forward pass each; the paper uses 4000 to 8000).", _MAP,
+           shapes_output=True, check=_at_least(1), default_text="1000", example=64, fingerprint_unset=False),
+    Option("rise_grid", ("--rise-grid",), Kind.INT, None,
+           "rise: cells per side of the random grid each mask is upsampled from.", _MAP, shapes_output=True,
+           check=_at_least(1), default_text="7", example=4, fingerprint_unset=False),
+    Option("rise_keep", ("--rise-keep",), Kind.FLOAT, None,
+           "rise: probability that a grid cell is kept (left visible).", _MAP, shapes_output=True,
+           check=lambda v: None if v is None or 0 < v <= 1 else "is out of range (accepted: above 0, up to 1)",
+           default_text="0.5", example=0.3, fingerprint_unset=False),
     Option("seed", ("--seed",), Kind.INT, 0,
-           "Seed for noise (ss-cam, smoothgradcam++; evaluate's ROAD noise, random baseline, re-initialisation).",
+           "Seed for noise (ss-cam, smoothgradcam++; rise's masks; evaluate's ROAD noise, random baseline, "
+           "re-initialisation).",
            _MAP, shapes_output=True, example=7),
     # -- explain: inputs and outputs -----------------------------------------------------------
     Option("out", ("--out", "-o"), Kind.STR, "camcli-out", "Output folder.", frozenset({_E, _V}),
@@ -550,6 +573,12 @@ class MapOptions(ModelOptions):
     finer_alpha: float = _field("finer_alpha")
     finer_references: int = _field("finer_references")
     discard_ratio: float = _field("discard_ratio")
+    occlusion_window: int | None = _field("occlusion_window")
+    occlusion_stride: int | None = _field("occlusion_stride")
+    occlusion_fill: float | None = _field("occlusion_fill")
+    rise_masks: int | None = _field("rise_masks")
+    rise_grid: int | None = _field("rise_grid")
+    rise_keep: float | None = _field("rise_keep")
     seed: int = _field("seed")
     quiet: bool = _field("quiet")
 

@@ -68,6 +68,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+# Options unset by default whose MethodOptions default applies when they are not given.
+BLACK_BOX = ("occlusion_window", "occlusion_stride", "occlusion_fill", "rise_masks", "rise_grid", "rise_keep")
+
+
 def method_options(opts: MapOptions) -> MethodOptions:
     """The knobs methods read, from any command's options (under the flags' names)."""
     return MethodOptions(
@@ -82,6 +86,7 @@ def method_options(opts: MapOptions) -> MethodOptions:
         finer_alpha=opts.finer_alpha,
         finer_references=opts.finer_references,
         discard_ratio=opts.discard_ratio,
+        **{name: value for name in BLACK_BOX if (value := getattr(opts, name)) is not None},
     )
 
 
@@ -391,6 +396,11 @@ class Session:
                 facts["target"] = s.name
         return facts
 
+    def _method_facts(self) -> dict[str, Any]:
+        """The values the run's methods read from options unset by default (MethodInfo.reads)."""
+        mopts = self.engine.options
+        return {name: getattr(mopts, name) for m in self.methods for name in m.reads}
+
     def shaping(self) -> dict[str, Any]:
         """Everything that shapes the outputs: declared options plus what they resolved to."""
         # The activation is a resolved fact only when it is not softmax (or None, segmentation): runs
@@ -399,7 +409,7 @@ class Session:
         return O.shaping(
             self.options, model_sha256=self.model.weights_sha256, layers=self.layers,
             classes=[str(s) for s in self.specs], methods=[m.name for m in self.methods],
-            precision=self.precision, **extra, **self._output_facts(),
+            precision=self.precision, **extra, **self._output_facts(), **self._method_facts(),
         )
 
     def fingerprint(self) -> str:

@@ -23,7 +23,8 @@ def test_all_on_a_cam_compatible_relu_model_keeps_every_cnn_method() -> None:
 def test_all_skips_cam_and_guided_methods_with_reasons(small_images: Path, tmp_path: Path) -> None:
     # tanh_net: no ReLU anywhere, and its head averages after a tanh (no GAP -> linear at `conv`)
     r = runner.invoke(app, ["explain", str(small_images / "a.png"), "--model", "toymodels:tanh_net", "-M", "all",
-                            "--layer", "conv", "--score-channels", "2", "--samples", "1", "--out", str(tmp_path)])
+                            "--layer", "conv", "--score-channels", "2", "--samples", "1", "--rise-masks", "16",
+                            "--occlusion-window", "64", "--occlusion-stride", "64", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     lines = [line for line in r.stderr.splitlines() if "--method all: skipping" in line]
     skipped = {line.split("skipping ")[1].split(":")[0] for line in lines}

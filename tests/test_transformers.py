@@ -218,7 +218,7 @@ REFUSED = {"cam": "global-average-pool -> linear", "guided-backprop": "needs ReL
 def test_every_method_works_on_a_token_layer_or_says_why(name: str) -> None:
     model = toymodels.tiny_vit().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    few = MethodOptions(samples=2)  # noise samples / steps: 2 are enough here
+    few = MethodOptions(samples=2, rise_masks=32)  # noise samples / steps: 2 are enough here; RISE masks: 32
     engine = CamEngine(model, EngineConfig(["blocks.1.norm1"], [get_method(name)], options=few))
     if name in REFUSED:
         with pytest.raises(UsageError, match=REFUSED[name]):

@@ -11,7 +11,7 @@ from camcli.methods.base import (
     register,
 )
 # registers, in this order
-from camcli.methods import gradient, classic, perturbation, eigen, guided, fullgrad, contrast, attention  # noqa: F401, I001
+from camcli.methods import gradient, classic, perturbation, eigen, guided, fullgrad, contrast, attention, blackbox  # noqa: F401, I001
 
 __all__ = [
     "CamInputs",

@@ -42,6 +42,12 @@ class MethodOptions:
     finer_alpha: float = 0.6  # finercam: weight of the reference classes' mean score
     finer_references: int = 3  # finercam: how many of the most similar classes
     discard_ratio: float = 0.0  # attention-rollout: share of the lowest head-mean attention entries set to 0
+    occlusion_window: int = 16  # occlusion: patch side, in model-input pixels
+    occlusion_stride: int = 8  # occlusion: step between patch positions
+    occlusion_fill: float = 0.0  # occlusion: the patch's value in the normalised input (0: the dataset mean)
+    rise_masks: int = 1000  # rise: number of random masks N
+    rise_grid: int = 7  # rise: grid cells per side s
+    rise_keep: float = 0.5  # rise: probability p that a cell is kept
 
 
 class Lender(Protocol):
@@ -199,6 +205,10 @@ class MethodInfo:
     derive: Callable[["MethodOptions"], "MethodInfo"] | None = None
     needs_hvp: bool = False  # Hessian-vector products of the target score at the layer
     needs_model: bool = False  # a differentiable target score of any input (score_fn)
+    # MethodOptions fields the method reads whose options are unset by default (so runs of other
+    # methods keep their fingerprints): a run of the method records their resolved values among the
+    # facts that shape its outputs (Session.shaping), so they are in its fingerprint either way.
+    reads: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
