@@ -182,9 +182,10 @@ def _run_evaluation(
     session = Session.open(opts, model=model)
     specs = session.specs
     if len(specs) != 1 or (isinstance(specs[0], tgt.TopK) and specs[0].k != 1) or not isinstance(
-        specs[0], (tgt.TopK, tgt.ClassIndex)
+        specs[0], (tgt.TopK, tgt.ClassIndex, *tgt.OUTPUT_SPECS)
     ):
-        raise UsageError("evaluate explains one class per image: --class top1, an index or a label")
+        raise UsageError("evaluate explains one class per image (--class top1, an index or a label) or one "
+                         "scalar (--reference, --target, one --text prompt)")
     if session.model.task != "classification":
         raise UsageError("evaluate's metrics (class probability under deletion, ROAD, ...) are defined for "
                          f"classifiers; {session.model.name} is a segmentation model")
@@ -282,7 +283,10 @@ class _ImageScorer:
                                    for k in range(SANITY_SEEDS)]
         # Metrics of a window of images (--batch-size of them) are queued in one Batcher, so their
         # perturbed inputs share forward passes across images, maps, metrics and curve steps.
-        self.batcher = M.Batcher(session.logits, opts.perturbation_batch, activation=session.activation)
+        # A --reference, --target or one-prompt --text run scores its one scalar of the output, not a class.
+        self.scalar = scalar_target(session.specs)
+        self.batcher = M.Batcher(session.logits, opts.perturbation_batch, activation=session.activation,
+                                 scalar=None if self.scalar is None else self.scalar.values)
 
     def queue(self, idx: int, src: ImageSource, size: tuple[int, int], note: str | None, x: torch.Tensor,
               outs: Any, boxes: list[Box] | None) -> _Queued:  # noqa: ANN401
@@ -295,12 +299,14 @@ class _ImageScorer:
         maps["baseline:center"] = M.center_map(h, w)
         randomized: dict[str, list[np.ndarray | None]] = defaultdict(list)  # per method, one per seed
         for engine in self.random_engines:
-            for m in engine.maps(x[None], [tgt.ClassIndex(target)])[0].maps:
+            specs = list(self.session.specs) if self.scalar is not None else [tgt.ClassIndex(target)]
+            for m in engine.maps(x[None], specs)[0].maps:
                 randomized[m.method].append(None if m.empty else _to_input(m.cam, h, w).numpy())
         sx, sy = w / size[1], h / size[0]
         scaled = None if boxes is None else [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
-        record: dict[str, Any] = {"path": str(src.path), "status": "ok", "target": {"index": target,
-                                  "label": lm.label(target), self.session.value_key: None}, "metrics": {}}
+        about = {"index": target, "label": lm.label(target)} if self.scalar is None else dict(self.scalar.about)
+        record: dict[str, Any] = {"path": str(src.path), "status": "ok",
+                                  "target": {**about, self.session.value_key: None}, "metrics": {}}
         if note:
             record["note"] = note
         jobs: dict[str, dict[str, M.Job]] = {}
@@ -327,6 +333,29 @@ class _ImageScorer:
             result = MapResult(name, cam, y, scores, q.boxes, self.opts.road_percentages, sanity)
             q.record["metrics"][name] = measure(self.wanted, result, q.record)
         return q.record
+
+
+@dataclass
+class _Scalar:
+    """The one scalar a --reference, --target or one-prompt --text run explains, as evaluate scores it."""
+
+    target: Any  # a targets.Target  # noqa: ANN401
+
+    @property
+    def about(self) -> dict[str, object]:
+        return tgt.described(self.target) or {}
+
+    def values(self, output: torch.Tensor) -> torch.Tensor:
+        """(N, ...) model outputs -> (N,) the scalar of each."""
+        rows = torch.arange(output.shape[0], device=output.device)
+        return self.target.score(output, rows)
+
+
+def scalar_target(specs: Sequence[tgt.TargetSpec]) -> _Scalar | None:
+    """The scalar target of a run whose one spec is no class (None for a class)."""
+    if len(specs) != 1 or not isinstance(specs[0], tgt.OUTPUT_SPECS):
+        return None
+    return _Scalar(specs[0].target(torch.zeros(1, dtype=torch.long)))
 
 
 def _explained(session: Session, sources: Sequence[Any], max_pixels: int) -> Iterator[tuple[int, Any, Any, Any, Any, Any]]:  # noqa: ANN401,E501

@@ -249,14 +249,17 @@ class Batcher:
     passes (inputs of one shape together; other shapes get their own). Inputs are made lazily, in
     order, one batch at a time, so memory holds a batch, not a curve; each batch comes back to the
     host in one copy. ``logits`` maps a batch (N, 3, H, W) to (N, classes) logits, read through
-    ``activation`` (the session's, resolved).
+    ``activation`` (the session's, resolved); or, with ``scalar`` (a --reference, --target or
+    one-prompt --text run), to the model output that ``scalar`` turns into one value per input.
     """
 
     def __init__(self, logits: Callable[[Tensor], Tensor], batch: int,
                  on_batch: Callable[[int], None] | None = None,
-                 activation: Activation | None = Activation.SOFTMAX) -> None:
+                 activation: Activation | None = Activation.SOFTMAX,
+                 scalar: Callable[[Tensor], Tensor] | None = None) -> None:
         self.logits = logits
         self.activation = activation
+        self.scalar = scalar
         self.batch = max(1, batch)
         self.on_batch = on_batch
         self.jobs: list[Job] = []
@@ -278,7 +281,9 @@ class Batcher:
                 chunk = items[start : start + self.batch]
                 x = torch.stack([job.image(i) for job, i in chunk])
                 classes = torch.tensor([job.target for job, _ in chunk], device=x.device)
-                values = target_probability(self.logits(x), classes, self.activation).float().cpu().numpy()
+                out = self.logits(x)
+                scored = self.scalar(out) if self.scalar is not None else target_probability(out, classes, self.activation)
+                values = scored.float().cpu().numpy()
                 for (job, i), v in zip(chunk, values):
                     job.probs[i] = v
                 if self.on_batch is not None:

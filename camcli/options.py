@@ -334,7 +334,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("reference", ("--reference",), Kind.STR, None,
            "Explain the cosine similarity of the model's output (an embedding) to this image's, computed "
            "once by the same model; for models without class logits. Not with --class.",
-           frozenset({_E, _C}), shapes_output=True, check=_not_empty, metavar="IMAGE", example="reference.png",
+           frozenset({_E, _V, _C}), shapes_output=True, check=_not_empty, metavar="IMAGE", example="reference.png",
            fingerprint_unset=False),
     Option("score", ("--score",), Kind.STR, None,
            "What a class's map explains: logit (its raw output y^c, as Grad-CAM) or probability (its value "
@@ -345,13 +345,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("target", ("--target",), Kind.STR, None,
            "Explain what module:function returns: the model output (batch first) -> one scalar per image "
            "(Python: any callable). Not with --class.",
-           frozenset({_E, _C}), shapes_output=True, check=_target, metavar="MODULE:FUNCTION",
+           frozenset({_E, _V, _C}), shapes_output=True, check=_target, metavar="MODULE:FUNCTION",
            example="toymodels:second_minus_first", fingerprint_unset=False),
     Option("text", ("--text",), Kind.LIST, None,
            "CLIP-style models: explain the image's similarity to this text prompt (logit_scale x cosine, as "
            "CLIP's logits); repeatable: several prompts are zero-shot classes (softmax over the prompts) that "
            "--class picks from.",
-           frozenset({_E, _C}), shapes_output=True, check=_prompts, metavar="PROMPT", example="red",
+           frozenset({_E, _V, _C}), shapes_output=True, check=_prompts, metavar="PROMPT", example="red",
            fingerprint_unset=False, parse=prompts),
     # -- how maps are computed -----------------------------------------------------------------
     Option("batch_size", ("--batch-size", "-b"), Kind.INT, 8, "Images per forward pass.", _MAP,
@@ -633,6 +633,9 @@ class EvaluateOptions(ImagesOptions):
     COMMAND: ClassVar[str] = EVALUATE
 
     out: str = _field("out", EVALUATE)
+    reference: str | None = _field("reference")
+    target: str | Callable[[Any], Any] | None = _field("target")
+    text: tuple[str, ...] | None = _field("text")
     metric: tuple[str, ...] | None = _field("metric")
     boxes: str | None = _field("boxes")
     steps: int = _field("steps")

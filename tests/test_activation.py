@@ -265,3 +265,31 @@ def test_auto_is_none_when_the_run_explains_a_reference_or_a_callable() -> None:
     assert resolve(Activation.AUTO, outputs=8, scalar_target=True) is Activation.NONE
     assert resolve(Activation.SIGMOID, outputs=8, scalar_target=True) is Activation.SIGMOID  # asked for
     assert resolve(Activation.AUTO, outputs=8) is Activation.SOFTMAX
+
+
+def test_evaluate_scores_a_scalar_target_through_its_curves(grey: Path, tmp_path: Path) -> None:
+    """--target in evaluate: every curve follows the callable's value, not a class probability. On the
+    grey image the outputs are [2, 1, -1], so second_minus_first is 1 - 2 = -1 (auto activation: none);
+    deleting or inserting pixels of a uniform image changes nothing, so each curve's area is -1 too."""
+    res = evaluate([grey], EvaluateOptions(model=THREE, out=str(tmp_path / "ev"), metric="deletion_auc,insertion_auc",
+                                           steps=4, target="toymodels:second_minus_first", quiet=True))
+    assert res.exit_code == 0
+    rec = next(res.records())
+    assert rec["target"] == {"kind": "callable", "callable": "toymodels:second_minus_first", "value": -1.0}
+    for name in ("deletion_auc", "insertion_auc"):
+        got = rec["metrics"]["gradcam"][name]
+        assert (got["value"] if isinstance(got, dict) else got) == pytest.approx(-1.0, abs=1e-5)
+    with pytest.raises(UsageError, match="not a class: drop --class"):
+        evaluate([grey], EvaluateOptions(model=THREE, out=str(tmp_path / "ev2"), classes=("1",),
+                                         target="toymodels:second_minus_first", quiet=True))
+
+
+def test_the_batcher_scores_a_scalar_of_the_output() -> None:
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    batcher = M.Batcher(lambda x: model(x).detach(), batch=2, scalar=lambda out: out[:, 2] - out[:, 0])
+    job = batcher.add((3, lambda i: torch.tensor([float(i), 2.0])), 0, torch.zeros(2))
+    batcher.run()
+    # out = (i, 2, i + 2): out[2] - out[0] = 2 for every input, whatever its class
+    assert job.result.tolist() == [2.0, 2.0, 2.0]
