@@ -311,3 +311,25 @@ def test_reference_explains_a_clip_image_embedding(tmp_path: Path) -> None:
     assert isinstance(s.specs[0], tgt.Reference) and s.specs[0].embedding.shape == (8,)  # projection_dim
     (out,) = s.explain_images(uint8_batch(np.asarray(Image.open(ref))))
     assert out.maps[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_evaluate_follows_one_prompts_similarity(tmp_path: Path) -> None:
+    """evaluate with one --text: the record's value is logit_scale * cos(image, prompt), worked by hand."""
+    from camcli.evaluate import evaluate
+    from camcli.options import EvaluateOptions
+
+    clip = toymodels.clip_model(seed=3)
+    folder = save_clip(tmp_path / "clip", clip)
+    (tmp_path / "in").mkdir()
+    image = save_rgb(tmp_path / "in" / "a.png", noise_image(1))
+    res = evaluate([image], EvaluateOptions(model=str(folder), text=("red",), out=str(tmp_path / "ev"), steps=2,
+                                            metric="deletion_auc", device="cpu", quiet=True))
+    assert res.exit_code == 0
+    rec = next(res.records())
+    _, score = hand_gradcam(clip, Session.open(ExplainOptions(model=str(folder), text=("red",), quiet=True)).preprocess
+                            .normalize(uint8_batch(noise_image(1)).clone()), "red")
+    assert rec["target"]["kind"] == "text" and rec["target"]["prompt"] == "red"
+    assert rec["target"]["value"] == pytest.approx(score, abs=1e-4)
+    assert np.isfinite(rec["metrics"]["gradcam"]["deletion_auc"]["value"]
+                       if isinstance(rec["metrics"]["gradcam"]["deletion_auc"], dict)
+                       else rec["metrics"]["gradcam"]["deletion_auc"])
