@@ -175,6 +175,35 @@ def test_several_prompts_have_open_clips_own_probabilities(tmp_path: Path, safet
         assert out.maps[0].target == int(probs[i].argmax()) and out.maps[1].target == 2
 
 
+@pytest.mark.parametrize("tower", ["ModifiedResNet", "timm ViT"])
+def test_resnet_and_timm_towers_explain_their_own_layers(tmp_path: Path, tower: str) -> None:
+    """Other visual towers: ModifiedResNet (a CNN: visual.layer4, nchw) and a timm trunk (its own
+    ViT hints: visual.trunk.blocks.N, class token first); probabilities are still open_clip's own."""
+    cfg = model_cfg()
+    if tower == "ModifiedResNet":
+        side, layer, grid = 64, "visual.layer4", (2, 2)
+        cfg["vision_cfg"] = {"image_size": side, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}
+    else:  # timm builds its trunk at its own size (open_clip does not pass image_size to it)
+        side, layer, grid = 224, "visual.trunk.blocks.11.norm1", (14, 14)
+        cfg["vision_cfg"] = {"timm_model_name": "vit_tiny_patch16_224", "image_size": side, "timm_pool": "",
+                             "timm_proj": "linear"}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg).eval()
+    folder = save_hub(tmp_path / "oc", model, cfg=cfg)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    s = Session.open(ExplainOptions(model=str(folder), text=("red", "blue"), device="cpu", quiet=True))
+    assert s.layers == [layer] and s.model.input_size == side
+    assert s.model.mean == open_clip.OPENAI_DATASET_MEAN  # no preprocess_cfg: OpenAI's
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, side, side)).astype(np.uint8))
+    (out,) = s.explain_images(batch)
+    assert out.maps[0].cam.shape == grid
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(s.preprocess.normalize(batch.clone())), dim=-1)
+        probs = (model.logit_scale.exp() * img @ F.normalize(text_embeds(model, ["red", "blue"]), dim=-1).T).softmax(-1)
+    got = dict(out.top)
+    assert [got[0], got[1]] == pytest.approx(probs[0].tolist(), abs=1e-5)
+
+
 def test_module_function_returning_an_open_clip_model_is_wrapped(tmp_path: Path, monkeypatch) -> None:
     model = tiny_clip(seed=5)
     module = type(sys)("oc_builder")
