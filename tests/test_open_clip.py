@@ -256,6 +256,7 @@ def test_weights_that_do_not_fit_exit_2_naming_the_key(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((SIDE, SIDE, 3), np.uint8)).save(image)
     r = runner.invoke(app, ["explain", str(image), "--model", str(folder), "--text", "red", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "shape mismatch" in r.output and "text_projection" in r.output
+    assert "--model" in r.output and "--weights" not in r.output  # the user gave no --weights
     # a missing key is named too
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "visual.proj"}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg(), "preprocess_cfg": {}}))

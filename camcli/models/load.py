@@ -145,8 +145,9 @@ def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
-    """load_state_dict(strict=True) with an error that says what does not fit."""
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, arch: str,
+              flag: str = "--weights") -> None:
+    """load_state_dict(strict=True) with an error that says what does not fit (``flag``: the option that named the file)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -164,7 +165,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
         raise ModelError(
-            f"--weights {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts)
+            f"{flag} {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts)
         )
     module.load_state_dict(sd, strict=True)
 
@@ -481,7 +482,7 @@ def _open_clip(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
             raise ModelError(f"--model {str(folder)!r}: the weights {str(path)!r} could not be read: {_first_line(e)}") from None
     else:
         obj = read_checkpoint(path, flag="--model")
-    load_into(found.clip, extract_state_dict(obj, path), path, f"open_clip model_cfg in {str(folder)!r}")
+    load_into(found.clip, extract_state_dict(obj, path), path, "open_clip_config.json's model_cfg", flag="--model")
     module = found.wrap()
     meta = module_meta(module, {"mean": module.mean, "std": module.std, "size": 224})
     meta.update(found.preprocess)
