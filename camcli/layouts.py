@@ -282,7 +282,13 @@ HF_SWIN = {"swin", "swinv2", "donut-swin"}
 
 
 def model_hints(model: nn.Module) -> ModelHints:
-    """Token facts from timm, torchvision or a Hugging Face config; empty hints for anything else."""
+    """Token facts from timm, torchvision or a Hugging Face config, or a model's own ``token_hints()``
+    (a wrapper such as camcli/models/openclip.py's); empty hints for anything else."""
+    own = getattr(model, "token_hints", None)
+    if callable(own):
+        hints = own()
+        if isinstance(hints, ModelHints):
+            return hints
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and model_type in HF_PREFIX:

@@ -189,7 +189,7 @@ def _clip_prompts(lm: LoadedModel, prompts: tuple[str, ...], out_flag: str) -> L
     if not is_clip(lm.module):
         if prompts:
             raise UsageError(f"--text: model {lm.name!r} has no text tower to encode prompts with (accepted: a "
-                             "CLIP-style model, a Hugging Face CLIPModel folder)")
+                             "CLIP-style model: a Hugging Face CLIPModel folder or an open_clip model)")
         return lm
     if not prompts and not out_flag:
         raise UsageError(f"model {lm.name!r} is CLIP-style (image and text towers) and has no classes: give --text "

@@ -7,6 +7,10 @@ of it is listed or hooked). Without prompts its output is the image embedding af
 projection (for ``--reference`` and ``--target``); after :meth:`ClipImage.set_prompts` (``--text``,
 encoded once per run in ``Session.open``) it is CLIP's ``logits_per_image``: (batch, prompts) =
 logit_scale * cos(image embedding, text embedding).
+
+:class:`ClipStyle` is what every such wrapper shares (the output with or without prompts, prompts set
+once); :class:`ClipImage` and ``camcli/models/openclip.py``'s ``OpenClipImage`` say how their image
+is embedded and their prompts encoded.
 """
 
 from __future__ import annotations
@@ -27,7 +31,46 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
 
 
-class ClipImage(nn.Module):
+class ClipStyle(nn.Module):
+    """An image tower whose output is compared with text prompts' embeddings once they are set.
+
+    Subclasses register the image tower (and ``logit_scale``, a parameter holding log of the scale)
+    as sub-modules, keep the text tower out of the module tree (no layer of it is listed or hooked),
+    and say how an image is embedded (:meth:`image_embeds`) and prompts are encoded (:meth:`encode_text`).
+    Without prompts the output is the image embedding; with them, (batch, prompts) logits:
+    logit_scale.exp() * cos(image, text) (+ ``logit_bias`` where the model has one)."""
+
+    logit_scale: nn.Parameter
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: tuple[str, ...] = ()
+        self.register_buffer("text_embeds", None, persistent=False)  # (P, D) unit vectors, once set
+
+    def image_embeds(self, pixel_values: Tensor) -> Tensor:
+        """(B, D): the image embedding the model compares with text (before normalisation)."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """(P, D) unit text embeddings of ``prompts``, in float32, on the device the model is on."""
+        raise NotImplementedError
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        image = self.image_embeds(pixel_values)
+        if self.text_embeds is None:
+            return image
+        image = image / image.norm(dim=-1, keepdim=True)
+        logits = self.logit_scale.exp() * (image @ self.text_embeds.to(image.dtype).t())
+        bias = getattr(self, "logit_bias", None)  # SigLIP-style models add one
+        return logits if bias is None else logits + bias
+
+    def set_prompts(self, prompts: Sequence[str]) -> None:
+        """Compare images with ``prompts`` from now on (none: output the image embedding again)."""
+        self.prompts = tuple(prompts)
+        self.text_embeds = self.encode_text(self.prompts) if self.prompts else None
+
+
+class ClipImage(ClipStyle):
     """A ``CLIPModel``'s image tower, its output compared with prompts' text embeddings once they are set.
 
     ``folder``: where the tokenizer is saved (a Hugging Face folder); or ``tokenizer`` itself (a
@@ -45,19 +88,10 @@ class ClipImage(nn.Module):
         self._tokenizer = tokenizer
         # The text tower, outside the module tree: used once per run by set_prompts, never hooked.
         object.__setattr__(self, "_text", (clip.text_model.eval(), clip.text_projection.eval()))
-        self.prompts: tuple[str, ...] = ()
-        self.register_buffer("text_embeds", None, persistent=False)  # (P, D) unit vectors, once set
 
     def image_embeds(self, pixel_values: Tensor) -> Tensor:
         """(B, D): the class token's pooled output after the visual projection, as CLIPModel's image_embeds."""
         return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        image = self.image_embeds(pixel_values)
-        if self.text_embeds is None:
-            return image
-        image = image / image.norm(dim=-1, keepdim=True)
-        return self.logit_scale.exp() * (image @ self.text_embeds.to(image.dtype).t())
 
     def tokenizer(self) -> Any:  # noqa: ANN401
         """The tokenizer saved in the model's folder; UsageError naming the files it lacks."""
@@ -93,11 +127,6 @@ class ClipImage(nn.Module):
             embeds = projection(pooled).float()
         return embeds / embeds.norm(dim=-1, keepdim=True)
 
-    def set_prompts(self, prompts: Sequence[str]) -> None:
-        """Compare images with ``prompts`` from now on (none: output the image embedding again)."""
-        self.prompts = tuple(prompts)
-        self.text_embeds = self.encode_text(self.prompts) if self.prompts else None
-
 
 def is_clip(module: nn.Module) -> bool:
-    return isinstance(module, ClipImage)
+    return isinstance(module, ClipStyle)

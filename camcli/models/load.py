@@ -24,6 +24,7 @@ from torch import nn
 
 from camcli.errors import ModelError, UsageError, suggest
 from camcli.models.labels import imagenet_labels, load_labels
+from camcli.models.openclip import is_open_clip_folder, is_open_clip_model, read_folder, wrap_model
 from camcli.models.loaded import LoadedModel, Probe
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -144,8 +145,9 @@ def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, arch: str) -> None:
-    """load_state_dict(strict=True) with an error that says what does not fit."""
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, arch: str,
+              flag: str = "--weights") -> None:
+    """load_state_dict(strict=True) with an error that says what does not fit (``flag``: the option that named the file)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -163,7 +165,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
         raise ModelError(
-            f"--weights {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts)
+            f"{flag} {str(path)!r} does not fit architecture {arch!r}: " + "; ".join(parts)
         )
     module.load_state_dict(sd, strict=True)
 
@@ -374,6 +376,8 @@ def _callable(spec: str, weights: str | None, unsafe: bool) -> tuple[nn.Module, 
     module = _call_builder(spec, obj) if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(module, nn.Module):
         raise ModelError(f"--model {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
+    if is_open_clip_model(module):
+        module = wrap_model(module)  # the image tower explained, text prompts compared with (--text)
     meta: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "weights": None, "sha": None}
     if weights not in (None, RANDOM):
         sd = extract_state_dict(read_checkpoint(weights, unsafe), weights)
@@ -461,6 +465,28 @@ def _huggingface(folder: Path, weights: str | None) -> tuple[nn.Module, dict[str
     meta.update(_hf_preprocessing(folder))
     meta.update(weights=str(folder), sha=file_sha256(weight_file) if weight_file else None, labels=_hf_labels(config),
                 problem_type=getattr(config, "problem_type", None))
+    return module, meta
+
+
+def _open_clip(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """An open_clip hub-layout folder (camcli/models/openclip.py builds it): its weights read with
+    weights_only=True (safetensors where present), checked key by key, then wrapped as CLIP-style."""
+    found = read_folder(folder)
+    path = found.weight_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a corrupt or truncated file
+            raise ModelError(f"--model {str(folder)!r}: the weights {str(path)!r} could not be read: {_first_line(e)}") from None
+    else:
+        obj = read_checkpoint(path, flag="--model")
+    load_into(found.clip, extract_state_dict(obj, path), path, "open_clip_config.json's model_cfg", flag="--model")
+    module = found.wrap()
+    meta = module_meta(module, {"mean": module.mean, "std": module.std, "size": 224})
+    meta.update(found.preprocess)
+    meta.update(weights=str(folder), sha=file_sha256(path))
     return module, meta
 
 
@@ -614,11 +640,17 @@ def load_model(
             raise UsageError(f"--weights is for your own models; {DEFAULT_MODEL} ships its weights")
         module, meta = _bundled()
         source = "bundled"
+    elif Path(name).is_dir() and is_open_clip_folder(Path(name)):
+        if weights is not None:
+            raise UsageError(f"--weights is for architectures; the open_clip folder {name!r} holds its weights")
+        module, meta = _open_clip(Path(name))
+        source = "open_clip"
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UsageError(
                 f"--model {name!r} is a folder without config.json; camcli reads folders written by a Hugging Face "
-                "model's save_pretrained (config.json + model.safetensors)"
+                "model's save_pretrained (config.json + model.safetensors), or open_clip's hub layout "
+                "(open_clip_config.json + open_clip_model.safetensors)"
             )
         module, meta = _huggingface(Path(name), weights)
         source = "huggingface"
