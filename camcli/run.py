@@ -23,6 +23,7 @@ from camcli.errors import ExitCode, OutputError, UsageError
 from camcli.feed import Inputs
 from camcli.images import ImageSource, skipped_warning, stack_images
 from camcli.models import LoadedModel
+from camcli.models.clip import is_clip
 from camcli.options import ExplainOptions
 from camcli.records import (
     RecordStream, build_summary, iter_records, output_files, plan_name, read_header, records_name, sorted_records,
@@ -137,6 +138,7 @@ def render_outputs(
             written.append(path)
 
     h, w = rgb.shape[:2]
+    prompts = is_clip(model.module) and bool(getattr(model.module, "prompts", ()))
     entries = []
     for m in out.maps:
         # Rendered a band of rows at a time: no full-resolution float map is ever held.
@@ -163,6 +165,8 @@ def render_outputs(
                 "score": None if m.score is None else round(m.score, 6),
                 value_key or SHARE_KEY[model.task]: None if m.probability is None else round(m.probability, 6),
             }
+        if target is not None and prompts:  # zero-shot classes of a CLIP-style model: the class is a prompt
+            target = {"kind": "text", "prompt": target["label"], **target}
         if m.region is not None and target is not None:
             target["region"] = m.region
         if m.explained is not None:  # no class: what was explained, and its value

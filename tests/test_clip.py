@@ -24,6 +24,7 @@ from camcli.models import load_model
 from camcli.models.load import IMAGENET_MEAN, IMAGENET_STD
 from camcli.options import ExplainOptions
 from camcli.pipeline import run_explain
+from camcli.records import load_run
 from camcli.sanity import pearson
 from camcli.session import Session
 
@@ -124,6 +125,19 @@ def test_several_prompts_are_zero_shot_classes_with_clips_own_probabilities(tmp_
         assert first.target == int(probs[i].argmax())
         assert first.score == pytest.approx(float(theirs.logits_per_image[i, first.target]), abs=1e-4)
         assert out.maps[-1].target == 2  # the prompt named as a label
+
+
+def test_several_prompts_records_say_text_and_the_prompt(tmp_path: Path) -> None:
+    folder = save_clip(tmp_path / "clip", toymodels.clip_model(seed=4))
+    (tmp_path / "in").mkdir()
+    save_rgb(tmp_path / "in" / "a.png", noise_image(5))
+    res = run_explain([tmp_path / "in"], ExplainOptions(model=str(folder), text=("red", "blue"), classes=("blue",),
+                                                         out=str(tmp_path / "out"), workers=0, quiet=True))
+    assert res.exit_code == 0
+    (rec,) = load_run(tmp_path / "out")["images"]
+    target = rec["explanations"][0]["target"]
+    assert target["kind"] == "text" and target["prompt"] == "blue" and target["index"] == 1
+    assert 0 < target["probability"] < 1
 
 
 # -- (b) against pytorch-grad-cam's CLIP example --------------------------------------------------------
