@@ -139,7 +139,7 @@ def parse_class_specs(
         elif tok.lower().startswith("above:"):
             spec = Above(_threshold(tok))
         elif tok.lower().startswith("not:"):
-            spec = Not(_class_index(tok[4:].strip(), labels, lowered, num_classes))
+            spec = Not(_class_index(tok[4:].strip(), labels, lowered, num_classes, shown=tok))
         else:
             spec = ClassIndex(_class_index(tok, labels, lowered, num_classes))
         if spec not in specs:
@@ -158,13 +158,15 @@ def _threshold(tok: str) -> float:
     return t
 
 
-def _class_index(tok: str, labels: Sequence[str] | None, lowered: dict[str, int], num_classes: int) -> int:
-    """A class given by index or label name (``not:`` stripped)."""
+def _class_index(tok: str, labels: Sequence[str] | None, lowered: dict[str, int], num_classes: int,
+                 shown: str | None = None) -> int:
+    """A class given by index or label name (``not:`` stripped; ``shown``: the value as given, for errors)."""
     if re.fullmatch(r"-?\d+", tok):
         idx = int(tok)
         if not 0 <= idx < num_classes:
+            what = idx if shown is None else repr(shown)
             raise UsageError(
-                f"--class {idx} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+                f"--class {what} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
             )
         return idx
     if tok.lower() in lowered:
@@ -218,8 +220,7 @@ class NotTarget:
         return {"kind": "not", "index": int(self.classes.flatten()[0]) if self.classes.numel() else None}
 
     def score(self, output: Tensor, rows: Tensor) -> Tensor:
-        c = self.classes.clamp(min=0).to(output.device)[rows.to(output.device)]
-        return -output.gather(1, c[:, None])[:, 0]
+        return -ClassTarget(self.classes).score(output, rows)
 
 
 @dataclass

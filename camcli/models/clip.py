@@ -15,6 +15,7 @@ is embedded and their prompts encoded.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
 
 
-class ClipStyle(nn.Module):
+class ClipStyle(nn.Module, ABC):
     """An image tower whose output is compared with text prompts' embeddings once they are set.
 
     Subclasses register the image tower (and ``logit_scale``, a parameter holding log of the scale)
@@ -47,13 +48,13 @@ class ClipStyle(nn.Module):
         self.prompts: tuple[str, ...] = ()
         self.register_buffer("text_embeds", None, persistent=False)  # (P, D) unit vectors, once set
 
+    @abstractmethod
     def image_embeds(self, pixel_values: Tensor) -> Tensor:
         """(B, D): the image embedding the model compares with text (before normalisation)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         """(P, D) unit text embeddings of ``prompts``, in float32, on the device the model is on."""
-        raise NotImplementedError
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         image = self.image_embeds(pixel_values)
